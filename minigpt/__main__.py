@@ -1,0 +1,5 @@
+import sys
+
+from minigpt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,165 @@
+"""The checkpoint: one .safetensors file that says what model it holds.
+
+Its `__metadata__` carries `config` (JSON of every GPTConfig field), `vocab`
+(the tokenizer's characters as a JSON string), the training `step` and the
+`data` it was trained on, so loading needs no flags. The LM head is tied to
+the token embedding and is stored once. Nothing on any load path unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from minigpt.config import GPTConfig
+from minigpt.errors import CheckpointError, MiniGPTError
+from minigpt.model import MiniGPT
+from minigpt.tokenizer import CharTokenizer
+
+TIED_KEYS = ("lm_head.weight",)  # shares storage with tok_emb.weight; saved once
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # added by DistributedDataParallel and torch.compile
+
+
+@dataclass
+class Checkpoint:
+    model: MiniGPT
+    tokenizer: CharTokenizer
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def step(self) -> int:
+        return int(self.metadata.get("step", 0))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Replace `path` with `data` all at once: readers see the old file or the new, never half.
+
+    Written to a temporary file in the same folder (so the rename cannot cross
+    file systems), flushed to disk, then renamed over the target.
+    """
+    path = Path(path)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise MiniGPTError(f"cannot write to {path.parent}: {exc.strerror}; "
+                           "choose a folder that exists and is writable") from None
+    try:
+        with os.fdopen(fd, "wb") as tmp:
+            tmp.write(data)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def save_checkpoint(path: str | os.PathLike, model: MiniGPT, tokenizer: CharTokenizer, *,
+                    step: int = 0, data: str = "") -> None:
+    tensors = {name: tensor.detach().cpu().contiguous()
+               for name, tensor in _unwrap(model).state_dict().items() if name not in TIED_KEYS}
+    metadata = {"format": "minigpt", "config": model.config.to_json(), "vocab": tokenizer.to_json(),
+                "step": str(step), "data": data}
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata=metadata))
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
+    """Rebuild model and tokenizer from a .safetensors checkpoint (or import a legacy .pt)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}; train one with `minigpt train` "
+                              "or pass an existing file with --checkpoint")
+    if path.suffix == ".pt":
+        state_dict, metadata = _read_legacy_pt(path)
+    else:
+        state_dict, metadata = _read_safetensors(path)
+    for key in ("config", "vocab"):
+        if key not in metadata:
+            raise CheckpointError(f"{path} has no '{key}' in its metadata; it was not written by minigpt")
+    try:
+        config = GPTConfig.from_json(metadata["config"])
+        tokenizer = CharTokenizer.from_json(metadata["vocab"])
+    except MiniGPTError as exc:
+        raise CheckpointError(f"{path} has bad metadata: {exc}") from None
+    if tokenizer.vocab_size != config.vocab_size:
+        raise CheckpointError(f"{path} has bad metadata: vocab has {tokenizer.vocab_size} characters "
+                              f"but config.vocab_size is {config.vocab_size}")
+    model = MiniGPT(config)
+    # Not strict: the tied LM head is filled through the token embedding.
+    model.load_state_dict(_match_state_dict(path, model, state_dict), strict=False)
+    return Checkpoint(model.to(device).eval(), tokenizer, metadata)
+
+
+def _unwrap(model: torch.nn.Module) -> MiniGPT:
+    """The MiniGPT inside a DDP or torch.compile wrapper."""
+    while not isinstance(model, MiniGPT):
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+    return model
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as exc:  # safetensors raises several types for a damaged file
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path} is not a readable safetensors checkpoint ({reason}); "
+                              "it may be truncated or corrupt: retrain or restore it") from None
+    return tensors, metadata
+
+
+def _read_legacy_pt(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A `torch.save`d dict {"model": state_dict, "config": {...}, "vocab": "chars"}, loaded without pickle."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path} is not a loadable weights-only .pt file ({reason})") from None
+    if not (isinstance(blob, dict) and isinstance(blob.get("model"), dict)):
+        raise CheckpointError(f"{path} must hold a dict with 'model' (state dict), 'config' (dict) "
+                              "and 'vocab' (string of characters)")
+    metadata = {"step": str(blob.get("step", 0))}
+    if isinstance(blob.get("config"), dict):
+        metadata["config"] = json.dumps(blob["config"])
+    if isinstance(blob.get("vocab"), str):
+        metadata["vocab"] = json.dumps(blob["vocab"], ensure_ascii=False)
+    return blob["model"], metadata
+
+
+def _match_state_dict(path: Path, model: MiniGPT, state_dict: dict) -> dict[str, torch.Tensor]:
+    """Strip wrapper prefixes and check names and shapes, naming every mismatch at once."""
+    cleaned = {}
+    for name, tensor in state_dict.items():
+        while name.startswith(WRAPPER_PREFIXES):
+            name = name.split(".", 1)[1]
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"{path} holds a non-tensor entry {name!r} among its weights")
+        cleaned[name] = tensor
+    expected = {name: t.shape for name, t in model.state_dict().items() if name not in TIED_KEYS}
+    for name in TIED_KEYS:
+        cleaned.pop(name, None)
+    missing = sorted(expected.keys() - cleaned.keys())
+    unexpected = sorted(cleaned.keys() - expected.keys())
+    misshaped = [f"{name} {tuple(cleaned[name].shape)} vs {tuple(shape)}"
+                 for name, shape in expected.items()
+                 if name in cleaned and cleaned[name].shape != shape]
+    if missing or unexpected or misshaped:
+        problems = [f"{label}: {', '.join(items)}" for label, items in
+                    (("missing", missing), ("unexpected", unexpected), ("mis-shaped (file vs config)", misshaped))
+                    if items]
+        raise CheckpointError(f"{path} does not match its config; " + "; ".join(problems))
+    return cleaned

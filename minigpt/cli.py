@@ -1,0 +1,156 @@
+"""`minigpt` command line: train, generate, eval.
+
+Torch is imported inside the commands, not here, so `--help` is instant.
+Every user mistake ends as one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+
+from minigpt.errors import MiniGPTError
+
+EXIT_USAGE = 2
+DEFAULT_CHECKPOINT = "minigpt.safetensors"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints usage too; keep it to one line
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _option(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
+    """Add --name, and --name-with-dashes for multi-word names: both spellings work."""
+    flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+    parser.add_argument(*flags, dest=name, **kwargs)
+
+
+def _dataclass_options(parser: argparse.ArgumentParser, cls, skip=()) -> None:
+    """One option per dataclass field, typed and defaulted by the field itself."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.init:
+            continue
+        kind = type(f.default)
+        _option(parser, f.name, type=kind, default=f.default, metavar=kind.__name__.upper(),
+                help=f"(default {f.default})")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from minigpt.config import GPTConfig, TrainConfig  # dataclasses only: no torch
+
+    parser = _Parser(prog="minigpt", description="Train, sample and evaluate a character-level GPT.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = commands.add_parser("train", help="train a model and save a checkpoint",
+                                description="Train a MiniGPT, save it, then print a sample.")
+    _option(train, "data", default=None, help="text file or folder of split files "
+            "(default: WikiText-2 from the hub, or an offline fallback corpus)")
+    _option(train, "out", default=DEFAULT_CHECKPOINT, help=f"checkpoint to write (default {DEFAULT_CHECKPOINT})")
+    model_group = train.add_argument_group("model")
+    _dataclass_options(model_group, GPTConfig, skip=("vocab_size",))
+    train_group = train.add_argument_group("training")
+    _dataclass_options(train_group, TrainConfig)
+    _option(train, "sample_tokens", type=int, default=300, help="characters to sample at the end (default 300)")
+    _option(train, "quiet", action="store_true", help="no progress bar")
+
+    generate = commands.add_parser("generate", help="continue a prompt with a trained model",
+                                   description="Print the prompt and its continuation; diagnostics go to stderr.")
+    _option(generate, "checkpoint", default=DEFAULT_CHECKPOINT, help=f"(default {DEFAULT_CHECKPOINT})")
+    _option(generate, "prompt", default="", help="text to continue (default: start of a new line)")
+    _option(generate, "max_new_tokens", type=int, default=200, help="characters to generate (default 200)")
+    _option(generate, "temperature", type=float, default=1.0, help="0 is greedy (default 1.0)")
+    _option(generate, "top_k", type=int, default=None, help="sample only from the k likeliest characters")
+    _option(generate, "top_p", type=float, default=None, help="sample from the smallest set holding this mass")
+    _option(generate, "seed", type=int, default=None, help="same seed, same text")
+    _option(generate, "device", default="auto", help="auto, cpu or cuda (default auto)")
+
+    evaluate = commands.add_parser("eval", help="loss and bits per character on a whole split",
+                                   description="Evaluate a checkpoint on every character of one split.")
+    _option(evaluate, "checkpoint", default=DEFAULT_CHECKPOINT, help=f"(default {DEFAULT_CHECKPOINT})")
+    _option(evaluate, "data", default=None, help="text file or folder (default: the data it was trained on)")
+    _option(evaluate, "split", choices=("valid", "test"), default="valid", help="(default valid)")
+    _option(evaluate, "batch_size", type=int, default=64, help="windows per forward pass (default 64)")
+    _option(evaluate, "device", default="auto", help="auto, cpu or cuda (default auto)")
+    return parser
+
+
+def _train(args: argparse.Namespace) -> None:
+    from minigpt.config import GPTConfig, TrainConfig
+    from minigpt.data import load_corpus
+    from minigpt.train import sample_after_training, train
+
+    def fields_of(cls):
+        return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name != "vocab_size"}
+
+    model_fields = fields_of(GPTConfig)
+    GPTConfig(vocab_size=1, **model_fields)  # an impossible shape fails before the data loads
+    config = TrainConfig(**fields_of(TrainConfig))
+    corpus = load_corpus(args.data)
+    result = train(corpus, config, args.out, progress=not args.quiet, **model_fields)
+    print(f"minigpt: trained {config.steps} steps in {result.wall_s:.1f} s "
+          f"({result.tokens_per_s:,.0f} tokens/s); saved {args.out}", file=sys.stderr)
+    if args.sample_tokens > 0:
+        print(f"minigpt: sample ({args.sample_tokens} characters, temperature 0.8):", file=sys.stderr)
+        print(sample_after_training(result, args.sample_tokens))
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from minigpt.checkpoint import load_checkpoint
+    from minigpt.generation import stream
+    from minigpt.train import resolve_device
+
+    checkpoint = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
+    pieces = stream(checkpoint.model, checkpoint.tokenizer, args.prompt, args.max_new_tokens,
+                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    sys.stdout.write(args.prompt)
+    start = time.perf_counter()
+    count = 0
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        count += 1
+    sys.stdout.write("\n")
+    elapsed = time.perf_counter() - start
+    print(f"minigpt: {count} new tokens in {elapsed:.2f} s ({count / max(elapsed, 1e-9):,.0f} tokens/s)",
+          file=sys.stderr)
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    import math
+
+    from minigpt.checkpoint import load_checkpoint
+    from minigpt.data import corpus_from_source, load_corpus
+    from minigpt.train import encode_split, evaluate_split, resolve_device
+
+    checkpoint = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
+    corpus = load_corpus(args.data) if args.data else corpus_from_source(checkpoint.metadata.get("data", ""))
+    ids = encode_split(checkpoint.tokenizer, corpus.split(args.split), args.split, 1)
+    loss = evaluate_split(checkpoint.model, ids, args.batch_size)
+    print(f"{args.split}: loss {loss:.4f} nats, {loss / math.log(2):.4f} bits/char "
+          f"over {len(ids) - 1:,} characters of {corpus.source}")
+
+
+COMMANDS = {"train": _train, "generate": _generate, "eval": _evaluate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a malformed flag already reported in one line
+        return exc.code
+    try:
+        COMMANDS[args.command](args)
+    except MiniGPTError as exc:
+        print(f"minigpt {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"minigpt {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

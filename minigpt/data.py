@@ -1,0 +1,156 @@
+"""Text corpora: a local file or folder, WikiText-2 from the hub, or an offline fallback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from minigpt.errors import DataError
+
+WIKITEXT = ("wikitext", "wikitext-2-raw-v1")
+FALLBACK_SOURCE = "pydoc_data.topics"
+VALID_FRACTION = 0.1  # of a single text file, taken from its end
+# File names of each split in a data folder, in order of preference.
+SPLIT_FILE_PATTERNS = ("wiki.{}.raw", "wiki.{}.tokens", "{}.txt")
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """The splits of one corpus; a split the source does not have is None."""
+
+    train: str | None
+    valid: str | None
+    test: str | None
+    source: str  # what was read, for logs and the checkpoint's metadata
+
+    def split(self, name: str) -> str:
+        text = getattr(self, name)
+        if not text:
+            raise DataError(f"{self.source} has no {name} split; choose one of "
+                            f"{[s for s in SPLITS if getattr(self, s)]}")
+        return text
+
+    def all_text(self) -> list[str]:
+        return [text for text in (self.train, self.valid, self.test) if text]
+
+
+def log(message: str) -> None:
+    print(f"minigpt: {message}", file=sys.stderr, flush=True)
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """Read a whole file as UTF-8, failing with a message that names the file."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"data file not found: {path}; pass an existing file or folder with --data") from None
+    except IsADirectoryError:
+        raise DataError(f"{path} is a folder, expected a text file") from None
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text (bad byte at offset {exc.start}); "
+                        "convert it with e.g. `iconv -t UTF-8`") from None
+
+
+def load_corpus(path: str | os.PathLike | None = None) -> Corpus:
+    """Load `path` (a text file or a folder of split files) or, with no path, WikiText-2.
+
+    With no path and no reachable hub, fall back at once to the Python
+    language reference that ships with every CPython, and say so.
+    """
+    if path is not None:
+        return _load_local(Path(path))
+    corpus = _load_wikitext()
+    if corpus is None:
+        log(f"WikiText-2 is unreachable (offline?); training on the offline fallback corpus "
+            f"{FALLBACK_SOURCE} (the Python language reference) instead")
+        corpus = _load_fallback()
+    return corpus
+
+
+def _load_local(path: Path) -> Corpus:
+    if path.is_dir():
+        return _load_folder(path)
+    text = read_text(path)
+    if not text:
+        raise DataError(f"{path} is empty; give it some text to learn from")
+    split_at = int(len(text) * (1 - VALID_FRACTION))
+    return Corpus(train=text[:split_at], valid=text[split_at:], test=None, source=str(path))
+
+
+def _load_folder(folder: Path) -> Corpus:
+    for pattern in SPLIT_FILE_PATTERNS:
+        files = {split: folder / pattern.format(split) for split in SPLITS}
+        present = {split: file for split, file in files.items() if file.is_file()}
+        if present:
+            texts = {split: read_text(file) for split, file in present.items()}
+            for split, text in texts.items():
+                if not text:
+                    raise DataError(f"{present[split]} is empty; give it some text to learn from")
+            return Corpus(**{split: texts.get(split) for split in SPLITS}, source=str(folder))
+    expected = ", ".join(p.format("{train,valid,test}") for p in SPLIT_FILE_PATTERNS)
+    if not folder.exists():
+        raise DataError(f"data folder not found: {folder}")
+    raise DataError(f"{folder} holds no split files; expected one of: {expected}")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    # Read the endpoint from the environment ourselves: importing
+    # huggingface_hub would freeze its offline flag before we could set it.
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _load_wikitext() -> Corpus | None:
+    """WikiText-2 raw through `datasets` (the hub or its local cache), or None."""
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+    if not offline and not _hub_reachable():
+        # Offline flags make `datasets` consult its cache and fail in under a
+        # second instead of retrying the network for ~20 s. They must be set
+        # before `datasets` is first imported, which reads them once.
+        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    try:
+        import datasets
+
+        datasets.logging.set_verbosity_error()
+        splits = datasets.load_dataset(*WIKITEXT)
+    except Exception:  # no network and no cache: every failure means "not available"
+        return None
+    texts = {ours: "".join(splits[theirs]["text"])
+             for ours, theirs in (("train", "train"), ("valid", "validation"), ("test", "test"))}
+    return Corpus(**texts, source="/".join(WIKITEXT))
+
+
+def _load_fallback() -> Corpus:
+    from pydoc_data.topics import topics
+
+    text = "".join(topics[key] for key in sorted(topics))
+    train_end, valid_end = int(len(text) * 0.9), int(len(text) * 0.95)
+    return Corpus(train=text[:train_end], valid=text[train_end:valid_end], test=text[valid_end:],
+                  source=FALLBACK_SOURCE)
+
+
+def corpus_from_source(source: str) -> Corpus:
+    """Reload the corpus a checkpoint was trained on, from its recorded `source`."""
+    if source == FALLBACK_SOURCE:
+        return _load_fallback()
+    if source == "/".join(WIKITEXT):
+        corpus = _load_wikitext()
+        if corpus is None:
+            raise DataError("the checkpoint was trained on WikiText-2, which is unreachable offline; "
+                            "pass its text with --data")
+        return corpus
+    return load_corpus(source)

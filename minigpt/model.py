@@ -1,0 +1,115 @@
+"""MiniGPT: a decoder-only transformer over characters.
+
+Token and learned position embeddings, `num_layers` pre-LayerNorm blocks
+(causal multi-head self-attention, then a GELU MLP, each added back onto the
+residual stream), a final LayerNorm and an LM head tied to the token embedding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minigpt.config import GPTConfig
+from minigpt.kernels import causal_attention
+
+
+class CausalSelfAttention(nn.Module):
+    """Every position mixes the values of itself and the positions before it."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.qkv = nn.Linear(config.embed_dim, 3 * config.embed_dim)
+        self.proj = nn.Linear(config.embed_dim, config.embed_dim)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, embed = x.shape
+        # (B, T, 3E) -> three (B, H, T, D): each head attends in its own subspace.
+        q, k, v = (self.qkv(x)
+                   .view(batch, seq, 3, self.num_heads, embed // self.num_heads)
+                   .permute(2, 0, 3, 1, 4))
+        y = causal_attention(q, k, v)
+        y = y.transpose(1, 2).reshape(batch, seq, embed)  # heads side by side again
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        hidden = config.mlp_ratio * config.embed_dim
+        self.fc = nn.Linear(config.embed_dim, hidden)
+        self.proj = nn.Linear(hidden, config.embed_dim)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm: normalise the input of each sublayer, keep the residual path clean."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(config.embed_dim)
+        self.attn = CausalSelfAttention(config)
+        self.ln_mlp = nn.LayerNorm(config.embed_dim)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_attn(x))
+        return x + self.mlp(self.ln_mlp(x))
+
+
+class MiniGPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.embed_dim)
+        self.pos_emb = nn.Embedding(config.block_size, config.embed_dim)
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.ln_final = nn.LayerNorm(config.embed_dim)
+        self.lm_head = nn.Linear(config.embed_dim, config.vocab_size, bias=False)
+        # Reading a character and predicting it share one table: fewer
+        # parameters, and rare characters learn from both directions.
+        self.lm_head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+        # GPT-2: scale the projections that write into the residual stream so
+        # its variance does not grow with depth.
+        residual_std = 0.02 / math.sqrt(2 * config.num_layers)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.proj.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=residual_std)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # the tied head counts once
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """idx: (B, T) token ids, T <= block_size. Returns (logits (B, T, V), loss or None).
+
+        With targets (B, T), the loss is the mean next-token cross-entropy in nats.
+        """
+        seq = idx.shape[1]
+        if seq > self.config.block_size:
+            raise ValueError(f"sequence length {seq} exceeds block_size {self.config.block_size}")
+        positions = torch.arange(seq, device=idx.device)
+        x = self.dropout(self.tok_emb(idx) + self.pos_emb(positions))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_final(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
+        return logits, loss

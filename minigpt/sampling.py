@@ -1,0 +1,72 @@
+"""The one sampler every engine shares.
+
+Engines differ only in how they compute logits; turning last-position logits
+into tokens happens here, on numpy arrays, so the onnxruntime engine needs no
+torch and the same seed gives the same text on every engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from minigpt.errors import MiniGPTError
+
+
+@dataclass
+class Sampler:
+    """temperature 0 is greedy; top_k keeps the k likeliest tokens; top_p the smallest set holding p of the mass."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    rng: np.random.Generator = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise MiniGPTError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or self.top_k < 1):
+            raise MiniGPTError(f"top_k must be a positive integer, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise MiniGPTError(f"top_p must be in (0, 1], got {self.top_p}")
+        self.rng = np.random.default_rng(self.seed)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def filtered_logits(self, logits: np.ndarray) -> np.ndarray:
+        """(B, V) logits scaled by temperature, with filtered tokens set to -inf."""
+        scaled = np.asarray(logits, dtype=np.float64) / self.temperature
+        if self.top_k is not None and self.top_k < scaled.shape[-1]:
+            kth_largest = np.partition(scaled, -self.top_k, axis=-1)[:, -self.top_k, None]
+            scaled = np.where(scaled < kth_largest, -np.inf, scaled)
+        if self.top_p is not None and self.top_p < 1:
+            order = np.argsort(-scaled, axis=-1, kind="stable")
+            sorted_probs = _softmax(np.take_along_axis(scaled, order, axis=-1))
+            # Drop a token once the tokens ranked above it already hold top_p
+            # of the mass; the likeliest token always stays.
+            mass_before = np.cumsum(sorted_probs, axis=-1) - sorted_probs
+            drop = np.zeros_like(scaled, dtype=bool)
+            np.put_along_axis(drop, order, mass_before >= self.top_p, axis=-1)
+            scaled = np.where(drop, -np.inf, scaled)
+        return scaled
+
+    def __call__(self, logits: np.ndarray) -> np.ndarray:
+        """Pick one token id per row of (B, V) logits; returns (B,) int64."""
+        if self.greedy:
+            return np.argmax(logits, axis=-1).astype(np.int64)
+        probs = _softmax(self.filtered_logits(logits))
+        # Inverse-CDF sampling: one uniform draw per row, vectorised over the batch.
+        draws = self.rng.random((probs.shape[0], 1))
+        ids = (np.cumsum(probs, axis=-1) < draws).sum(axis=-1)
+        # Rounding can leave the total a hair under the draw: clamp to the last kept token.
+        last_kept = probs.shape[-1] - 1 - np.argmax(probs[:, ::-1] > 0, axis=-1)
+        return np.minimum(ids, last_kept).astype(np.int64)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)

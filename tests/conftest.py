@@ -1,0 +1,33 @@
+"""Shared fixtures. Nothing here touches the network: the hub is forced offline."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+
+TINY_TEXT = ("the quick brown fox jumps over the lazy dog.\n"
+             "a small model learns to spell one character at a time.\n") * 40
+TINY_MODEL = dict(block_size=16, embed_dim=32, num_heads=2, num_layers=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "tiny.txt"
+    path.write_text(TINY_TEXT, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_text_file):
+    """A checkpoint trained for a few seconds on TINY_TEXT, shared by the tests that only read it."""
+    from minigpt.config import TrainConfig
+    from minigpt.data import load_corpus
+    from minigpt.train import train
+
+    out = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    config = TrainConfig(batch_size=16, learning_rate=3e-3, steps=60, eval_interval=60, eval_iters=2,
+                         warmup=5, device="cpu")
+    train(load_corpus(tiny_text_file), config, out, progress=False, **TINY_MODEL)
+    return out

@@ -1,0 +1,139 @@
+"""The CLI end to end: a tiny model trained, sampled and evaluated in seconds, and every bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from minigpt.cli import main
+
+TINY_FLAGS = ["--block_size", "16", "--embed-dim", "32", "--num_heads", "2", "--num-layers", "1",
+              "--batch-size", "8", "--steps", "30", "--eval_interval", "15", "--eval-iters", "2",
+              "--device", "cpu", "--quiet"]
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_train_generate_eval_end_to_end(tmp_path, tiny_text_file, capsys):
+    ckpt = tmp_path / "model.safetensors"
+    code, out, err = run(capsys, "train", "--data", str(tiny_text_file), "--out", str(ckpt),
+                         "--sample_tokens", "40", *TINY_FLAGS)
+    assert code == 0, err
+    assert ckpt.is_file() and len(out.strip()) > 0
+    assert "step 30: train loss" in err
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 31))
+    assert "val_bpc" in records[14] and "val_bpc" in records[29]
+
+    code, out, err = run(capsys, "generate", "--checkpoint", str(ckpt), "--prompt", "the ",
+                         "--max_new_tokens", "25", "--temperature", "0")
+    assert code == 0, err
+    assert out.startswith("the ") and len(out.rstrip("\n")) == 4 + 25
+    assert "tokens/s" in err
+
+    code, out, err = run(capsys, "eval", "--checkpoint", str(ckpt))  # the data recorded in the checkpoint
+    assert code == 0, err
+    assert out.startswith("valid: loss") and "bits/char" in out
+
+
+def test_same_seed_same_text_and_greedy_is_repeatable(tiny_checkpoint, capsys):
+    texts = []
+    for seed in ("1", "1", "2"):
+        code, out, _ = run(capsys, "generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "a",
+                           "--max-new-tokens", "60", "--seed", seed, "--temperature", "1.5")
+        assert code == 0
+        texts.append(out)
+    assert texts[0] == texts[1] != texts[2]
+
+
+def test_eval_counts_every_character_of_the_split(tiny_checkpoint, tiny_text_file, capsys):
+    code, out, _ = run(capsys, "eval", "--checkpoint", str(tiny_checkpoint), "--data", str(tiny_text_file))
+    assert code == 0
+    valid_chars = len(tiny_text_file.read_text()) - int(len(tiny_text_file.read_text()) * 0.9)
+    assert f"over {valid_chars - 1:,} characters" in out
+
+
+def assert_one_line_error(code, out, err, *fragments):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and "error" in lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("argv,fragments", [
+    (["generate", "--prompt", "the QUICK fox"], ["'C'", "'Q'", "never saw"]),
+    (["generate", "--top_p", "1.5"], ["top_p"]),
+    (["generate", "--temperature", "-1"], ["temperature"]),
+    (["generate", "--max_new_tokens", "-3"], ["max_new_tokens"]),
+    (["generate", "--top_k", "0"], ["top_k"]),
+    (["eval", "--split", "test"], ["no test split"]),
+])
+def test_bad_generate_and_eval_input(tiny_checkpoint, capsys, argv, fragments):
+    code, out, err = run(capsys, *argv, "--checkpoint", str(tiny_checkpoint))
+    assert_one_line_error(code, out, err, *fragments)
+    assert out == ""
+
+
+def test_missing_and_corrupt_checkpoints(tmp_path, capsys):
+    assert_one_line_error(*run(capsys, "generate", "--checkpoint", str(tmp_path / "none.safetensors")),
+                          "checkpoint not found")
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    assert_one_line_error(*run(capsys, "eval", "--checkpoint", str(corrupt)), "not a readable safetensors")
+
+
+@pytest.mark.parametrize("flags,fragments", [
+    (["--embed_dim", "30", "--num_heads", "4"], ["divisible by num_heads"]),
+    (["--block-size", "0"], ["block_size must be a positive integer"]),
+    (["--steps", "0"], ["steps must be a positive integer"]),
+    (["--steps", "many"], ["invalid int value: 'many'"]),
+    (["--device", "tpu"], ["device must be auto, cpu or cuda"]),
+])
+def test_impossible_training_settings(tmp_path, tiny_text_file, capsys, flags, fragments):
+    out_file = tmp_path / "m.safetensors"
+    code, out, err = run(capsys, "train", "--data", str(tiny_text_file), "--out", str(out_file), *flags)
+    assert_one_line_error(code, out, err, *fragments)
+    assert not out_file.exists()
+
+
+@pytest.mark.parametrize("content,fragments", [
+    (b"", ["is empty"]),
+    (b"caf\xe9 au lait " * 20, ["not UTF-8"]),
+    ("short text".encode(), ["needs at least 17"]),
+])
+def test_bad_training_data(tmp_path, capsys, content, fragments):
+    data = tmp_path / "data.txt"
+    data.write_bytes(content)
+    out_file = tmp_path / "m.safetensors"
+    code, out, err = run(capsys, "train", "--data", str(data), "--out", str(out_file), *TINY_FLAGS)
+    assert_one_line_error(code, out, err, *fragments)
+    assert not out_file.exists()
+
+
+def test_existing_checkpoint_survives_a_failed_run(tmp_path, tiny_checkpoint, capsys):
+    out_file = tmp_path / "keep.safetensors"
+    out_file.write_bytes(tiny_checkpoint.read_bytes())
+    missing = tmp_path / "no-such-data.txt"
+    code, _, err = run(capsys, "train", "--data", str(missing), "--out", str(out_file), *TINY_FLAGS)
+    assert_one_line_error(code, "", err, "not found")
+    assert out_file.read_bytes() == tiny_checkpoint.read_bytes()
+
+
+def test_installed_command_exits_2_with_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "minigpt", "generate", "--checkpoint",
+                             str(tmp_path / "missing.safetensors")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "checkpoint not found" in result.stderr
+
+
+def test_every_subcommand_has_help(capsys):
+    for command in ("train", "generate", "eval"):
+        assert main([command, "--help"]) == 0
+        assert "--checkpoint" in capsys.readouterr().out or command == "train"

@@ -1,0 +1,61 @@
+import time
+
+import pytest
+
+from minigpt.data import FALLBACK_SOURCE, load_corpus, read_text
+from minigpt.errors import DataError
+
+
+def test_single_file_keeps_last_tenth_for_validation(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("a" * 90 + "b" * 10, encoding="utf-8")
+    corpus = load_corpus(path)
+    assert corpus.train == "a" * 90 and corpus.valid == "b" * 10 and corpus.test is None
+    with pytest.raises(DataError, match="no test split"):
+        corpus.split("test")
+
+
+@pytest.mark.parametrize("pattern", ["wiki.{}.raw", "wiki.{}.tokens", "{}.txt"])
+def test_folder_of_split_files(tmp_path, pattern):
+    for split in ("train", "valid", "test"):
+        (tmp_path / pattern.format(split)).write_text(f"{split} text\n", encoding="utf-8")
+    corpus = load_corpus(tmp_path)
+    assert (corpus.train, corpus.valid, corpus.test) == ("train text\n", "valid text\n", "test text\n")
+
+
+def test_folder_without_split_files_names_what_it_expects(tmp_path):
+    (tmp_path / "notes.md").write_text("hi")
+    with pytest.raises(DataError, match="wiki.{train,valid,test}.raw"):
+        load_corpus(tmp_path)
+
+
+@pytest.mark.parametrize("content,match", [(b"", "is empty"), (b"ok \xff\xfe bad", "not UTF-8.*offset 3")])
+def test_bad_files_are_clear_errors(tmp_path, content, match):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=match):
+        load_corpus(path)
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        read_text(tmp_path / "absent.txt")
+
+
+def test_offline_fallback_is_used_at_once_and_said(capsys):
+    start = time.perf_counter()
+    corpus = load_corpus(None)  # the tests run with the hub forced offline
+    assert time.perf_counter() - start < 15  # no network retry loop
+    assert corpus.source == FALLBACK_SOURCE
+    assert len(corpus.train) > 100_000 and corpus.valid and corpus.test
+    assert "offline fallback corpus" in capsys.readouterr().err
+
+
+def test_data_shorter_than_block_size_is_refused(tmp_path):
+    from minigpt.config import TrainConfig
+    from minigpt.train import train
+
+    path = tmp_path / "short.txt"
+    path.write_text("x" * 200, encoding="utf-8")  # valid split: 20 characters
+    with pytest.raises(DataError, match="valid split has 20 characters.*block_size 32"):
+        train(load_corpus(path), TrainConfig(steps=1), tmp_path / "m.safetensors", progress=False, block_size=32)

@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+
+from minigpt import MiniGPTError, Sampler
+
+
+def random_logits(seed, batch=4, vocab=30):
+    return np.random.default_rng(seed).normal(size=(batch, vocab)) * 3
+
+
+def test_temperature_zero_is_argmax():
+    logits = random_logits(0)
+    assert np.array_equal(Sampler(temperature=0)(logits), logits.argmax(-1))
+
+
+def test_same_seed_same_tokens_and_other_seed_differs():
+    logits = random_logits(1, batch=64)
+    first = Sampler(seed=7)(logits)
+    assert np.array_equal(first, Sampler(seed=7)(logits))
+    assert not np.array_equal(first, Sampler(seed=8)(logits))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_top_k_never_picks_a_filtered_token(seed):
+    logits = random_logits(seed, batch=8)
+    allowed = np.argsort(-logits, axis=-1)[:, :3]
+    sampler = Sampler(temperature=2.0, top_k=3, seed=seed)
+    for _ in range(50):
+        picked = sampler(logits)
+        assert all(picked[row] in allowed[row] for row in range(len(picked)))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_top_p_never_picks_outside_the_nucleus(seed):
+    logits = random_logits(seed, batch=8)
+    top_p = 0.6
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    sampler = Sampler(temperature=1.0, top_p=top_p, seed=seed)
+    for _ in range(50):
+        picked = sampler(logits)
+        for row, token in enumerate(picked):
+            # a token is in the nucleus when the tokens likelier than it hold less than top_p
+            assert probs[row][probs[row] > probs[row, token]].sum() < top_p
+
+
+def test_sampling_follows_the_distribution():
+    logits = np.log(np.array([[0.7, 0.2, 0.1]]))
+    sampler = Sampler(seed=0)
+    counts = np.bincount([sampler(logits)[0] for _ in range(4000)], minlength=3) / 4000
+    assert np.allclose(counts, [0.7, 0.2, 0.1], atol=0.03)
+
+
+@pytest.mark.parametrize("kwargs", [{"temperature": -1}, {"top_k": 0}, {"top_p": 0.0}, {"top_p": 1.5}])
+def test_bad_settings_are_refused(kwargs):
+    with pytest.raises(MiniGPTError):
+        Sampler(**kwargs)
