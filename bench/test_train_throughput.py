@@ -16,7 +16,7 @@ VOCAB = 103  # the offline fallback corpus's vocabulary; speed barely depends on
 
 @pytest.mark.benchmark(group="train-step")
 @pytest.mark.parametrize("batch_size", [8, 32])
-def test_train_step_default_config(benchmark, batch_size):
+def test_train_step_default_config(benchmark, record_throughput, batch_size):
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=VOCAB)
     train_config = TrainConfig(batch_size=batch_size, device="cpu")
@@ -38,7 +38,5 @@ def test_train_step_default_config(benchmark, batch_size):
 
     step()  # warm-up: first-call allocations stay out of the numbers
     loss = benchmark(step)
-    benchmark.extra_info["tokens_per_step"] = batch_size * config.block_size
-    if benchmark.stats:  # absent under --benchmark-disable
-        benchmark.extra_info["tokens_per_s"] = batch_size * config.block_size / benchmark.stats["mean"]
+    record_throughput(benchmark, f"batch {batch_size}", batch_size * config.block_size)
     assert 0 < loss < 10

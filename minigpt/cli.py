@@ -65,6 +65,10 @@ def _build_parser() -> argparse.ArgumentParser:
     _option(generate, "top_k", type=int, default=None, help="sample only from the k likeliest characters")
     _option(generate, "top_p", type=float, default=None, help="sample from the smallest set holding this mass")
     _option(generate, "seed", type=int, default=None, help="same seed, same text")
+    _option(generate, "num_samples", type=int, default=1, help="samples of the same prompt, decoded as one batch")
+    _option(generate, "kv_cache", action=argparse.BooleanOptionalAction, default=True,
+            help="keep earlier keys and values in a static cache (default); --no-kv-cache recomputes "
+                 "the whole context every step, as the reference")
     _option(generate, "device", default="auto", help="auto, cpu or cuda (default auto)")
 
     evaluate = commands.add_parser("eval", help="loss and bits per character on a whole split",
@@ -99,23 +103,28 @@ def _train(args: argparse.Namespace) -> None:
 
 def _generate(args: argparse.Namespace) -> None:
     from minigpt.checkpoint import load_checkpoint
-    from minigpt.generation import stream
+    from minigpt.generation import stream_batch
     from minigpt.train import resolve_device
 
     checkpoint = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
-    pieces = stream(checkpoint.model, checkpoint.tokenizer, args.prompt, args.max_new_tokens,
-                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    sys.stdout.write(args.prompt)
+    steps = stream_batch(checkpoint.model, checkpoint.tokenizer, args.prompt, args.max_new_tokens,
+                         num_samples=args.num_samples, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, seed=args.seed, kv_cache=args.kv_cache)
     start = time.perf_counter()
-    count = 0
-    for piece in pieces:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-        count += 1
-    sys.stdout.write("\n")
+    if args.num_samples == 1:  # one sample streams as it is produced
+        sys.stdout.write(args.prompt)
+        for (piece,) in steps:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    else:  # a batch finishes together: print each sample whole
+        columns = list(steps)
+        for number, sample in enumerate(zip(*columns) if columns else [()] * args.num_samples, start=1):
+            sys.stdout.write(f"--- sample {number} of {args.num_samples} ---\n{args.prompt}{''.join(sample)}\n")
     elapsed = time.perf_counter() - start
-    print(f"minigpt: {count} new tokens in {elapsed:.2f} s ({count / max(elapsed, 1e-9):,.0f} tokens/s)",
-          file=sys.stderr)
+    count = args.num_samples * args.max_new_tokens
+    print(f"minigpt: {count} new tokens in {elapsed:.2f} s ({count / max(elapsed, 1e-9):,.0f} tokens/s, "
+          f"{'KV-cache' if args.kv_cache else 'no cache'})", file=sys.stderr)
 
 
 def _evaluate(args: argparse.Namespace) -> None:

@@ -17,6 +17,27 @@ from minigpt.config import GPTConfig
 from minigpt.kernels import causal_attention
 
 
+class KVCache(nn.Module):
+    """One layer's keys and values, preallocated for block_size positions.
+
+    New entries are written in place and attention reads a view of the filled
+    prefix, so a decode step allocates nothing and copies only the new token.
+    """
+
+    def __init__(self, batch_size: int, config: GPTConfig, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        shape = (batch_size, config.num_heads, config.block_size, config.head_dim)
+        self.register_buffer("keys", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("values", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, H, T, D) at positions start .. start+T-1; return keys and values 0 .. start+T-1."""
+        end = start + k.shape[2]
+        self.keys[:, :, start:end] = k
+        self.values[:, :, start:end] = v
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
 class CausalSelfAttention(nn.Module):
     """Every position mixes the values of itself and the positions before it."""
 
@@ -27,12 +48,14 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.embed_dim, config.embed_dim)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
         batch, seq, embed = x.shape
         # (B, T, 3E) -> three (B, H, T, D): each head attends in its own subspace.
         q, k, v = (self.qkv(x)
                    .view(batch, seq, 3, self.num_heads, embed // self.num_heads)
                    .permute(2, 0, 3, 1, 4))
+        if cache is not None:  # attend to every earlier position, not only this call's
+            k, v = cache.update(start, k, v)
         y = causal_attention(q, k, v)
         y = y.transpose(1, 2).reshape(batch, seq, embed)  # heads side by side again
         return self.resid_dropout(self.proj(y))
@@ -60,8 +83,8 @@ class Block(nn.Module):
         self.ln_mlp = nn.LayerNorm(config.embed_dim)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_attn(x))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_attn(x), cache, start)
         return x + self.mlp(self.ln_mlp(x))
 
 
@@ -96,18 +119,29 @@ class MiniGPT(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # the tied head counts once
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """idx: (B, T) token ids, T <= block_size. Returns (logits (B, T, V), loss or None).
+    def make_caches(self, batch_size: int) -> nn.ModuleList:
+        """One empty KVCache per layer, in the model's dtype and on its device."""
+        weight = self.tok_emb.weight
+        return nn.ModuleList(KVCache(batch_size, self.config, weight.dtype, weight.device)
+                             for _ in self.blocks)
 
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                caches: nn.ModuleList | None = None, start: int = 0):
+        """idx: (B, T) token ids at positions start .. start+T-1. Returns (logits (B, T, V), loss or None).
+
+        Without caches the sequence starts at position 0. With caches (from
+        `make_caches`), positions 0 .. start-1 are read from them and this
+        call's keys and values are added: prefill passes start=0 and the
+        prompt, decode passes the position of one new token.
         With targets (B, T), the loss is the mean next-token cross-entropy in nats.
         """
         seq = idx.shape[1]
-        if seq > self.config.block_size:
-            raise ValueError(f"sequence length {seq} exceeds block_size {self.config.block_size}")
-        positions = torch.arange(seq, device=idx.device)
-        x = self.dropout(self.tok_emb(idx) + self.pos_emb(positions))
-        for block in self.blocks:
-            x = block(x)
+        if start + seq > self.config.block_size:
+            raise ValueError(f"positions up to {start + seq} exceed block_size {self.config.block_size}")
+        # A slice of the table, not a lookup: no index tensor to build each step.
+        x = self.dropout(self.tok_emb(idx) + self.pos_emb.weight[start:start + seq])
+        for i, block in enumerate(self.blocks):
+            x = block(x, caches[i] if caches is not None else None, start)
         logits = self.lm_head(self.ln_final(x))
         loss = None
         if targets is not None:

@@ -53,7 +53,7 @@ def test_lm_head_is_tied_to_token_embedding():
 
 def test_sequence_longer_than_block_is_refused():
     model = MiniGPT(GPTConfig(vocab_size=5, block_size=4, embed_dim=8, num_heads=2, num_layers=1))
-    with pytest.raises(ValueError, match="exceeds block_size"):
+    with pytest.raises(ValueError, match="exceed block_size"):
         model(torch.zeros(1, 5, dtype=torch.long))
 
 
