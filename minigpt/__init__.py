@@ -21,6 +21,7 @@ _LAZY = {
     "load_checkpoint": "minigpt.checkpoint",
     "generate": "minigpt.generation",
     "stream": "minigpt.generation",
+    "generate_samples": "minigpt.generation",
 }
 
 __all__ = ["MiniGPTError", *_LAZY]
