@@ -76,7 +76,7 @@ class KVCacheEngine:
     @torch.inference_mode()
     def prefill(self, ids: np.ndarray) -> np.ndarray:
         batch = ids.shape[0]
-        if self.caches is None or self.caches[0].keys.shape[0] != batch:
+        if self.caches is None or self.caches[0].batch_size != batch:
             self.caches = self.model.make_caches(batch)
             self.step_input = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
         logits, _ = self.model(torch.as_tensor(ids, device=self.device), caches=self.caches, start=0)

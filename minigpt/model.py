@@ -23,25 +23,23 @@ def dropout_layer(p: float) -> nn.Module:
     return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
-class KVCache(nn.Module):
+class KVCache:
     """One layer's keys and values, preallocated for block_size positions.
 
     New entries are written in place and attention reads a view of the filled
     prefix, so a decode step allocates nothing and copies only the new token.
+    Keys and values sit side by side in one tensor, so one copy stores both.
     """
 
     def __init__(self, batch_size: int, config: GPTConfig, dtype: torch.dtype, device: torch.device):
-        super().__init__()
-        shape = (batch_size, config.num_heads, config.block_size, config.head_dim)
-        self.register_buffer("keys", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("values", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.batch_size = batch_size
+        self.kv = torch.zeros((2, batch_size, config.num_heads, config.block_size, config.head_dim),
+                              dtype=dtype, device=device)
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, H, T, D) at positions start .. start+T-1; return keys and values 0 .. start+T-1."""
-        end = start + k.shape[2]
-        self.keys.narrow(2, start, k.shape[2]).copy_(k)
-        self.values.narrow(2, start, v.shape[2]).copy_(v)
-        return self.keys.narrow(2, 0, end), self.values.narrow(2, 0, end)
+    def update(self, start: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store kv (2, B, H, T, D) at positions start .. start+T-1; return keys and values 0 .. start+T-1."""
+        self.kv.narrow(3, start, kv.shape[3]).copy_(kv)
+        return self.kv.narrow(3, 0, start + kv.shape[3]).unbind(0)
 
 
 class CausalSelfAttention(nn.Module):
@@ -56,12 +54,12 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
         batch, seq, embed = x.shape
-        # (B, T, 3E) -> three (B, H, T, D): each head attends in its own subspace.
-        q, k, v = (self.qkv(x)
-                   .view(batch, seq, 3, self.num_heads, embed // self.num_heads)
-                   .permute(2, 0, 3, 1, 4))
+        # (B, T, 3E) -> (3, B, H, T, D): each head attends in its own subspace.
+        qkv = self.qkv(x).view(batch, seq, 3, self.num_heads, embed // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, kv = qkv[0], qkv[1:]
         if cache is not None:  # attend to every earlier position, not only this call's
-            k, v = cache.update(start, k, v)
+            kv = cache.update(start, kv)
+        k, v = kv
         y = causal_attention(q, k, v)
         y = y.transpose(1, 2).reshape(batch, seq, embed)  # heads side by side again
         return self.resid_dropout(self.proj(y))
@@ -127,14 +125,13 @@ class MiniGPT(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # the tied head counts once
 
-    def make_caches(self, batch_size: int) -> nn.ModuleList:
+    def make_caches(self, batch_size: int) -> list[KVCache]:
         """One empty KVCache per layer, in the model's dtype and on its device."""
         weight = self.tok_emb.weight
-        return nn.ModuleList(KVCache(batch_size, self.config, weight.dtype, weight.device)
-                             for _ in self.blocks)
+        return [KVCache(batch_size, self.config, weight.dtype, weight.device) for _ in self.blocks]
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-                caches: nn.ModuleList | None = None, start: int = 0):
+                caches: list[KVCache] | None = None, start: int = 0):
         """idx: (B, T) token ids at positions start .. start+T-1. Returns (logits (B, T, V), loss or None).
 
         Without caches the sequence starts at position 0. With caches (from
