@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from minigpt import GPTConfig, MiniGPT, Sampler
-from minigpt.generation import KVCacheEngine, RecomputeEngine, generate_tokens
+from minigpt.decoding import generate_tokens
+from minigpt.generation import KVCacheEngine, RecomputeEngine
 
 NEW_TOKENS = 256
 PROMPT = list(range(1, 9))

@@ -16,6 +16,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     q: (B, H, Tq, D); k, v: (B, H, Tk, D) with Tk >= Tq. Returns (B, H, Tq, D).
     """
     tq, tk = q.shape[-2], k.shape[-2]
+    if _in_graph_capture():
+        # An exported graph serves prefill and decode alike, so it keeps the
+        # general offset mask rather than branching on today's shapes.
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(tq, tk, q.device))
     if tk < tq:
         raise ValueError(f"causal_attention needs at least as many keys as queries, got Tq={tq}, Tk={tk}")
     if tq == tk:
@@ -31,3 +35,7 @@ def causal_mask(tq: int, tk: int, device: torch.device | str | None = None) -> t
     """Boolean (Tq, Tk) mask, True where query i may attend to key j."""
     query_positions = torch.arange(tk - tq, tk, device=device)
     return torch.arange(tk, device=device)[None, :] <= query_positions[:, None]
+
+
+def _in_graph_capture() -> bool:
+    return torch.compiler.is_exporting() or torch.jit.is_tracing()

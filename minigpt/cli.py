@@ -1,4 +1,4 @@
-"""`minigpt` command line: train, generate, eval.
+"""`minigpt` command line: train, generate, eval, export.
 
 Torch is imported inside the commands, not here, so `--help` is instant.
 Every user mistake ends as one line on stderr and exit code 2.
@@ -22,9 +22,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _option(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
-    """Add --name, and --name-with-dashes for multi-word names: both spellings work."""
-    flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+def _option(parser: argparse.ArgumentParser, name: str, *aliases: str, **kwargs) -> None:
+    """Add --name (and --aliases), plus the dashed spelling of each multi-word one: both work."""
+    flags = []
+    for word in (name, *aliases):
+        flags += [f"--{word}"] + ([f"--{word.replace('_', '-')}"] if "_" in word else [])
     parser.add_argument(*flags, dest=name, **kwargs)
 
 
@@ -58,7 +60,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="continue a prompt with a trained model",
                                    description="Print the prompt and its continuation; diagnostics go to stderr.")
-    _option(generate, "checkpoint", default=DEFAULT_CHECKPOINT, help=f"(default {DEFAULT_CHECKPOINT})")
+    _option(generate, "checkpoint", "model", default=DEFAULT_CHECKPOINT,
+            help=f"a .safetensors checkpoint or an exported .onnx model (default {DEFAULT_CHECKPOINT})")
+    _option(generate, "engine", choices=("auto", "torch", "onnx"), default="auto",
+            help="torch, or onnx (onnxruntime, needs no torch); auto picks by the file's suffix")
     _option(generate, "prompt", default="", help="text to continue (default: start of a new line)")
     _option(generate, "max_new_tokens", type=int, default=200, help="characters to generate (default 200)")
     _option(generate, "temperature", type=float, default=1.0, help="0 is greedy (default 1.0)")
@@ -78,6 +83,17 @@ def _build_parser() -> argparse.ArgumentParser:
     _option(evaluate, "split", choices=("valid", "test"), default="valid", help="(default valid)")
     _option(evaluate, "batch_size", type=int, default=64, help="windows per forward pass (default 64)")
     _option(evaluate, "device", default="auto", help="auto, cpu or cuda (default auto)")
+    export = commands.add_parser("export", help="export a checkpoint to ONNX for onnxruntime",
+                                 description="Export a checkpoint to one ONNX graph (KV-cache as graph inputs "
+                                             "and outputs), then verify it against PyTorch.")
+    _option(export, "onnx", action="store_true", help="export to ONNX (the one format so far)")
+    _option(export, "checkpoint", default=DEFAULT_CHECKPOINT, help=f"(default {DEFAULT_CHECKPOINT})")
+    _option(export, "out", default="minigpt.onnx", help="the .onnx file to write (default minigpt.onnx)")
+    _option(export, "opset", type=int, default=23, help="ONNX opset (default 23, the first with Attention)")
+    _option(export, "quantize", choices=("int8",), default=None, help="int8: dynamic quantisation of the weights")
+    _option(export, "verify", action=argparse.BooleanOptionalAction, default=True,
+            help="check the graph and compare it with PyTorch (default); --no-verify skips it")
+    _option(export, "force", action="store_true", help="overwrite an existing --out")
     return parser
 
 
@@ -101,15 +117,30 @@ def _train(args: argparse.Namespace) -> None:
         print(sample_after_training(result, args.sample_tokens))
 
 
-def _generate(args: argparse.Namespace) -> None:
+def _engine_for(args: argparse.Namespace):
+    """(engine, tokenizer) for the flags; the onnx engine never imports torch."""
+    onnx = args.engine == "onnx" or (args.engine == "auto" and args.checkpoint.endswith(".onnx"))
+    if onnx:
+        from minigpt.export.onnx_engine import OnnxEngine
+
+        if not args.kv_cache:
+            raise MiniGPTError("--no-kv-cache is a torch engine reference; the onnx engine always uses its cache")
+        engine = OnnxEngine(args.checkpoint)
+        return engine, engine.tokenizer
     from minigpt.checkpoint import load_checkpoint
-    from minigpt.generation import stream_batch
+    from minigpt.generation import torch_engine
     from minigpt.train import resolve_device
 
     checkpoint = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
-    steps = stream_batch(checkpoint.model, checkpoint.tokenizer, args.prompt, args.max_new_tokens,
-                         num_samples=args.num_samples, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, seed=args.seed, kv_cache=args.kv_cache)
+    return torch_engine(checkpoint.model, args.kv_cache), checkpoint.tokenizer
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from minigpt.decoding import stream_characters
+
+    engine, tokenizer = _engine_for(args)
+    steps = stream_characters(engine, tokenizer, args.prompt, args.max_new_tokens, num_samples=args.num_samples,
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     start = time.perf_counter()
     if args.num_samples == 1:  # one sample streams as it is produced
         sys.stdout.write(args.prompt)
@@ -124,7 +155,17 @@ def _generate(args: argparse.Namespace) -> None:
     elapsed = time.perf_counter() - start
     count = args.num_samples * args.max_new_tokens
     print(f"minigpt: {count} new tokens in {elapsed:.2f} s ({count / max(elapsed, 1e-9):,.0f} tokens/s, "
-          f"{'KV-cache' if args.kv_cache else 'no cache'})", file=sys.stderr)
+          f"{type(engine).__name__})", file=sys.stderr)
+
+
+def _export(args: argparse.Namespace) -> None:
+    if not args.onnx:
+        raise MiniGPTError("choose the format to export to: --onnx")
+    from minigpt.export.onnx_export import export_onnx
+
+    report = export_onnx(args.checkpoint, args.out, opset=args.opset, quantize=args.quantize,
+                         verify=args.verify, force=args.force)
+    print(report)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -142,7 +183,7 @@ def _evaluate(args: argparse.Namespace) -> None:
           f"over {len(ids) - 1:,} characters of {corpus.source}")
 
 
-COMMANDS = {"train": _train, "generate": _generate, "eval": _evaluate}
+COMMANDS = {"train": _train, "generate": _generate, "eval": _evaluate, "export": _export}
 
 
 def main(argv: list[str] | None = None) -> int:

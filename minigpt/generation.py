@@ -1,43 +1,19 @@
-"""Autoregressive generation, shared by every engine.
+"""Generation with the torch engines: the model recomputed each step, or with its KV-cache.
 
-An engine turns token ids into next-token logits in two steps, as inference
-servers do: `prefill` starts sequences from a prompt, `decode` extends every
-sequence by one token. The loop here (with its policy past the block size)
-and the `Sampler` are the same for every engine, so engines can only differ
-in the logits they compute, and they agree token for token.
-
-Past the block size: learned positions stop at block_size, and a cache of
-keys computed at positions 0..block_size-1 cannot slide (every key would
-need its position changed). So when the context is full, the next step
-re-prefills from the most recent `block_size // 2` tokens and decoding
-carries on from there: one prefill of half a block every half block, instead
-of a full recompute every step.
+The decoding loop, the policy past the block size and the sampler are shared
+with every engine and live in `minigpt.decoding`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol
 
 import numpy as np
 import torch
 
-from minigpt.errors import MiniGPTError
+from minigpt.decoding import join_samples, stream_characters
 from minigpt.model import MiniGPT
-from minigpt.sampling import Sampler
 from minigpt.tokenizer import CharTokenizer
-
-EMPTY_PROMPT = "\n"  # what an empty prompt starts from: the start of a new line
-
-
-class Engine(Protocol):
-    block_size: int
-
-    def prefill(self, ids: np.ndarray) -> np.ndarray:
-        """Start new sequences from (B, T) ids, T <= block_size; return (B, V) next-token logits."""
-
-    def decode(self, ids: np.ndarray) -> np.ndarray:
-        """Append (B,) ids to the sequences; return (B, V) next-token logits."""
 
 
 class RecomputeEngine:
@@ -91,64 +67,14 @@ class KVCacheEngine:
         return logits[:, -1].float().cpu().numpy()
 
 
-def generate_tokens(engine: Engine, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler,
-                    num_samples: int = 1) -> Iterator[np.ndarray]:
-    """Yield the (num_samples,) ids chosen at each step, all samples decoded as one batch."""
-    check_lengths(max_new_tokens, num_samples)
-    if max_new_tokens == 0:
-        return
-    block, keep = engine.block_size, max(1, engine.block_size // 2)
-    tokens = np.empty((num_samples, len(prompt_ids) + max_new_tokens), dtype=np.int64)
-    tokens[:, :len(prompt_ids)] = prompt_ids
-    length = len(prompt_ids)
-    context = min(length, block)  # a long prompt is read through its last block_size tokens
-    logits = engine.prefill(tokens[:, length - context:length])
-    for step in range(max_new_tokens):
-        next_ids = sampler(logits)
-        tokens[:, length] = next_ids
-        length += 1
-        yield next_ids
-        if step + 1 == max_new_tokens:
-            break
-        if context == block:  # full: restart from the most recent tokens (see the module's docstring)
-            context = keep
-            logits = engine.prefill(tokens[:, length - keep:length])
-        else:
-            context += 1
-            logits = engine.decode(next_ids)
-
-
-def check_lengths(max_new_tokens: int, num_samples: int) -> None:
-    if max_new_tokens < 0:
-        raise MiniGPTError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if num_samples < 1:
-        raise MiniGPTError(f"num_samples must be >= 1, got {num_samples}")
-
-
-def prompt_ids(tokenizer: CharTokenizer, prompt: str) -> list[int]:
-    """Encode a prompt; an empty one starts from a newline."""
-    if not prompt:
-        if EMPTY_PROMPT not in tokenizer.chars:
-            raise MiniGPTError("the prompt is empty and the vocabulary has no newline to start from; "
-                               "give a prompt with --prompt")
-        prompt = EMPTY_PROMPT
-    return tokenizer.encode(prompt)
+def torch_engine(model: MiniGPT, kv_cache: bool = True) -> KVCacheEngine | RecomputeEngine:
+    return KVCacheEngine(model) if kv_cache else RecomputeEngine(model)
 
 
 def stream_batch(model: MiniGPT, tokenizer: CharTokenizer, prompt: str, max_new_tokens: int = 200, *,
-                 num_samples: int = 1, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None,
-                 kv_cache: bool = True) -> Iterator[list[str]]:
-    """Yield, at each step, the next character of each of `num_samples` samples.
-
-    Bad arguments raise here, before the first step is asked for.
-    """
-    sampler = Sampler(temperature, top_k, top_p, seed)
-    ids = prompt_ids(tokenizer, prompt)
-    check_lengths(max_new_tokens, num_samples)
-    engine = KVCacheEngine(model) if kv_cache else RecomputeEngine(model)
-    steps = generate_tokens(engine, ids, max_new_tokens, sampler, num_samples)
-    return ([tokenizer.chars[i] for i in next_ids] for next_ids in steps)
+                 kv_cache: bool = True, **options) -> Iterator[list[str]]:
+    """Yield, at each step, the next character of each sample (options as in `generate_samples`)."""
+    return stream_characters(torch_engine(model, kv_cache), tokenizer, prompt, max_new_tokens, **options)
 
 
 def stream(model: MiniGPT, tokenizer: CharTokenizer, prompt: str, max_new_tokens: int = 200,
@@ -160,8 +86,8 @@ def stream(model: MiniGPT, tokenizer: CharTokenizer, prompt: str, max_new_tokens
 def generate_samples(model: MiniGPT, tokenizer: CharTokenizer, prompt: str, max_new_tokens: int = 200, *,
                      num_samples: int = 1, **options) -> list[str]:
     """`num_samples` continuations of `prompt`, decoded together as one batch, each with the prompt."""
-    columns = list(stream_batch(model, tokenizer, prompt, max_new_tokens, num_samples=num_samples, **options))
-    return [prompt + "".join(sample) for sample in zip(*columns)] if columns else [prompt] * num_samples
+    steps = stream_batch(model, tokenizer, prompt, max_new_tokens, num_samples=num_samples, **options)
+    return join_samples(prompt, steps, num_samples)
 
 
 def generate(model: MiniGPT, tokenizer: CharTokenizer, prompt: str, max_new_tokens: int = 200, *,

@@ -42,6 +42,23 @@ class KVCache:
         return self.kv.narrow(3, 0, start + kv.shape[3]).unbind(0)
 
 
+class GraphKVCache:
+    """The cache as an exported graph sees it: past keys and values in, present ones out.
+
+    A graph keeps no state between runs, so the past keys and values arrive
+    as inputs (B, H, P, D) and the present ones (B, H, P+T, D) leave as outputs.
+    """
+
+    def __init__(self, past_keys: torch.Tensor, past_values: torch.Tensor):
+        self.past_keys, self.past_values = past_keys, past_values
+        self.present: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(self, start: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = kv.unbind(0)
+        self.present = (torch.cat([self.past_keys, keys], dim=2), torch.cat([self.past_values, values], dim=2))
+        return self.present
+
+
 class CausalSelfAttention(nn.Module):
     """Every position mixes the values of itself and the positions before it."""
 
@@ -52,7 +69,8 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.embed_dim, config.embed_dim)
         self.resid_dropout = dropout_layer(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | GraphKVCache | None = None,
+                start: int = 0) -> torch.Tensor:
         batch, seq, embed = x.shape
         # (B, T, 3E) -> (3, B, H, T, D): each head attends in its own subspace.
         qkv = self.qkv(x).view(batch, seq, 3, self.num_heads, embed // self.num_heads).permute(2, 0, 3, 1, 4)
@@ -89,7 +107,8 @@ class Block(nn.Module):
         self.ln_mlp = nn.LayerNorm(config.embed_dim)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | GraphKVCache | None = None,
+                start: int = 0) -> torch.Tensor:
         x = x + self.attn(self.ln_attn(x), cache, start)
         return x + self.mlp(self.ln_mlp(x))
 
@@ -131,7 +150,7 @@ class MiniGPT(nn.Module):
         return [KVCache(batch_size, self.config, weight.dtype, weight.device) for _ in self.blocks]
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-                caches: list[KVCache] | None = None, start: int = 0):
+                caches: list[KVCache] | list[GraphKVCache] | None = None, start: int = 0):
         """idx: (B, T) token ids at positions start .. start+T-1. Returns (logits (B, T, V), loss or None).
 
         Without caches the sequence starts at position 0. With caches (from

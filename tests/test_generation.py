@@ -80,7 +80,7 @@ def test_past_block_size_follows_the_documented_policy():
         for context in expected_context_lengths(len(prompt), 3 * block, block):
             logits, _ = model(torch.tensor([tokens[-context:]]))
             tokens.append(int(logits[0, -1].argmax()))
-    from minigpt.generation import generate_tokens
+    from minigpt.decoding import generate_tokens
     from minigpt.sampling import Sampler
 
     for engine in (KVCacheEngine(model), RecomputeEngine(model)):

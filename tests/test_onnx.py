@@ -1,0 +1,154 @@
+"""ONNX export and the onnxruntime engine: same tokens as PyTorch, no torch needed to sample."""
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from minigpt import load_checkpoint
+from minigpt.cli import main
+from minigpt.decoding import generate_tokens, join_samples, stream_characters
+from minigpt.export.onnx_engine import OnnxEngine
+from minigpt.generation import KVCacheEngine
+from minigpt.sampling import Sampler
+
+BLOCK = 16  # TINY_MODEL's block_size
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_checkpoint, tmp_path_factory):
+    """fp32 and int8 graphs of the tiny checkpoint, written through the CLI with verification on."""
+    folder = tmp_path_factory.mktemp("onnx")
+    paths = {"fp32": folder / "tiny.onnx", "int8": folder / "tiny-int8.onnx"}
+    for kind, path in paths.items():
+        extra = ["--quantize", "int8"] if kind == "int8" else []
+        argv = ["export", "--onnx", "--checkpoint", str(tiny_checkpoint), "--out", str(path), *extra]
+        assert main(argv) == 0
+    return paths
+
+
+def test_export_verifies_against_pytorch(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--onnx", "--checkpoint", str(tiny_checkpoint), "--out", str(out)]) == 0
+    report = capsys.readouterr().out
+    assert "onnx.checker: ok" in report
+    assert "identical to the PyTorch KV-cache engine" in report
+    delta = float(report.split("max |delta| ")[1].split()[0])
+    assert delta <= 1e-4
+
+
+@pytest.mark.parametrize("prompt_len", [1, 5, BLOCK])
+def test_greedy_tokens_match_pytorch_kv_cache(tiny_checkpoint, exported, prompt_len):
+    model = load_checkpoint(tiny_checkpoint).model
+    prompt = list(range(prompt_len))
+    new = 3 * BLOCK  # past the block size too: both follow the same policy
+    greedy = Sampler(temperature=0)
+    torch_tokens = [int(t[0]) for t in generate_tokens(KVCacheEngine(model), prompt, new, greedy)]
+    onnx_tokens = [int(t[0]) for t in generate_tokens(OnnxEngine(exported["fp32"]), prompt, new, greedy)]
+    assert onnx_tokens == torch_tokens
+
+
+def test_batched_samples_match_pytorch_for_the_same_seed(tiny_checkpoint, exported):
+    checkpoint = load_checkpoint(tiny_checkpoint)
+    options = dict(num_samples=3, temperature=1.0, top_p=0.9, seed=11)
+    texts = {}
+    for name, engine in (("torch", KVCacheEngine(checkpoint.model)), ("onnx", OnnxEngine(exported["fp32"]))):
+        steps = stream_characters(engine, checkpoint.tokenizer, "the ", 40, **options)
+        texts[name] = join_samples("the ", steps, 3)
+    assert texts["onnx"] == texts["torch"]
+    assert len(set(texts["onnx"])) > 1
+
+
+def test_metadata_round_trip(tiny_checkpoint, exported):
+    checkpoint = load_checkpoint(tiny_checkpoint)
+    for path in exported.values():
+        engine = OnnxEngine(path)
+        assert engine.config == checkpoint.model.config
+        assert engine.tokenizer == checkpoint.tokenizer
+
+
+def test_graph_takes_any_batch_and_past_length(exported):
+    engine = OnnxEngine(exported["fp32"])
+    for batch in (1, 2, 5):
+        logits = engine.prefill(np.zeros((batch, 1), dtype=np.int64))  # past length 0
+        assert logits.shape == (batch, engine.config.vocab_size)
+        for _ in range(3):
+            logits = engine.decode(logits.argmax(-1))
+        assert engine.past[0].shape == (batch, engine.config.num_heads, 4, engine.config.head_dim)
+
+
+def test_int8_model_generates_valid_text(exported, capsys):
+    assert main(["generate", "--model", str(exported["int8"]), "--prompt", "the ", "--max_new_tokens", "60",
+                 "--seed", "0"]) == 0
+    out, err = capsys.readouterr()
+    tokenizer = OnnxEngine(exported["int8"]).tokenizer
+    assert out.startswith("the ") and len(out.rstrip("\n")) == 64
+    tokenizer.encode(out.rstrip("\n"))  # every character is in the vocabulary
+    assert exported["int8"].stat().st_size < exported["fp32"].stat().st_size
+    assert "OnnxEngine" in err
+
+
+def test_cli_onnx_and_torch_print_the_same_greedy_text(tiny_checkpoint, exported, capsys):
+    outputs = []
+    for flags in (["--checkpoint", str(tiny_checkpoint)], ["--model", str(exported["fp32"]), "--engine", "onnx"]):
+        assert main(["generate", *flags, "--prompt", "a small", "--max-new-tokens", "50", "--temperature", "0"]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1]
+
+
+def test_sampling_from_onnx_needs_no_torch(exported):
+    script = textwrap.dedent(f"""
+        import importlib.abc, sys
+
+        class NoTorch(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "torch" or name.startswith("torch."):
+                    raise ImportError("torch is not installed")
+
+        sys.meta_path.insert(0, NoTorch())
+        from minigpt.cli import main
+        code = main(["generate", "--model", {str(exported['fp32'])!r}, "--prompt", "the",
+                     "--max-new-tokens", "20", "--num-samples", "2", "--top-k", "5", "--seed", "3"])
+        assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules), "torch was imported"
+        sys.exit(code)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("--- sample") == 2
+
+
+def one_line_error(capsys, argv, *fragments):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def test_export_bad_input(tiny_checkpoint, tmp_path, capsys):
+    one_line_error(capsys, ["export", "--onnx", "--checkpoint", str(tmp_path / "none.safetensors"),
+                            "--out", str(tmp_path / "a.onnx")], "checkpoint not found")
+    one_line_error(capsys, ["export", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "a.onnx")],
+                   "--onnx")
+    one_line_error(capsys, ["export", "--onnx", "--checkpoint", str(tiny_checkpoint),
+                            "--out", str(tmp_path / "missing-folder" / "a.onnx")], "cannot write to")
+    existing = tmp_path / "exists.onnx"
+    existing.write_bytes(b"keep me")
+    one_line_error(capsys, ["export", "--onnx", "--checkpoint", str(tiny_checkpoint), "--out", str(existing)],
+                   "already exists", "--force")
+    assert existing.read_bytes() == b"keep me"
+    one_line_error(capsys, ["export", "--onnx", "--checkpoint", str(tiny_checkpoint), "--out",
+                            str(tmp_path / "b.onnx"), "--opset", "12"], "opset")
+    assert not (tmp_path / "a.onnx").exists() and not (tmp_path / "b.onnx").exists()
+
+
+def test_generate_bad_onnx_input(tmp_path, exported, capsys):
+    not_onnx = tmp_path / "fake.onnx"
+    not_onnx.write_bytes(b"this is not a protobuf graph")
+    one_line_error(capsys, ["generate", "--model", str(not_onnx)], "not a loadable ONNX model")
+    one_line_error(capsys, ["generate", "--model", str(tmp_path / "absent.onnx")], "ONNX model not found")
+    one_line_error(capsys, ["generate", "--model", str(exported["fp32"]), "--no-kv-cache"], "--no-kv-cache")
+    one_line_error(capsys, ["generate", "--model", str(exported["fp32"]), "--prompt", "XYZ"], "never saw")
