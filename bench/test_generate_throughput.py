@@ -4,8 +4,10 @@
 
 Each group is one (config, batch) pair; its engines generate 256 greedy
 tokens from an 8-token prompt with random weights (speed does not depend on
-what a model learned). HuggingFace transformers' GPT-2 `generate()` on the
-same dimensions joins each group when transformers is installed.
+what a model learned): PyTorch recomputing the context, PyTorch with the
+KV-cache, onnxruntime fp32 and int8. HuggingFace transformers' GPT-2
+`generate()` on the same dimensions joins each group when transformers is
+installed.
 """
 
 import warnings
@@ -14,28 +16,57 @@ import numpy as np
 import pytest
 import torch
 
-from minigpt import GPTConfig, MiniGPT, Sampler
+from minigpt import CharTokenizer, GPTConfig, MiniGPT, Sampler, save_checkpoint
 from minigpt.decoding import generate_tokens
 from minigpt.generation import KVCacheEngine, RecomputeEngine
 
 NEW_TOKENS = 256
 PROMPT = list(range(1, 9))
 CONFIGS = {"default": GPTConfig(vocab_size=65),  # block 128: the policy past the block size is exercised
-           "block256": GPTConfig(vocab_size=65, block_size=256)}
-ENGINES = {"no-cache": RecomputeEngine, "kv-cache": KVCacheEngine}
+           "block256": GPTConfig(vocab_size=65, block_size=256),
+           "large": GPTConfig(vocab_size=65, block_size=256, embed_dim=384, num_heads=6, num_layers=6)}
+ENGINES = ["no-cache", "kv-cache", "onnx-fp32", "onnx-int8"]
+SKIP = {("no-cache", "large")}  # minutes per round, and the point is made on the smaller configs
 
 
-def model_for(config):
-    torch.manual_seed(0)
-    return MiniGPT(config).eval()
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    """engine name, config name -> a fresh engine; each config exported to ONNX once."""
+    from minigpt.export.onnx_engine import OnnxEngine
+    from minigpt.export.onnx_export import export_onnx
+
+    models, graphs = {}, {}
+
+    def make(engine_name, config_name):
+        if config_name not in models:
+            torch.manual_seed(0)
+            models[config_name] = MiniGPT(CONFIGS[config_name]).eval()
+        model = models[config_name]
+        if engine_name == "no-cache":
+            return RecomputeEngine(model)
+        if engine_name == "kv-cache":
+            return KVCacheEngine(model)
+        key = (config_name, engine_name)
+        if key not in graphs:
+            folder = tmp_path_factory.mktemp(config_name)
+            checkpoint = folder / "model.safetensors"
+            save_checkpoint(checkpoint, model, CharTokenizer(map(chr, range(32, 32 + 65))))
+            graphs[key] = folder / f"{engine_name}.onnx"
+            export_onnx(checkpoint, graphs[key], quantize="int8" if engine_name == "onnx-int8" else None,
+                        verify=False)
+        return OnnxEngine(graphs[key])
+
+    return make
 
 
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("config_name", list(CONFIGS))
-@pytest.mark.parametrize("engine_name", list(ENGINES))
-def test_generate(benchmark, record_throughput, engine_name, config_name, batch):
+@pytest.mark.parametrize("engine_name", ENGINES)
+def test_generate(benchmark, record_throughput, engines, engine_name, config_name, batch):
+    if (engine_name, config_name) in SKIP:
+        pytest.skip(f"{engine_name} on the {config_name} config takes minutes per round")
     benchmark.group = f"generate {config_name} batch {batch}"
-    engine = ENGINES[engine_name](model_for(CONFIGS[config_name]))
+    engine = engines(engine_name, config_name)
 
     def run():
         return sum(len(ids) for ids in generate_tokens(engine, PROMPT, NEW_TOKENS, Sampler(temperature=0), batch))
