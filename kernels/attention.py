@@ -2,19 +2,41 @@
 
 One shape covers every use: training and prefill (Tq == Tk), decoding one
 token against a cache (Tq == 1) and chunked prefill (1 < Tq < Tk).
+`causal_attention` dispatches to our Triton kernels on a GPU and to
+PyTorch's `scaled_dot_product_attention` everywhere else.
 """
 
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 import torch.nn.functional as F
 
+from minigpt.errors import MiniGPTError
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+BACKENDS = ("auto", "torch", "triton")
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """softmax(q kᵀ / √D) v with query i seeing keys 0 .. i + (Tk - Tq).
 
-    q: (B, H, Tq, D); k, v: (B, H, Tk, D) with Tk >= Tq. Returns (B, H, Tq, D).
+    q: (B, H, Tq, D); k, v: (B, H, Tk, D) with Tk >= Tq, possibly strided
+    views into a cache. Returns (B, H, Tq, D) in q's dtype.
+    backend: "torch" (SDPA), "triton" (our fused kernels), or "auto": Triton
+    for CUDA tensors when no gradient is needed and the shape is supported.
     """
+    if backend == "auto":
+        backend = "triton" if _triton_fits(q, k, v) else "torch"
+    if backend == "torch":
+        return torch_causal_attention(q, k, v)
+    if backend == "triton":
+        return _triton_kernels(q).triton_causal_attention(q, k, v)
+    raise MiniGPTError(f"attention backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+
+
+def torch_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     tq, tk = q.shape[-2], k.shape[-2]
     if _in_graph_capture():
         # An exported graph serves prefill and decode alike, so it keeps the
@@ -31,10 +53,54 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(tq, tk, q.device))
 
 
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The definition, written out in float64: what every kernel is tested against."""
+    q, k, v = q.double(), k.double(), v.double()
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~causal_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
 def causal_mask(tq: int, tk: int, device: torch.device | str | None = None) -> torch.Tensor:
     """Boolean (Tq, Tk) mask, True where query i may attend to key j."""
     query_positions = torch.arange(tk - tq, tk, device=device)
     return torch.arange(tk, device=device)[None, :] <= query_positions[:, None]
+
+
+def check_backend(backend: str, device: torch.device | str) -> None:
+    """Fail early, in one line, when `backend` cannot run on `device`."""
+    if backend not in BACKENDS:
+        raise MiniGPTError(f"attention backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "triton":
+        _triton_kernels(torch.empty(0, device=device))
+
+
+def _triton_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    if not q.is_cuda or _in_graph_capture():
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False  # training keeps PyTorch's differentiable attention
+    try:
+        kernels = _triton_kernels(q)
+    except MiniGPTError:
+        return False
+    return kernels.supports(q)
+
+
+def _triton_kernels(q: torch.Tensor):
+    """The Triton module, or a one-line error saying why it cannot run on q's device."""
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise MiniGPTError("the triton attention backend needs a CUDA GPU; on CPU it runs only under "
+                           "TRITON_INTERPRET=1 set before start (slow, for testing): use --attention torch")
+    try:
+        from minigpt.kernels import triton_attention
+    except ImportError as exc:
+        raise MiniGPTError(f"the triton attention backend needs the triton package ({exc}); "
+                           "pip install triton, or use --attention torch") from None
+    if not q.is_cuda and not triton_attention.INTERPRET:
+        raise MiniGPTError("Triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run "
+                           "on CPU; set it before starting Python, or use --attention torch")
+    return triton_attention
 
 
 def _in_graph_capture() -> bool:

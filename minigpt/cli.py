@@ -74,6 +74,9 @@ def _build_parser() -> argparse.ArgumentParser:
     _option(generate, "kv_cache", action=argparse.BooleanOptionalAction, default=True,
             help="keep earlier keys and values in a static cache (default); --no-kv-cache recomputes "
                  "the whole context every step, as the reference")
+    _option(generate, "attention", choices=("auto", "torch", "triton"), default="auto",
+            help="attention kernels for the torch engine: triton (fused, GPU), torch (SDPA), or auto: "
+                 "triton on a GPU, torch otherwise")
     _option(generate, "device", default="auto", help="auto, cpu or cuda (default auto)")
 
     evaluate = commands.add_parser("eval", help="loss and bits per character on a whole split",
@@ -125,6 +128,8 @@ def _engine_for(args: argparse.Namespace):
 
         if not args.kv_cache:
             raise MiniGPTError("--no-kv-cache is a torch engine reference; the onnx engine always uses its cache")
+        if args.attention != "auto":
+            raise MiniGPTError("--attention picks the torch engine's kernels; drop it with --engine onnx")
         engine = OnnxEngine(args.checkpoint)
         return engine, engine.tokenizer
     from minigpt.checkpoint import load_checkpoint
@@ -132,6 +137,7 @@ def _engine_for(args: argparse.Namespace):
     from minigpt.train import resolve_device
 
     checkpoint = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
+    checkpoint.model.set_attention_backend(args.attention)
     return torch_engine(checkpoint.model, args.kv_cache), checkpoint.tokenizer
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from minigpt.config import GPTConfig
 from minigpt.kernels import causal_attention
+from minigpt.kernels.attention import check_backend
 
 
 def dropout_layer(p: float) -> nn.Module:
@@ -68,6 +69,7 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.embed_dim, 3 * config.embed_dim)
         self.proj = nn.Linear(config.embed_dim, config.embed_dim)
         self.resid_dropout = dropout_layer(config.dropout)
+        self.attention_backend = "auto"  # see minigpt.kernels.causal_attention
 
     def forward(self, x: torch.Tensor, cache: KVCache | GraphKVCache | None = None,
                 start: int = 0) -> torch.Tensor:
@@ -78,7 +80,7 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:  # attend to every earlier position, not only this call's
             kv = cache.update(start, kv)
         k, v = kv
-        y = causal_attention(q, k, v)
+        y = causal_attention(q, k, v, backend=self.attention_backend)
         y = y.transpose(1, 2).reshape(batch, seq, embed)  # heads side by side again
         return self.resid_dropout(self.proj(y))
 
@@ -143,6 +145,13 @@ class MiniGPT(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # the tied head counts once
+
+    def set_attention_backend(self, backend: str) -> "MiniGPT":
+        """Route every layer's attention through "auto", "torch" or "triton" kernels."""
+        check_backend(backend, self.tok_emb.weight.device)
+        for block in self.blocks:
+            block.attn.attention_backend = backend
+        return self
 
     def make_caches(self, batch_size: int) -> list[KVCache]:
         """One empty KVCache per layer, in the model's dtype and on its device."""

@@ -4,6 +4,9 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+# Triton reads this when a kernel is defined: set before anything imports
+# minigpt.kernels.triton_attention, so the kernels run on CPU tensors here.
+os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 
