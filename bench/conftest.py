@@ -1,4 +1,4 @@
-"""Benchmark helpers: engines report tokens/s, and the run ends with each group's ratios."""
+"""Benchmark helpers: engines report a rate, and the run ends with each group's ratios."""
 
 import os
 from collections import defaultdict
@@ -8,28 +8,30 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
-_THROUGHPUT = defaultdict(dict)  # group -> {engine: tokens per second}
-BASELINE = "kv-cache"  # the engine every generation target is stated against
+_RATES = defaultdict(dict)  # group -> {engine: (rate, unit)}
+BASELINES = ("kv-cache", "torch-sdpa", "sdpa-flash")  # what each family of targets is stated against
 
 
 @pytest.fixture
 def record_throughput():
-    """Call with (benchmark, engine name, tokens per round) after timing; no-op when timing is disabled."""
+    """Call with (benchmark, engine, amount per round[, unit]) after timing; no-op when timing is disabled."""
 
-    def record(benchmark, engine: str, tokens: int) -> None:
+    def record(benchmark, engine: str, amount: float, unit: str = "tokens/s") -> None:
         if benchmark.stats:
-            rate = tokens / benchmark.stats["median"]
-            benchmark.extra_info["tokens_per_s"] = rate
-            _THROUGHPUT[benchmark.group][engine] = rate
+            rate = amount / benchmark.stats["median"]
+            benchmark.extra_info[unit] = rate
+            _RATES[benchmark.group][engine] = (rate, unit)
 
     return record
 
 
 def pytest_terminal_summary(terminalreporter):
-    if not _THROUGHPUT:
+    if not _RATES:
         return
-    terminalreporter.section(f"throughput (tokens/s, median round; ratio to {BASELINE}, else the first listed)")
-    for group, rates in _THROUGHPUT.items():
-        base_name = BASELINE if BASELINE in rates else next(iter(rates))
-        cells = [f"{engine} {rate:,.0f} ({rate / rates[base_name]:.2f}x)" for engine, rate in rates.items()]
+    terminalreporter.section("rates (median round; ratio to the group's baseline engine)")
+    for group, rates in _RATES.items():
+        base = next((name for name in BASELINES if name in rates), next(iter(rates)))
+        cells = [f"{engine} {rate:,.3g} {unit} ({rate / rates[base][0]:.2f}x)"
+                 if rate < 100 else f"{engine} {rate:,.0f} {unit} ({rate / rates[base][0]:.2f}x)"
+                 for engine, (rate, unit) in rates.items()]
         terminalreporter.write_line(f"{group}: " + " | ".join(cells))
