@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from minigpt.checkpoint import atomic_write_bytes, load_checkpoint
+from minigpt.checkpoint import atomic_write_bytes, check_writable, load_checkpoint
 from minigpt.decoding import generate_tokens
 from minigpt.errors import MiniGPTError
 from minigpt.export.onnx_engine import INPUT_IDS, LOGITS, OnnxEngine, cache_names, graph_metadata
@@ -139,8 +139,7 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike = "minigpt
         raise MiniGPTError(f"--opset must be at least {MIN_OPSET} for this exporter, got {opset}")
     if out.exists() and not force:
         raise MiniGPTError(f"{out} already exists; pass --force to overwrite it or choose another --out")
-    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
-        raise MiniGPTError(f"cannot write to {out.parent}; choose a folder that exists and is writable")
+    check_writable(out)
     loaded = load_checkpoint(checkpoint)
     start = time.perf_counter()
     metadata = graph_metadata(loaded.model.config, loaded.tokenizer)

@@ -4,6 +4,12 @@ Its `__metadata__` carries `config` (JSON of every GPTConfig field), `vocab`
 (the tokenizer's characters as a JSON string), the training `step` and the
 `data` it was trained on, so loading needs no flags. The LM head is tied to
 the token embedding and is stored once. Nothing on any load path unpickles.
+
+Checkpoints written during training also carry what `--resume` needs: the
+AdamW moments as `optimizer.{param}.{name}` tensors, and the optimizer's
+hyperparameters (`optimizer`) and the training settings (`train_config`) as
+JSON metadata. Batches and dropout are seeded from the step, so the step is
+the whole of the random state.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from minigpt.errors import CheckpointError, MiniGPTError
 from minigpt.model import MiniGPT
 from minigpt.tokenizer import CharTokenizer
 
+OPTIMIZER_PREFIX = "optimizer."
 TIED_KEYS = ("lm_head.weight",)  # shares storage with tok_emb.weight; saved once
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # added by DistributedDataParallel and torch.compile
 
@@ -32,10 +39,28 @@ class Checkpoint:
     model: MiniGPT
     tokenizer: CharTokenizer
     metadata: dict[str, str] = field(default_factory=dict)
+    optimizer_tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def step(self) -> int:
         return int(self.metadata.get("step", 0))
+
+    def optimizer_state(self) -> dict | None:
+        """The AdamW state_dict saved with this checkpoint, or None if it has none."""
+        if "optimizer" not in self.metadata:
+            return None
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, tensor in self.optimizer_tensors.items():
+            index, name = key[len(OPTIMIZER_PREFIX):].split(".", 1)
+            state.setdefault(int(index), {})[name] = tensor
+        return {"state": state, "param_groups": json.loads(self.metadata["optimizer"])}
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Fail before any work when `path` could not be written at the end of it."""
+    folder = Path(path).parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise MiniGPTError(f"cannot write to {folder}; choose a folder that exists and is writable")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -51,6 +76,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise MiniGPTError(f"cannot write to {path.parent}: {exc.strerror}; "
                            "choose a folder that exists and is writable") from None
     try:
+        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes it private; a checkpoint is an ordinary file
         with os.fdopen(fd, "wb") as tmp:
             tmp.write(data)
             tmp.flush()
@@ -67,12 +93,28 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.close(dir_fd)
 
 
-def save_checkpoint(path: str | os.PathLike, model: MiniGPT, tokenizer: CharTokenizer, *,
-                    step: int = 0, data: str = "") -> None:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, tokenizer: CharTokenizer, *,
+                    step: int = 0, data: str = "", optimizer: torch.optim.Optimizer | None = None,
+                    train_config: dict | None = None) -> None:
+    model = _unwrap(model)
     tensors = {name: tensor.detach().cpu().contiguous()
-               for name, tensor in _unwrap(model).state_dict().items() if name not in TIED_KEYS}
+               for name, tensor in model.state_dict().items() if name not in TIED_KEYS}
     metadata = {"format": "minigpt", "config": model.config.to_json(), "vocab": tokenizer.to_json(),
                 "step": str(step), "data": data}
+    if optimizer is not None:
+        state = optimizer.state_dict()
+        for index, moments in state["state"].items():
+            for name, tensor in moments.items():
+                tensors[f"{OPTIMIZER_PREFIX}{index}.{name}"] = tensor.detach().cpu().contiguous()
+        metadata["optimizer"] = json.dumps(state["param_groups"])
+    if train_config is not None:
+        metadata["train_config"] = json.dumps(train_config)
     atomic_write_bytes(path, safetensors_bytes(tensors, metadata=metadata))
 
 
@@ -97,10 +139,21 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     if tokenizer.vocab_size != config.vocab_size:
         raise CheckpointError(f"{path} has bad metadata: vocab has {tokenizer.vocab_size} characters "
                               f"but config.vocab_size is {config.vocab_size}")
+    state_dict = _strip_prefixes(path, state_dict)
+    optimizer_tensors = {k: state_dict.pop(k) for k in list(state_dict) if k.startswith(OPTIMIZER_PREFIX)}
+    layers_in_file = {name.split(".")[1] for name in state_dict if name.startswith("blocks.")}
+    if len(layers_in_file) != config.num_layers:
+        raise CheckpointError(f"{path} does not match its config: it holds {len(layers_in_file)} layers "
+                              f"but config.num_layers is {config.num_layers}")
+    # Check names and shapes on a model without storage first, so a config
+    # claiming billions of parameters costs nothing before it is refused.
+    with torch.device("meta"):
+        expected = {name: t.shape for name, t in MiniGPT(config).state_dict().items() if name not in TIED_KEYS}
+    weights = _match_state_dict(path, expected, state_dict)
     model = MiniGPT(config)
     # Not strict: the tied LM head is filled through the token embedding.
-    model.load_state_dict(_match_state_dict(path, model, state_dict), strict=False)
-    return Checkpoint(model.to(device).eval(), tokenizer, metadata)
+    model.load_state_dict(weights, strict=False)
+    return Checkpoint(model.to(device).eval(), tokenizer, metadata, optimizer_tensors)
 
 
 def _unwrap(model: torch.nn.Module) -> MiniGPT:
@@ -140,8 +193,8 @@ def _read_legacy_pt(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     return blob["model"], metadata
 
 
-def _match_state_dict(path: Path, model: MiniGPT, state_dict: dict) -> dict[str, torch.Tensor]:
-    """Strip wrapper prefixes and check names and shapes, naming every mismatch at once."""
+def _strip_prefixes(path: Path, state_dict: dict) -> dict[str, torch.Tensor]:
+    """Names as MiniGPT has them: without the prefixes DDP and torch.compile add."""
     cleaned = {}
     for name, tensor in state_dict.items():
         while name.startswith(WRAPPER_PREFIXES):
@@ -149,7 +202,11 @@ def _match_state_dict(path: Path, model: MiniGPT, state_dict: dict) -> dict[str,
         if not isinstance(tensor, torch.Tensor):
             raise CheckpointError(f"{path} holds a non-tensor entry {name!r} among its weights")
         cleaned[name] = tensor
-    expected = {name: t.shape for name, t in model.state_dict().items() if name not in TIED_KEYS}
+    return cleaned
+
+
+def _match_state_dict(path: Path, expected: dict[str, torch.Size], cleaned: dict) -> dict[str, torch.Tensor]:
+    """Check names and shapes against the config's, naming every mismatch at once."""
     for name in TIED_KEYS:
         cleaned.pop(name, None)
     missing = sorted(expected.keys() - cleaned.keys())

@@ -55,6 +55,10 @@ def _build_parser() -> argparse.ArgumentParser:
     _dataclass_options(model_group, GPTConfig, skip=("vocab_size",))
     train_group = train.add_argument_group("training")
     _dataclass_options(train_group, TrainConfig)
+    _option(train, "resume", default=None, metavar="CKPT",
+            help="continue a checkpoint written by minigpt train: model, optimizer and step come back "
+                 "(its architecture wins over the model flags); --steps is the total to reach")
+    _option(train, "force", action="store_true", help="replace an --out that holds a different model")
     _option(train, "sample_tokens", type=int, default=300, help="characters to sample at the end (default 300)")
     _option(train, "quiet", action="store_true", help="no progress bar")
 
@@ -100,10 +104,13 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train(args: argparse.Namespace) -> None:
+def _train(args: argparse.Namespace) -> int:
+    import os
+
+    from minigpt.checkpoint import check_writable
     from minigpt.config import GPTConfig, TrainConfig
-    from minigpt.data import load_corpus
-    from minigpt.train import sample_after_training, train
+    from minigpt.data import corpus_from_source, load_corpus
+    from minigpt.train import TrainingInterrupted, sample_after_training, train
 
     def fields_of(cls):
         return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name != "vocab_size"}
@@ -111,13 +118,30 @@ def _train(args: argparse.Namespace) -> None:
     model_fields = fields_of(GPTConfig)
     GPTConfig(vocab_size=1, **model_fields)  # an impossible shape fails before the data loads
     config = TrainConfig(**fields_of(TrainConfig))
-    corpus = load_corpus(args.data)
-    result = train(corpus, config, args.out, progress=not args.quiet, **model_fields)
-    print(f"minigpt: trained {config.steps} steps in {result.wall_s:.1f} s "
+    check_writable(args.out)  # before the data loads, not after
+    if args.resume and not args.data:
+        from minigpt.checkpoint import load_checkpoint
+
+        corpus = corpus_from_source(load_checkpoint(args.resume).metadata.get("data", ""))
+    else:
+        corpus = load_corpus(args.data)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    try:
+        result = train(corpus, config, args.out, progress=not args.quiet, resume=args.resume, force=args.force,
+                       **model_fields)
+    except TrainingInterrupted as stop:
+        if is_main:
+            print(f"minigpt: {stop}; saved {stop.path}. Resume with: minigpt train --resume {stop.path} "
+                  f"--out {stop.path} --steps {config.steps} (and the same training flags)", file=sys.stderr)
+        return 128 + stop.signum  # 130 for Ctrl-C, 143 for SIGTERM, as shells report them
+    if not is_main:
+        return 0
+    print(f"minigpt: trained to step {config.steps} in {result.wall_s:.1f} s "
           f"({result.tokens_per_s:,.0f} tokens/s); saved {args.out}", file=sys.stderr)
     if args.sample_tokens > 0:
         print(f"minigpt: sample ({args.sample_tokens} characters, temperature 0.8):", file=sys.stderr)
         print(sample_after_training(result, args.sample_tokens))
+    return 0
 
 
 def _engine_for(args: argparse.Namespace):
@@ -198,14 +222,13 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, or a malformed flag already reported in one line
         return exc.code
     try:
-        COMMANDS[args.command](args)
+        return COMMANDS[args.command](args) or 0
     except MiniGPTError as exc:
         print(f"minigpt {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"minigpt {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

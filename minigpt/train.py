@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
+import signal
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from minigpt.checkpoint import save_checkpoint
+from minigpt import distributed
+from minigpt.checkpoint import check_writable, load_checkpoint, save_checkpoint
 from minigpt.config import GPTConfig, TrainConfig
 from minigpt.data import Corpus
-from minigpt.errors import ConfigError, DataError
+from minigpt.errors import ConfigError, DataError, MiniGPTError
 from minigpt.generation import generate
 from minigpt.model import MiniGPT
 from minigpt.tokenizer import CharTokenizer
@@ -119,65 +126,187 @@ def evaluate_split(model: MiniGPT, ids: torch.Tensor, batch_size: int = 64) -> f
     return total / (len(ids) - 1)
 
 
+class TrainingInterrupted(Exception):
+    """Ctrl-C or SIGTERM stopped training after a step; the checkpoint at `path` holds that step."""
+
+    def __init__(self, signum: int, step: int, path: Path):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}")
+        self.signum, self.step, self.path = signum, step, path
+
+
+class NonFiniteLoss(MiniGPTError):
+    """The loss became inf or NaN; nothing from that step on was saved."""
+
+
+class StopSignals:
+    """Turns SIGINT and SIGTERM into a flag the loop reads between steps.
+
+    The step in flight finishes and a checkpoint is saved before stopping;
+    further signals while that happens are ignored, so the save completes.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signum
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """A seed for each (process, step): batches and dropout depend on nothing but the step, so resuming
+    at step N draws exactly what an uninterrupted run draws there."""
+    return ((seed * 1_000_003 + rank) * 1_000_000_007 + step) % 2**63
+
+
+def check_out_path(out: Path, model_config: GPTConfig, *, force: bool, resume: Path | None) -> None:
+    """Refuse to overwrite a checkpoint of another architecture unless asked to."""
+    check_writable(out)
+    if force or not out.exists() or (resume is not None and out.resolve() == resume.resolve()):
+        return
+    try:
+        with safe_open(out, framework="pt") as f:
+            existing = GPTConfig.from_json((f.metadata() or {})["config"])
+    except Exception:  # unreadable, or not a minigpt checkpoint: still not ours to overwrite
+        existing = None
+    if existing != model_config:
+        what = "a checkpoint of a different model" if existing else "a file that is not a minigpt checkpoint"
+        raise MiniGPTError(f"{out} holds {what}; pass --force to replace it, --resume {out} to continue it, "
+                           "or choose another --out")
+
+
 def train(corpus: Corpus, config: TrainConfig, out: str | Path, *, progress: bool = True,
-          **model_fields) -> TrainResult:
+          resume: str | Path | None = None, force: bool = False,
+          on_step: Callable[[dict], None] | None = None, **model_fields) -> TrainResult:
     """Train a MiniGPT on `corpus` and save it to `out` (a .safetensors checkpoint).
 
-    `model_fields` are GPTConfig fields other than vocab_size, which the corpus decides.
+    `model_fields` are GPTConfig fields other than vocab_size, which the corpus
+    decides. With `resume`, model, optimizer and step come from that
+    checkpoint (its architecture wins over `model_fields`) and training
+    continues to `config.steps`. Under torchrun, each process trains on its
+    own batches and rank 0 alone logs, evaluates and saves. `on_step` is
+    called with each step's record.
     """
-    out = Path(out)
-    GPTConfig(vocab_size=1, **model_fields)  # fail on an impossible shape before touching data
-    tokenizer = CharTokenizer.from_text(*corpus.all_text())
-    model_config = GPTConfig(vocab_size=tokenizer.vocab_size, **model_fields)
+    out, resume = Path(out), (Path(resume) if resume is not None else None)
+    group, device_name = distributed.join(config.device)
+    try:
+        return _train(corpus, config, out, group, resolve_device(device_name), progress=progress,
+                      resume=resume, force=force, on_step=on_step, model_fields=model_fields)
+    finally:
+        distributed.leave(group)
+
+
+def _train(corpus: Corpus, config: TrainConfig, out: Path, group: distributed.ProcessGroup,
+           device: torch.device, *, progress: bool, resume: Path | None, force: bool,
+           on_step: Callable[[dict], None] | None, model_fields: dict) -> TrainResult:
+    if resume is not None:
+        checkpoint = load_checkpoint(resume)
+        model, tokenizer, first_step = checkpoint.model, checkpoint.tokenizer, checkpoint.step + 1
+        optimizer_state = checkpoint.optimizer_state()
+        if optimizer_state is None:
+            raise MiniGPTError(f"{resume} has no optimizer state to resume from; "
+                               "resume from a checkpoint written by `minigpt train`")
+        if first_step > config.steps:
+            raise MiniGPTError(f"{resume} is at step {checkpoint.step} already; "
+                               f"pass --steps greater than {checkpoint.step} to train further")
+    else:
+        GPTConfig(vocab_size=1, **model_fields)  # fail on an impossible shape before touching data
+        tokenizer = CharTokenizer.from_text(*corpus.all_text())
+        torch.manual_seed(config.seed)
+        model, first_step, optimizer_state = MiniGPT(GPTConfig(tokenizer.vocab_size, **model_fields)), 1, None
+    model_config = model.config
+    check_out_path(out, model_config, force=force, resume=resume)
     train_ids = encode_split(tokenizer, corpus.split("train"), "train", model_config.block_size)
     valid_ids = encode_split(tokenizer, corpus.split("valid"), "valid", model_config.block_size)
 
-    device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
-    model = MiniGPT(model_config).to(device)
+    model = model.to(device).train()
     optimizer = make_optimizer(model, config, device)
-    batch_generator = torch.Generator().manual_seed(config.seed)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    trained = model  # what the loop steps: the model itself, or its DDP wrapper
+    if group.enabled:
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def save(step: int) -> None:
+        if group.is_main:
+            save_checkpoint(out, model, tokenizer, step=step, data=corpus.source, optimizer=optimizer,
+                            train_config=dataclasses.asdict(config))
+
     metrics_path = out.parent / METRICS_FILE
-    metrics_path.write_text("")
-    print(f"minigpt: {model.num_parameters():,} parameters, vocab {tokenizer.vocab_size}, "
-          f"{len(train_ids):,} training characters from {corpus.source}, on {device}", file=sys.stderr)
+    if group.is_main:
+        if resume is None:
+            metrics_path.write_text("")
+        print(f"minigpt: {model.num_parameters():,} parameters, vocab {tokenizer.vocab_size}, "
+              f"{len(train_ids):,} training characters from {corpus.source}, on {device}"
+              + (f" x {group.world_size} processes" if group.enabled else "")
+              + (f"; resuming at step {first_step}" if resume is not None else ""), file=sys.stderr)
 
     result = TrainResult(model, tokenizer)
-    tokens_per_step = config.batch_size * model_config.block_size
-    bar = tqdm(range(1, config.steps + 1), disable=not progress, file=sys.stderr, unit="step",
-               dynamic_ncols=True)
+    tokens_per_step = group.world_size * config.batch_size * model_config.block_size
+    steps = range(first_step, config.steps + 1)
+    bar = tqdm(steps, disable=not (progress and group.is_main), file=sys.stderr, unit="step", dynamic_ncols=True)
+    generator = torch.Generator()
     start = time.perf_counter()
-    model.train()
-    for step in bar:
-        lr = learning_rate_at(step - 1, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x, y = sample_batch(train_ids, config.batch_size, model_config.block_size, batch_generator, device)
-        with autocast_for(device):
-            _, loss = model(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
+    with StopSignals() as signals:
+        for step in bar:
+            lr = learning_rate_at(step - 1, config)
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = lr
+            seed = step_seed(config.seed, group.rank, step)
+            generator.manual_seed(seed)
+            torch.manual_seed(seed)  # dropout
+            x, y = sample_batch(train_ids, config.batch_size, model_config.block_size, generator, device)
+            with autocast_for(device):
+                _, loss = trained(x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
 
-        elapsed = time.perf_counter() - start
-        record = {"step": step, "loss": loss.item(), "lr": lr,
-                  "tokens_per_s": step * tokens_per_step / elapsed}
-        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
-        if step % config.eval_interval == 0 or step == config.steps:
-            record["train_loss"] = estimate_loss(model, train_ids, config, device)
-            record["val_loss"] = estimate_loss(model, valid_ids, config, device)
-            record["val_bpc"] = record["val_loss"] / LN2
-            bar.write(f"step {step}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f} "
-                      f"nats ({record['val_bpc']:.3f} bits/char)", file=sys.stderr)
-            save_checkpoint(out, model, tokenizer, step=step, data=corpus.source)
-        result.history.append(record)
-        with metrics_path.open("a") as log:
-            log.write(json.dumps(record) + "\n")
+            loss_value = loss.item()
+            (non_finite,) = group.any(not math.isfinite(loss_value), device=device)
+            if non_finite:
+                raise NonFiniteLoss(f"the loss became {loss_value} at step {step}; the last checkpoint on disk "
+                                    "is left as it was: lower --learning_rate or --grad_clip and try again")
+            elapsed = time.perf_counter() - start
+            record = {"step": step, "loss": loss_value, "lr": lr,
+                      "tokens_per_s": (step - first_step + 1) * tokens_per_step / elapsed}
+            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+            if group.is_main and (step % config.eval_interval == 0 or step == config.steps):
+                record["train_loss"] = estimate_loss(model, train_ids, config, device)
+                record["val_loss"] = estimate_loss(model, valid_ids, config, device)
+                record["val_bpc"] = record["val_loss"] / LN2
+                bar.write(f"step {step}: train loss {record['train_loss']:.4f}, val loss "
+                          f"{record['val_loss']:.4f} nats ({record['val_bpc']:.3f} bits/char)", file=sys.stderr)
+                save(step)
+            result.history.append(record)
+            if group.is_main:
+                with metrics_path.open("a") as log:
+                    log.write(json.dumps(record) + "\n")
+            if on_step is not None:
+                on_step(record)
+            (stop,) = group.any(signals.received is not None, device=device)  # all processes stop together
+            if stop:
+                if "val_loss" not in record:  # not saved at this step yet
+                    save(step)
+                bar.close()
+                raise TrainingInterrupted(signals.received or signal.SIGTERM, step, out)
     bar.close()
     result.wall_s = time.perf_counter() - start
-    result.tokens_per_s = config.steps * tokens_per_step / result.wall_s
+    result.tokens_per_s = len(steps) * tokens_per_step / result.wall_s
     model.eval()
     return result
 

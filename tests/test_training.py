@@ -1,0 +1,221 @@
+"""Training that never loses work: determinism, exact resume, Ctrl-C, NaN guard, safe outputs, DDP."""
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from minigpt import load_checkpoint
+from minigpt.checkpoint import atomic_write_bytes
+from minigpt.cli import main
+from minigpt.config import TrainConfig
+from minigpt.data import load_corpus
+from minigpt.errors import MiniGPTError
+from minigpt.train import NonFiniteLoss, TrainingInterrupted, train
+
+from conftest import TINY_MODEL
+
+CONFIG = TrainConfig(batch_size=8, learning_rate=3e-3, steps=24, eval_interval=8, eval_iters=2, warmup=4,
+                     device="cpu")
+
+
+def losses(history):
+    return [record["loss"] for record in history]
+
+
+def interrupt_at(step):
+    def on_step(record):
+        if record["step"] == step:
+            os.kill(os.getpid(), signal.SIGINT)  # the real Ctrl-C path, at a known step
+    return on_step
+
+
+def test_same_seed_same_run(tiny_text_file, tmp_path):
+    corpus = load_corpus(tiny_text_file)
+    first = train(corpus, CONFIG, tmp_path / "a.safetensors", progress=False, **TINY_MODEL)
+    second = train(corpus, CONFIG, tmp_path / "b.safetensors", progress=False, **TINY_MODEL)
+    assert losses(first.history) == losses(second.history)
+    assert losses(first.history)[-1] < losses(first.history)[0]
+
+
+def test_interrupt_then_resume_equals_one_run(tiny_text_file, tmp_path):
+    corpus = load_corpus(tiny_text_file)
+    whole = train(corpus, CONFIG, tmp_path / "whole.safetensors", progress=False, **TINY_MODEL)
+
+    out = tmp_path / "split.safetensors"
+    with pytest.raises(TrainingInterrupted) as stop:
+        train(corpus, CONFIG, out, progress=False, on_step=interrupt_at(11), **TINY_MODEL)
+    assert stop.value.step == 11 and stop.value.signum == signal.SIGINT
+    assert load_checkpoint(out).step == 11
+    rest = train(corpus, CONFIG, out, progress=False, resume=out)
+    assert [r["step"] for r in rest.history] == list(range(12, 25))
+    worst = max(abs(a - b) for a, b in zip(losses(whole.history)[11:], losses(rest.history)))
+    assert worst <= 1e-6, f"max |delta loss| after resume {worst}"
+    final_whole = load_checkpoint(tmp_path / "whole.safetensors").model.state_dict()
+    final_split = load_checkpoint(out).model.state_dict()
+    assert all(torch.allclose(final_whole[k], final_split[k], atol=1e-6) for k in final_whole)
+
+
+def test_a_second_ctrl_c_during_the_save_is_ignored(tiny_text_file, tmp_path, monkeypatch):
+    import minigpt.checkpoint as checkpoint_module
+
+    real_write = checkpoint_module.atomic_write_bytes
+
+    def impatient_write(path, data):
+        os.kill(os.getpid(), signal.SIGINT)  # pressed again while the checkpoint is being written
+        real_write(path, data)
+
+    monkeypatch.setattr(checkpoint_module, "atomic_write_bytes", impatient_write)
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(TrainingInterrupted):
+        train(load_corpus(tiny_text_file), CONFIG, out, progress=False, on_step=interrupt_at(5), **TINY_MODEL)
+    assert load_checkpoint(out).step == 5
+
+
+def test_resume_refuses_a_finished_or_stateless_checkpoint(tiny_text_file, tiny_checkpoint, tmp_path):
+    corpus = load_corpus(tiny_text_file)
+    finished = load_checkpoint(tiny_checkpoint).step
+    with pytest.raises(MiniGPTError, match=f"at step {finished} already"):
+        train(corpus, TrainConfig(steps=finished, device="cpu"), tmp_path / "x.safetensors", resume=tiny_checkpoint)
+    from minigpt import save_checkpoint
+
+    stateless = tmp_path / "stateless.safetensors"
+    checkpoint = load_checkpoint(tiny_checkpoint)
+    save_checkpoint(stateless, checkpoint.model, checkpoint.tokenizer, step=3)
+    with pytest.raises(MiniGPTError, match="no optimizer state"):
+        train(corpus, CONFIG, tmp_path / "y.safetensors", resume=stateless)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_text_file, tmp_path, capsys):
+    out = tmp_path / "m.safetensors"
+    flags = ["--data", str(tiny_text_file), "--out", str(out), "--block_size", "16", "--embed_dim", "32",
+             "--num_heads", "2", "--num_layers", "2", "--batch_size", "8", "--eval_interval", "5",
+             "--eval_iters", "1", "--device", "cpu", "--quiet", "--sample_tokens", "0"]
+    assert main(["train", *flags, "--steps", "5"]) == 0
+    good = out.read_bytes()
+    capsys.readouterr()
+    code = main(["train", *flags, "--steps", "40", "--learning_rate", "1e9", "--grad_clip", "0", "--warmup", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert "the loss became" in line and "at step" in line
+    assert out.read_bytes() == good
+
+
+def test_out_of_another_architecture_is_refused_unless_forced(tiny_text_file, tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "other.safetensors"
+    out.write_bytes(tiny_checkpoint.read_bytes())
+    flags = ["--data", str(tiny_text_file), "--out", str(out), "--block_size", "16", "--embed_dim", "64",
+             "--num_heads", "2", "--num_layers", "1", "--steps", "2", "--eval_iters", "1", "--quiet",
+             "--sample_tokens", "0", "--device", "cpu"]
+    assert main(["train", *flags]) == 2
+    assert "different model" in capsys.readouterr().err
+    assert out.read_bytes() == tiny_checkpoint.read_bytes()
+    assert main(["train", *flags, "--force"]) == 0
+    assert load_checkpoint(out).model.config.embed_dim == 64
+
+
+def wait_for(predicate, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_cli_saves_and_exits_on_a_signal(tiny_text_file, tmp_path, signum, code):
+    out = tmp_path / "m.safetensors"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "minigpt", "train", "--data", str(tiny_text_file), "--out", str(out),
+         "--block_size", "16", "--embed_dim", "32", "--num_heads", "2", "--num_layers", "2", "--batch_size", "8",
+         "--steps", "100000", "--eval_interval", "100000", "--quiet", "--device", "cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    assert wait_for(lambda: metrics.exists() and metrics.stat().st_size > 0), "training never started"
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == code, err
+    assert "Resume with: minigpt train --resume" in err and "Traceback" not in err
+    saved = load_checkpoint(out)
+    assert saved.step >= 1 and saved.optimizer_state() is not None
+
+
+def test_a_writer_killed_mid_write_leaves_the_old_file(tmp_path):
+    target = tmp_path / "m.safetensors"
+    target.write_bytes(b"the good old checkpoint")
+    writer = textwrap.dedent(f"""
+        import os, time
+        from minigpt.checkpoint import atomic_write_bytes
+        os.fsync = lambda fd: time.sleep(60)  # a slow disk: the kill lands before the rename
+        atomic_write_bytes({str(target)!r}, b"new" * 5_000_000)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", writer])
+    assert wait_for(lambda: any(p.name.endswith(".tmp") and p.stat().st_size > 0 for p in tmp_path.iterdir()))
+    process.kill()
+    process.wait(timeout=30)
+    assert target.read_bytes() == b"the good old checkpoint"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_with_ddp_on_gloo(tiny_text_file, tmp_path):
+    """torchrun starts two ranks; each saves what it holds, and the checkpoint equals both."""
+    out = tmp_path / "ddp.safetensors"
+    script = tmp_path / "ddp_rank.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys
+        from safetensors.torch import save_file
+        from minigpt.config import TrainConfig
+        from minigpt.data import load_corpus
+        from minigpt.train import train
+
+        config = TrainConfig(batch_size=8, learning_rate=3e-3, steps=12, eval_interval=12, eval_iters=2,
+                             warmup=2, device="cpu")
+        result = train(load_corpus({str(tiny_text_file)!r}), config, {str(out)!r}, progress=False,
+                       block_size=16, embed_dim=32, num_heads=2, num_layers=2)
+        weights = {{k: v.contiguous() for k, v in result.model.state_dict().items() if k != "lm_head.weight"}}
+        save_file(weights, os.path.join({str(tmp_path)!r}, "rank" + os.environ["RANK"] + ".safetensors"))
+        print("losses", [round(r["loss"], 4) for r in result.history], flush=True)
+    """))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+         f"--master_port={free_port()}", str(script)], capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    saved = load_checkpoint(out).model.state_dict()
+    for rank in (0, 1):
+        held = load_file(tmp_path / f"rank{rank}.safetensors")
+        assert all(torch.equal(held[k], saved[k]) for k in held), f"rank {rank} differs from the checkpoint"
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 12  # rank 0 alone logs
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert all(math.isfinite(r["loss"]) for r in records)
+
+
+def test_minigpt_train_runs_under_torchrun(tiny_text_file, tmp_path):
+    out = tmp_path / "m.safetensors"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+         f"--master_port={free_port()}", "-m", "minigpt", "train", "--data", str(tiny_text_file),
+         "--out", str(out), "--block_size", "16", "--embed_dim", "32", "--num_heads", "2", "--num_layers", "1",
+         "--batch_size", "8", "--steps", "6", "--eval_interval", "6", "--eval_iters", "1", "--quiet",
+         "--device", "cpu", "--sample_tokens", "20"], capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "x 2 processes" in result.stderr
+    assert result.stderr.count("trained to step 6") == 1  # rank 0 alone reports
+    assert load_checkpoint(out).step == 6
