@@ -16,6 +16,12 @@ TINY_MODEL = dict(block_size=16, embed_dim=32, num_heads=2, num_layers=2)
 
 
 @pytest.fixture(scope="session")
+def tiny_model():
+    """GPTConfig fields of the tiny model every fast test trains."""
+    return dict(TINY_MODEL)
+
+
+@pytest.fixture(scope="session")
 def tiny_text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "tiny.txt"
     path.write_text(TINY_TEXT, encoding="utf-8")

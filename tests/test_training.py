@@ -21,8 +21,6 @@ from minigpt.data import load_corpus
 from minigpt.errors import MiniGPTError
 from minigpt.train import NonFiniteLoss, TrainingInterrupted, train
 
-from conftest import TINY_MODEL
-
 CONFIG = TrainConfig(batch_size=8, learning_rate=3e-3, steps=24, eval_interval=8, eval_iters=2, warmup=4,
                      device="cpu")
 
@@ -38,21 +36,21 @@ def interrupt_at(step):
     return on_step
 
 
-def test_same_seed_same_run(tiny_text_file, tmp_path):
+def test_same_seed_same_run(tiny_text_file, tmp_path, tiny_model):
     corpus = load_corpus(tiny_text_file)
-    first = train(corpus, CONFIG, tmp_path / "a.safetensors", progress=False, **TINY_MODEL)
-    second = train(corpus, CONFIG, tmp_path / "b.safetensors", progress=False, **TINY_MODEL)
+    first = train(corpus, CONFIG, tmp_path / "a.safetensors", progress=False, **tiny_model)
+    second = train(corpus, CONFIG, tmp_path / "b.safetensors", progress=False, **tiny_model)
     assert losses(first.history) == losses(second.history)
     assert losses(first.history)[-1] < losses(first.history)[0]
 
 
-def test_interrupt_then_resume_equals_one_run(tiny_text_file, tmp_path):
+def test_interrupt_then_resume_equals_one_run(tiny_text_file, tmp_path, tiny_model):
     corpus = load_corpus(tiny_text_file)
-    whole = train(corpus, CONFIG, tmp_path / "whole.safetensors", progress=False, **TINY_MODEL)
+    whole = train(corpus, CONFIG, tmp_path / "whole.safetensors", progress=False, **tiny_model)
 
     out = tmp_path / "split.safetensors"
     with pytest.raises(TrainingInterrupted) as stop:
-        train(corpus, CONFIG, out, progress=False, on_step=interrupt_at(11), **TINY_MODEL)
+        train(corpus, CONFIG, out, progress=False, on_step=interrupt_at(11), **tiny_model)
     assert stop.value.step == 11 and stop.value.signum == signal.SIGINT
     assert load_checkpoint(out).step == 11
     rest = train(corpus, CONFIG, out, progress=False, resume=out)
@@ -64,7 +62,7 @@ def test_interrupt_then_resume_equals_one_run(tiny_text_file, tmp_path):
     assert all(torch.allclose(final_whole[k], final_split[k], atol=1e-6) for k in final_whole)
 
 
-def test_a_second_ctrl_c_during_the_save_is_ignored(tiny_text_file, tmp_path, monkeypatch):
+def test_a_second_ctrl_c_during_the_save_is_ignored(tiny_text_file, tmp_path, monkeypatch, tiny_model):
     import minigpt.checkpoint as checkpoint_module
 
     real_write = checkpoint_module.atomic_write_bytes
@@ -76,7 +74,7 @@ def test_a_second_ctrl_c_during_the_save_is_ignored(tiny_text_file, tmp_path, mo
     monkeypatch.setattr(checkpoint_module, "atomic_write_bytes", impatient_write)
     out = tmp_path / "m.safetensors"
     with pytest.raises(TrainingInterrupted):
-        train(load_corpus(tiny_text_file), CONFIG, out, progress=False, on_step=interrupt_at(5), **TINY_MODEL)
+        train(load_corpus(tiny_text_file), CONFIG, out, progress=False, on_step=interrupt_at(5), **tiny_model)
     assert load_checkpoint(out).step == 5
 
 
