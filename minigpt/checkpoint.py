@@ -163,11 +163,16 @@ def _unwrap(model: torch.nn.Module) -> MiniGPT:
     return model
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """A checkpoint's metadata alone (its config, vocab, step, data...), without reading the weights."""
+    return _read_safetensors(Path(path), with_tensors=False)[1]
+
+
+def _read_safetensors(path: Path, with_tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
+            tensors = {name: f.get_tensor(name) for name in f.keys()} if with_tensors else {}
     except Exception as exc:  # safetensors raises several types for a damaged file
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"{path} is not a readable safetensors checkpoint ({reason}); "

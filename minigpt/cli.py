@@ -107,7 +107,7 @@ def _build_parser() -> argparse.ArgumentParser:
 def _train(args: argparse.Namespace) -> int:
     import os
 
-    from minigpt.checkpoint import check_writable
+    from minigpt.checkpoint import check_writable, load_checkpoint
     from minigpt.config import GPTConfig, TrainConfig
     from minigpt.data import corpus_from_source, load_corpus
     from minigpt.train import TrainingInterrupted, sample_after_training, train
@@ -119,9 +119,7 @@ def _train(args: argparse.Namespace) -> int:
     GPTConfig(vocab_size=1, **model_fields)  # an impossible shape fails before the data loads
     config = TrainConfig(**fields_of(TrainConfig))
     check_writable(args.out)  # before the data loads, not after
-    if args.resume and not args.data:
-        from minigpt.checkpoint import load_checkpoint
-
+    if args.resume and not args.data:  # the data it was trained on; loading also vets the checkpoint
         corpus = corpus_from_source(load_checkpoint(args.resume).metadata.get("data", ""))
     else:
         corpus = load_corpus(args.data)

@@ -145,6 +145,8 @@ def _load_fallback() -> Corpus:
 
 def corpus_from_source(source: str) -> Corpus:
     """Reload the corpus a checkpoint was trained on, from its recorded `source`."""
+    if not source:
+        raise DataError("the checkpoint does not record the data it was trained on; pass it with --data")
     if source == FALLBACK_SOURCE:
         return _load_fallback()
     if source == "/".join(WIKITEXT):

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from minigpt import distributed
-from minigpt.checkpoint import check_writable, load_checkpoint, save_checkpoint
+from minigpt.checkpoint import check_writable, load_checkpoint, read_metadata, save_checkpoint
 from minigpt.config import GPTConfig, TrainConfig
 from minigpt.data import Corpus
 from minigpt.errors import ConfigError, DataError, MiniGPTError
@@ -177,9 +176,8 @@ def check_out_path(out: Path, model_config: GPTConfig, *, force: bool, resume: P
     if force or not out.exists() or (resume is not None and out.resolve() == resume.resolve()):
         return
     try:
-        with safe_open(out, framework="pt") as f:
-            existing = GPTConfig.from_json((f.metadata() or {})["config"])
-    except Exception:  # unreadable, or not a minigpt checkpoint: still not ours to overwrite
+        existing = GPTConfig.from_json(read_metadata(out)["config"])
+    except (MiniGPTError, KeyError):  # unreadable, or not a minigpt checkpoint: still not ours to overwrite
         existing = None
     if existing != model_config:
         what = "a checkpoint of a different model" if existing else "a file that is not a minigpt checkpoint"
