@@ -164,7 +164,7 @@ def _engine_for(args: argparse.Namespace):
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from minigpt.decoding import stream_characters
+    from minigpt.decoding import join_samples, stream_characters
 
     engine, tokenizer = _engine_for(args)
     steps = stream_characters(engine, tokenizer, args.prompt, args.max_new_tokens, num_samples=args.num_samples,
@@ -177,9 +177,8 @@ def _generate(args: argparse.Namespace) -> None:
             sys.stdout.flush()
         sys.stdout.write("\n")
     else:  # a batch finishes together: print each sample whole
-        columns = list(steps)
-        for number, sample in enumerate(zip(*columns) if columns else [()] * args.num_samples, start=1):
-            sys.stdout.write(f"--- sample {number} of {args.num_samples} ---\n{args.prompt}{''.join(sample)}\n")
+        for number, text in enumerate(join_samples(args.prompt, steps, args.num_samples), start=1):
+            sys.stdout.write(f"--- sample {number} of {args.num_samples} ---\n{text}\n")
     elapsed = time.perf_counter() - start
     count = args.num_samples * args.max_new_tokens
     print(f"minigpt: {count} new tokens in {elapsed:.2f} s ({count / max(elapsed, 1e-9):,.0f} tokens/s, "

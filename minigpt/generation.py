@@ -16,6 +16,11 @@ from minigpt.model import MiniGPT
 from minigpt.tokenizer import CharTokenizer
 
 
+def last_position(logits: torch.Tensor) -> np.ndarray:
+    """(B, T, V) logits -> the (B, V) numpy array the sampler reads."""
+    return logits[:, -1].float().cpu().numpy()
+
+
 class RecomputeEngine:
     """The reference: every step runs the model over the whole context again."""
 
@@ -35,7 +40,7 @@ class RecomputeEngine:
 
     @torch.inference_mode()
     def _next_logits(self) -> np.ndarray:
-        return self.model(self.context)[0][:, -1].float().cpu().numpy()
+        return last_position(self.model(self.context)[0])
 
 
 class KVCacheEngine:
@@ -57,14 +62,14 @@ class KVCacheEngine:
             self.step_input = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
         logits, _ = self.model(torch.as_tensor(ids, device=self.device), caches=self.caches, start=0)
         self.length = ids.shape[1]
-        return logits[:, -1].float().cpu().numpy()
+        return last_position(logits)
 
     @torch.inference_mode()
     def decode(self, ids: np.ndarray) -> np.ndarray:
         self.step_input.copy_(torch.from_numpy(ids)[:, None])
         logits, _ = self.model(self.step_input, caches=self.caches, start=self.length)
         self.length += 1
-        return logits[:, -1].float().cpu().numpy()
+        return last_position(logits)
 
 
 def torch_engine(model: MiniGPT, kv_cache: bool = True) -> KVCacheEngine | RecomputeEngine:
