@@ -217,3 +217,14 @@ def test_minigpt_train_runs_under_torchrun(tiny_text_file, tmp_path):
     assert "x 2 processes" in result.stderr
     assert result.stderr.count("trained to step 6") == 1  # rank 0 alone reports
     assert load_checkpoint(out).step == 6
+
+
+def test_resume_says_which_architecture_flags_it_ignores(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "continued.safetensors"
+    step = load_checkpoint(tiny_checkpoint).step
+    assert main(["train", "--resume", str(tiny_checkpoint), "--out", str(out), "--steps", str(step + 2),
+                 "--embed_dim", "64", "--eval_iters", "1", "--quiet", "--sample_tokens", "0", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "ignoring --embed_dim 64" in err
+    continued = load_checkpoint(out)
+    assert continued.step == step + 2 and continued.model.config.embed_dim == 32
