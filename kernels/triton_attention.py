@@ -69,9 +69,10 @@ def _prefill_kernel(Q, K, V, O,
                     stride_kb, stride_kh, stride_kt, stride_kd,
                     stride_vb, stride_vh, stride_vt, stride_vd,
                     stride_ob, stride_oh, stride_ot, stride_od,
-                    num_heads, tq, tk, qk_scale,
+                    num_heads, tq, tk, qk_scale, seq_bucket,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    # seq_bucket (tk rounded up to a power of two) is only the autotuner's key.
     block_m = tl.program_id(0)
     batch, head = tl.program_id(1) // num_heads, tl.program_id(1) % num_heads
     offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -106,7 +107,8 @@ def _prefill_kernel(Q, K, V, O,
 _PREFILL_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                     for m, n, w, s in [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3),
                                        (64, 64, 4, 4), (64, 32, 4, 4), (128, 32, 4, 4)]]
-_prefill_autotuned = triton.autotune(_PREFILL_CONFIGS, key=["tq", "tk", "HEAD_DIM", "PRECISION"])(_prefill_kernel)
+# Tuned once per power-of-two length, not per length: prompts come in every size.
+_prefill_autotuned = triton.autotune(_PREFILL_CONFIGS, key=["seq_bucket", "HEAD_DIM", "PRECISION"])(_prefill_kernel)
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -116,7 +118,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     tk = k.shape[2]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     args = (q, k, v, out, *q.stride(), *k.stride(), *v.stride(), *out.stride(), heads, tq, tk,
-            LOG2E / math.sqrt(head_dim))
+            LOG2E / math.sqrt(head_dim), triton.next_power_of_2(tk))
     meta = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), PRECISION=_precision(q))
     if INTERPRET or block_m is not None:
         block_m, block_n = block_m or 16, block_n or 16
