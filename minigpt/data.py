@@ -31,8 +31,9 @@ class Corpus:
     def split(self, name: str) -> str:
         text = getattr(self, name)
         if not text:
-            raise DataError(f"{self.source} has no {name} split; choose one of "
-                            f"{[s for s in SPLITS if getattr(self, s)]}")
+            present = ", ".join(s for s in SPLITS if getattr(self, s))
+            raise DataError(f"{self.source} has no {name} split (it has: {present}); "
+                            f"use a split it has, or data with a {name} split")
         return text
 
     def all_text(self) -> list[str]:

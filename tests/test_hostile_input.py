@@ -117,6 +117,15 @@ def test_bad_data(tiny_checkpoint, tmp_path, capsys, command, content, fragment)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.txt"]
 
 
+def test_folder_without_the_split_a_command_needs(tiny_checkpoint, tmp_path, capsys):
+    for split in ("valid", "test"):  # like WikiText-2 raw's published valid and test files alone
+        (tmp_path / f"wiki.{split}.raw").write_text("the quick brown fox jumps over the lazy dog. " * 5)
+    assert_one_line_exit_2(capsys, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "m.safetensors"),
+                                    "--quiet"], "has no train split (it has: valid, test)")
+    assert main(["eval", "--checkpoint", str(tiny_checkpoint), "--data", str(tmp_path), "--split", "test"]) == 0
+    assert "test: loss" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("flags,fragment", [
     (["--embed_dim", "0"], "embed_dim must be a positive integer"),
     (["--num_layers", "-2"], "num_layers must be a positive integer"),
