@@ -33,6 +33,11 @@ def graph_metadata(config: GPTConfig, tokenizer: CharTokenizer) -> dict[str, str
     return {"format": "minigpt", "config": config.to_json(), "vocab": tokenizer.to_json()}
 
 
+def _describe(model: str | os.PathLike | bytes) -> str:
+    """How messages name a model given as a path or as serialized bytes."""
+    return "the graph" if isinstance(model, bytes) else str(model)
+
+
 def open_session(model: str | os.PathLike | bytes, threads: int | None = None):
     """An onnxruntime CPU session with every graph optimisation on."""
     import onnxruntime as ort
@@ -45,7 +50,7 @@ def open_session(model: str | os.PathLike | bytes, threads: int | None = None):
         return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
                                     providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises several types for a file that is not a graph
-        name = "the graph" if isinstance(model, bytes) else str(model)
+        name = _describe(model)
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise CheckpointError(f"{name} is not a loadable ONNX model ({reason}); "
                               "export one with `minigpt export --onnx`") from None
@@ -66,7 +71,7 @@ class OnnxEngine:
         self.session = open_session(model, threads)
         metadata = self.session.get_modelmeta().custom_metadata_map
         if "config" not in metadata or "vocab" not in metadata:
-            raise CheckpointError(f"{model if not isinstance(model, bytes) else 'the graph'} has no minigpt "
+            raise CheckpointError(f"{_describe(model)} has no minigpt "
                                   "config/vocab metadata; export it with `minigpt export --onnx`")
         try:
             self.config = GPTConfig.from_json(metadata["config"])

@@ -102,8 +102,7 @@ def quantize_int8(onnx_bytes: bytes) -> bytes:
     with tempfile.TemporaryDirectory() as folder:
         fp32, int8 = Path(folder) / "fp32.onnx", Path(folder) / "int8.onnx"
         fp32.write_bytes(onnx_bytes)
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet():
             # MatMul only: the quantizer would turn the standard Attention node
             # into its own QAttention, which does not take this graph's inputs.
             quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])

@@ -31,9 +31,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backe
         backend = "triton" if _triton_fits(q, k, v) else "torch"
     if backend == "torch":
         return torch_causal_attention(q, k, v)
-    if backend == "triton":
-        return _triton_kernels(q).triton_causal_attention(q, k, v)
-    raise MiniGPTError(f"attention backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    _check_name(backend)
+    return _triton_kernels(q).triton_causal_attention(q, k, v)
 
 
 def torch_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -69,10 +68,14 @@ def causal_mask(tq: int, tk: int, device: torch.device | str | None = None) -> t
 
 def check_backend(backend: str, device: torch.device | str) -> None:
     """Fail early, in one line, when `backend` cannot run on `device`."""
-    if backend not in BACKENDS:
-        raise MiniGPTError(f"attention backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    _check_name(backend)
     if backend == "triton":
         _triton_kernels(torch.empty(0, device=device))
+
+
+def _check_name(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise MiniGPTError(f"attention backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
 
 
 def _triton_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

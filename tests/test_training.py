@@ -14,12 +14,11 @@ import pytest
 import torch
 
 from minigpt import load_checkpoint
-from minigpt.checkpoint import atomic_write_bytes
 from minigpt.cli import main
 from minigpt.config import TrainConfig
 from minigpt.data import load_corpus
 from minigpt.errors import MiniGPTError
-from minigpt.train import NonFiniteLoss, TrainingInterrupted, train
+from minigpt.train import TrainingInterrupted, train
 
 CONFIG = TrainConfig(batch_size=8, learning_rate=3e-3, steps=24, eval_interval=8, eval_iters=2, warmup=4,
                      device="cpu")
