@@ -107,7 +107,7 @@ def _build_parser() -> argparse.ArgumentParser:
 def _train(args: argparse.Namespace) -> int:
     import os
 
-    from minigpt.checkpoint import check_writable, load_checkpoint, read_metadata
+    from minigpt.checkpoint import check_writable, load_checkpoint
     from minigpt.config import GPTConfig, TrainConfig
     from minigpt.data import corpus_from_source, load_corpus
     from minigpt.train import TrainingInterrupted, sample_after_training, train
@@ -119,15 +119,16 @@ def _train(args: argparse.Namespace) -> int:
     GPTConfig(vocab_size=1, **model_fields)  # an impossible shape fails before the data loads
     config = TrainConfig(**fields_of(TrainConfig))
     check_writable(args.out)  # before the data loads, not after
-    if args.resume:  # loading also vets the checkpoint before any data is read
-        resumed = load_checkpoint(args.resume).model.config
+    resumed = load_checkpoint(args.resume) if args.resume else None  # vetted before any data is read
+    if resumed is not None:
         ignored = [f"--{name} {value}" for name, value in model_fields.items()
-                   if value != getattr(resumed, name) and value != GPTConfig.__dataclass_fields__[name].default]
+                   if value != getattr(resumed.model.config, name)
+                   and value != GPTConfig.__dataclass_fields__[name].default]
         if ignored:
             print(f"minigpt: --resume keeps the checkpoint's architecture; ignoring {', '.join(ignored)}",
                   file=sys.stderr)
-    if args.resume and not args.data:  # the data it was trained on
-        corpus = corpus_from_source(read_metadata(args.resume).get("data", ""))
+    if resumed is not None and not args.data:  # the data it was trained on
+        corpus = corpus_from_source(resumed.metadata.get("data", ""))
     else:
         corpus = load_corpus(args.data)
     is_main = int(os.environ.get("RANK", "0")) == 0
