@@ -1,11 +1,13 @@
 """Sampling from an exported graph with onnxruntime: numpy in, numpy out, no torch.
 
-The graph (written by `minigpt.export.onnx_export`) serves prefill and
-decode alike: inputs `input_ids` (batch, seq) and `past.{i}.key` /
-`past.{i}.value` (batch, heads, past, head_dim) for each layer i, outputs
-`logits` (batch, seq, vocab) and `present.{i}.key` / `present.{i}.value`
-(batch, heads, past + seq, head_dim). Its metadata carries the model's
-config and vocabulary, so the .onnx file samples on its own.
+The graph (see `minigpt.export.onnx_graph`) keeps each layer's keys and values
+in preallocated (batch, heads, block_size, head_dim) buffers that this engine
+owns and binds to the session once through IOBinding, as both the `past`
+inputs and the `present` outputs: onnxruntime writes each new position into
+them in place, so a decode step allocates nothing and copies one token.
+
+Its metadata carries the model's config and vocabulary, so the .onnx file
+samples on its own.
 """
 
 from __future__ import annotations
@@ -17,15 +19,14 @@ import numpy as np
 
 from minigpt.config import GPTConfig
 from minigpt.errors import CheckpointError, MiniGPTError
+from minigpt.export.onnx_graph import (INPUT_IDS, LOGITS, POSITION_IDS, SEQLENS_K, TOTAL_LENGTH, cache_names,
+                                       padded_head_dim)
 from minigpt.tokenizer import CharTokenizer
 
-INPUT_IDS = "input_ids"
-LOGITS = "logits"
-
-
-def cache_names(prefix: str, num_layers: int) -> list[str]:
-    """Graph names of every layer's keys and values, in graph order: prefix.0.key, prefix.0.value, ..."""
-    return [f"{prefix}.{layer}.{kind}" for layer in range(num_layers) for kind in ("key", "value")]
+# Measured on 2 cores (bench/README.md): one intra-op thread wins below this
+# many rows per decode step (thread hand-off costs more than the small
+# MatMuls save), two win from it up.
+DEFAULT_THREADS = 1
 
 
 def graph_metadata(config: GPTConfig, tokenizer: CharTokenizer) -> dict[str, str]:
@@ -44,8 +45,8 @@ def open_session(model: str | os.PathLike | bytes, threads: int | None = None):
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        options.intra_op_num_threads = threads
+    options.intra_op_num_threads = threads or DEFAULT_THREADS
+    options.inter_op_num_threads = 1
     try:
         return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
                                     providers=["CPUExecutionProvider"])
@@ -56,15 +57,22 @@ def open_session(model: str | os.PathLike | bytes, threads: int | None = None):
                               "export one with `minigpt export --onnx`") from None
 
 
-class OnnxEngine:
-    """Prefill and decode through onnxruntime, the cache carried from one run to the next.
+def check_threads(threads: int | None) -> None:
+    if threads is not None and (isinstance(threads, bool) or threads < 1):
+        raise MiniGPTError(f"threads must be a positive integer, got {threads}")
 
-    Each step feeds the previous run's present arrays back as its past: they
-    stay in onnxruntime's own buffers (numpy views, no copy), so the only
-    copy per step is the graph's append of the new position.
-    """
+
+def _bind(binding, name: str, array: np.ndarray, output: bool = False) -> None:
+    """Bind `array`'s memory (it must stay alive) as a graph input or output."""
+    bind = binding.bind_output if output else binding.bind_input
+    bind(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+
+
+class OnnxEngine:
+    """Prefill and decode through onnxruntime, rows of a batch at their own lengths (see `minigpt.decoding`)."""
 
     def __init__(self, model: str | os.PathLike | bytes, threads: int | None = None):
+        check_threads(threads)
         if not isinstance(model, bytes) and not Path(model).is_file():
             raise CheckpointError(f"ONNX model not found: {model}; export one with "
                                   "`minigpt export --onnx --checkpoint CKPT`")
@@ -73,6 +81,9 @@ class OnnxEngine:
         if "config" not in metadata or "vocab" not in metadata:
             raise CheckpointError(f"{_describe(model)} has no minigpt "
                                   "config/vocab metadata; export it with `minigpt export --onnx`")
+        if SEQLENS_K not in {i.name for i in self.session.get_inputs()}:
+            raise CheckpointError(f"{_describe(model)} was exported by an older minigpt (its cache is not "
+                                  "updated in place); export it again with `minigpt export --onnx --force`")
         try:
             self.config = GPTConfig.from_json(metadata["config"])
             self.tokenizer = CharTokenizer.from_json(metadata["vocab"])
@@ -80,17 +91,78 @@ class OnnxEngine:
             raise CheckpointError(f"the ONNX model has bad metadata: {exc}") from None
         self.block_size = self.config.block_size
         self.past_names = cache_names("past", self.config.num_layers)
-        self.output_names = [LOGITS, *cache_names("present", self.config.num_layers)]
-        self.past: list[np.ndarray] = []
+        self.present_names = cache_names("present", self.config.num_layers)
+        self.start(1)
 
-    def prefill(self, ids: np.ndarray) -> np.ndarray:
-        empty = np.zeros((ids.shape[0], self.config.num_heads, 0, self.config.head_dim), dtype=np.float32)
-        return self._run(ids, [empty] * len(self.past_names))
+    def start(self, batch_size: int) -> None:
+        """Empty cache buffers for `batch_size` rows, all at length 0 (reused when the size is unchanged)."""
+        if getattr(self, "lengths", None) is not None and len(self.lengths) == batch_size:
+            self.lengths[:] = 0
+            return
+        c = self.config
+        # (layer, key/value, row, head, position, dim): any run of rows of one tensor is one contiguous block.
+        self.cache = np.zeros((c.num_layers, 2, batch_size, c.num_heads, c.block_size,
+                               padded_head_dim(c.head_dim)), dtype=np.float32)
+        self.lengths = np.zeros(batch_size, dtype=np.int32)
+        self._decoders: dict[int, tuple] = {}
+
+    def _bind_cache(self, binding, first_row: int, rows: int) -> None:
+        for names, output in ((self.past_names, False), (self.present_names, True)):
+            for name, layer_kind in zip(names, self.cache.reshape(-1, *self.cache.shape[2:])):
+                _bind(binding, name, layer_kind[first_row:first_row + rows], output)
+
+    def prefill(self, ids: np.ndarray, first_row: int = 0) -> np.ndarray:
+        """Start rows first_row .. first_row + n - 1 afresh from (n, T) ids; return their (n, V) logits."""
+        rows, length = ids.shape
+        self.lengths[first_row:first_row + rows] = 0
+        if length == 0:
+            return np.zeros((rows, self.config.vocab_size), dtype=np.float32)
+        binding = self.session.io_binding()
+        feeds = {INPUT_IDS: np.ascontiguousarray(ids, dtype=np.int64),
+                 POSITION_IDS: np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)).copy(),
+                 SEQLENS_K: np.full(rows, length - 1, dtype=np.int32),
+                 TOTAL_LENGTH: np.array(length, dtype=np.int32)}
+        for name, array in feeds.items():
+            _bind(binding, name, array)
+        self._bind_cache(binding, first_row, rows)
+        logits = np.empty((rows, length, self.config.vocab_size), dtype=np.float32)
+        _bind(binding, LOGITS, logits, output=True)
+        self.session.run_with_iobinding(binding)
+        self.lengths[first_row:first_row + rows] = length
+        return logits[:, -1]
+
+    def _decoder(self, rows: int):
+        """The binding for decoding rows 0 .. rows-1, made once: later steps only rewrite its inputs."""
+        if rows not in self._decoders:
+            binding = self.session.io_binding()
+            ids = np.zeros((rows, 1), dtype=np.int64)
+            # A row's next position is its length so far, which is also GroupQueryAttention's
+            # seqlens_k (total length after this step, minus one): one array serves both.
+            positions = np.zeros((rows, 1), dtype=np.int32)
+            total = np.zeros((), dtype=np.int32)
+            logits = np.zeros((rows, 1, self.config.vocab_size), dtype=np.float32)
+            _bind(binding, INPUT_IDS, ids)
+            _bind(binding, POSITION_IDS, positions)
+            _bind(binding, SEQLENS_K, positions.reshape(rows))
+            _bind(binding, TOTAL_LENGTH, total)
+            self._bind_cache(binding, 0, rows)
+            _bind(binding, LOGITS, logits, output=True)
+            self._decoders[rows] = (binding, ids, positions, total, logits)
+        return self._decoders[rows]
 
     def decode(self, ids: np.ndarray) -> np.ndarray:
-        return self._run(ids[:, None], self.past)
+        """Append one id to each of rows 0 .. n-1, each at its own position; return their (n, V) logits.
 
-    def _run(self, ids: np.ndarray, past: list[np.ndarray]) -> np.ndarray:
-        feeds = {INPUT_IDS: np.ascontiguousarray(ids, dtype=np.int64), **dict(zip(self.past_names, past))}
-        logits, *self.past = self.session.run(self.output_names, feeds)
-        return logits[:, -1]
+        The logits are a view of a buffer the next decode overwrites.
+        """
+        rows = len(ids)
+        binding, step_ids, positions, total, logits = self._decoder(rows)
+        lengths = self.lengths[:rows]
+        if lengths.max() >= self.block_size:
+            raise MiniGPTError(f"a row is full ({self.block_size} positions); prefill it again")
+        step_ids[:, 0] = ids
+        positions[:, 0] = lengths
+        total[()] = lengths.max() + 1
+        self.session.run_with_iobinding(binding)
+        lengths += 1
+        return logits[:, 0]

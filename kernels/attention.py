@@ -1,7 +1,9 @@
 """Causal attention where the queries are the *last* Tq positions of the keys.
 
 One shape covers every use: training and prefill (Tq == Tk), decoding one
-token against a cache (Tq == 1) and chunked prefill (1 < Tq < Tk).
+token against a cache (Tq == 1) and chunked prefill (1 < Tq < Tk). In a
+ragged batch each row has its own number of keys (`key_lengths`): row b's
+keys are its first key_lengths[b] positions and its queries the last Tq of them.
 `causal_attention` dispatches to our Triton kernels on a GPU and to
 PyTorch's `scaled_dot_product_attention` everywhere else.
 """
@@ -19,30 +21,32 @@ from minigpt.errors import MiniGPTError
 BACKENDS = ("auto", "torch", "triton")
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
-    """softmax(q kᵀ / √D) v with query i seeing keys 0 .. i + (Tk - Tq).
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                     key_lengths: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """softmax(q kᵀ / √D) v with query i of row b seeing keys 0 .. i + (Tk_b - Tq).
 
     q: (B, H, Tq, D); k, v: (B, H, Tk, D) with Tk >= Tq, possibly strided
-    views into a cache. Returns (B, H, Tq, D) in q's dtype.
+    views into a cache. key_lengths: (B,) integers <= Tk, each row's own Tk_b
+    (keys past it are ignored); None means every row has all Tk.
+    Returns (B, H, Tq, D) in q's dtype.
     backend: "torch" (SDPA), "triton" (our fused kernels), or "auto": Triton
     for CUDA tensors when no gradient is needed and the shape is supported.
     """
     if backend == "auto":
         backend = "triton" if _triton_fits(q, k, v) else "torch"
     if backend == "torch":
-        return torch_causal_attention(q, k, v)
+        return torch_causal_attention(q, k, v, key_lengths)
     _check_name(backend)
-    return _triton_kernels(q).triton_causal_attention(q, k, v)
+    return _triton_kernels(q).triton_causal_attention(q, k, v, key_lengths)
 
 
-def torch_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def torch_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           key_lengths: torch.Tensor | None = None) -> torch.Tensor:
     tq, tk = q.shape[-2], k.shape[-2]
-    if _in_graph_capture():
-        # An exported graph serves prefill and decode alike, so it keeps the
-        # general offset mask rather than branching on today's shapes.
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(tq, tk, q.device))
     if tk < tq:
         raise ValueError(f"causal_attention needs at least as many keys as queries, got Tq={tq}, Tk={tk}")
+    if key_lengths is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=ragged_causal_mask(tq, tk, key_lengths))
     if tq == tk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if tq == 1:  # the newest position sees every key: no mask at all
@@ -52,18 +56,26 @@ def torch_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(tq, tk, q.device))
 
 
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        key_lengths: torch.Tensor | None = None) -> torch.Tensor:
     """The definition, written out in float64: what every kernel is tested against."""
     q, k, v = q.double(), k.double(), v.double()
+    tq, tk = q.shape[-2], k.shape[-2]
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    scores = scores.masked_fill(~causal_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))
-    return scores.softmax(dim=-1) @ v
+    visible = causal_mask(tq, tk, q.device) if key_lengths is None else ragged_causal_mask(tq, tk, key_lengths)
+    return scores.masked_fill(~visible, float("-inf")).softmax(dim=-1) @ v
 
 
 def causal_mask(tq: int, tk: int, device: torch.device | str | None = None) -> torch.Tensor:
     """Boolean (Tq, Tk) mask, True where query i may attend to key j."""
     query_positions = torch.arange(tk - tq, tk, device=device)
     return torch.arange(tk, device=device)[None, :] <= query_positions[:, None]
+
+
+def ragged_causal_mask(tq: int, tk: int, key_lengths: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, 1, Tq, Tk) mask: row b's query i sits at key_lengths[b] - Tq + i and sees keys up to it."""
+    query_positions = key_lengths.view(-1, 1, 1, 1) - tq + torch.arange(tq, device=key_lengths.device).view(1, 1, -1, 1)
+    return torch.arange(tk, device=key_lengths.device) <= query_positions
 
 
 def check_backend(backend: str, device: torch.device | str) -> None:
@@ -79,7 +91,7 @@ def _check_name(backend: str) -> None:
 
 
 def _triton_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    if not q.is_cuda or _in_graph_capture():
+    if not q.is_cuda:
         return False
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return False  # training keeps PyTorch's differentiable attention
@@ -104,7 +116,3 @@ def _triton_kernels(q: torch.Tensor):
         raise MiniGPTError("Triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run "
                            "on CPU; set it before starting Python, or use --attention torch")
     return triton_attention
-
-
-def _in_graph_capture() -> bool:
-    return torch.compiler.is_exporting() or torch.jit.is_tracing()

@@ -14,7 +14,8 @@ running maximum and sum ("online softmax"), in fp32 whatever the input dtype.
   writes a partial maximum, sum and output; a second kernel merges them.
 
 Inputs are read through their strides, so k and v may be views into a
-preallocated cache. `reference_attention` in `attention.py` is the float64
+preallocated cache. In a ragged batch (RAGGED) each row reads its own key
+count from `key_lengths`, so rows at different lengths share one launch. `reference_attention` in `attention.py` is the float64
 definition both kernels are tested against.
 
 Triton reads TRITON_INTERPRET when a kernel is defined, that is when this
@@ -64,17 +65,19 @@ def _attend_key_block(acc, m_i, l_i, q, k_block_ptrs, v_block_ptrs, start_n, off
 
 
 @triton.jit
-def _prefill_kernel(Q, K, V, O,
+def _prefill_kernel(Q, K, V, O, KeyLengths,
                     stride_qb, stride_qh, stride_qt, stride_qd,
                     stride_kb, stride_kh, stride_kt, stride_kd,
                     stride_vb, stride_vh, stride_vt, stride_vd,
                     stride_ob, stride_oh, stride_ot, stride_od,
                     num_heads, tq, tk, qk_scale, seq_bucket,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, RAGGED: tl.constexpr):
     # seq_bucket (tk rounded up to a power of two) is only the autotuner's key.
     block_m = tl.program_id(0)
     batch, head = tl.program_id(1) // num_heads, tl.program_id(1) % num_heads
+    if RAGGED:  # this row's own number of keys
+        tk = tl.load(KeyLengths + batch)
     offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -108,18 +111,20 @@ _PREFILL_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num
                     for m, n, w, s in [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3),
                                        (64, 64, 4, 4), (64, 32, 4, 4), (128, 32, 4, 4)]]
 # Tuned once per power-of-two length, not per length: prompts come in every size.
-_prefill_autotuned = triton.autotune(_PREFILL_CONFIGS, key=["seq_bucket", "HEAD_DIM", "PRECISION"])(_prefill_kernel)
+_prefill_autotuned = triton.autotune(_PREFILL_CONFIGS, key=["seq_bucket", "HEAD_DIM", "PRECISION", "RAGGED"])(
+    _prefill_kernel)
 
 
-def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-                      block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengths: torch.Tensor | None = None,
+                      *, block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
     """The prefill kernel; block sizes are autotuned on a GPU, small and fixed under the interpreter."""
     batch, heads, tq, head_dim = q.shape
     tk = k.shape[2]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    args = (q, k, v, out, *q.stride(), *k.stride(), *v.stride(), *out.stride(), heads, tq, tk,
-            LOG2E / math.sqrt(head_dim), triton.next_power_of_2(tk))
-    meta = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), PRECISION=_precision(q))
+    args = (q, k, v, out, _lengths_arg(key_lengths, q), *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            heads, tq, tk, LOG2E / math.sqrt(head_dim), triton.next_power_of_2(tk))
+    meta = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), PRECISION=_precision(q),
+                RAGGED=key_lengths is not None)
     if INTERPRET or block_m is not None:
         block_m, block_n = block_m or 16, block_n or 16
         grid = (triton.cdiv(tq, block_m), batch * heads)
@@ -134,16 +139,19 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 
 
 @triton.jit
-def _decode_partial_kernel(Q, K, V, PartialO, PartialM, PartialL,
+def _decode_partial_kernel(Q, K, V, KeyLengths, PartialO, PartialM, PartialL,
                            stride_qb, stride_qh, stride_qt, stride_qd,
                            stride_kb, stride_kh, stride_kt, stride_kd,
                            stride_vb, stride_vh, stride_vt, stride_vd,
                            num_heads, tq, tk, qk_scale, keys_per_split, num_splits,
-                           HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                           HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                           RAGGED: tl.constexpr):
     """One query row against one slice of the keys: a partial maximum, sum and output."""
     row, split = tl.program_id(0), tl.program_id(1)  # row runs over batch · head · query
     query = row % tq
     batch, head = (row // tq) // num_heads, (row // tq) % num_heads
+    if RAGGED:  # this row's own number of keys; splits past it store an empty partial
+        tk = tl.load(KeyLengths + batch)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
@@ -200,8 +208,8 @@ def _decode_merge_kernel(PartialO, PartialM, PartialL, O,
              out.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-                     num_splits: int | None = None, block_n: int | None = None) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengths: torch.Tensor | None = None,
+                     *, num_splits: int | None = None, block_n: int | None = None) -> torch.Tensor:
     """The split-KV decode kernels: partial results per key slice, then one merge per query row."""
     batch, heads, tq, head_dim = q.shape
     tk = k.shape[2]
@@ -217,9 +225,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     partial_l = torch.empty((rows, num_splits), dtype=torch.float32, device=q.device)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     _decode_partial_kernel[(rows, num_splits)](
-        q, k, v, partial_o, partial_m, partial_l, *q.stride(), *k.stride(), *v.stride(),
-        heads, tq, tk, LOG2E / math.sqrt(head_dim), keys_per_split, num_splits,
-        HEAD_DIM=head_dim, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4)
+        q, k, v, _lengths_arg(key_lengths, q), partial_o, partial_m, partial_l, *q.stride(), *k.stride(),
+        *v.stride(), heads, tq, tk, LOG2E / math.sqrt(head_dim), keys_per_split, num_splits,
+        HEAD_DIM=head_dim, BLOCK_N=block_n, BLOCK_D=block_d, RAGGED=key_lengths is not None, num_warps=4)
     _decode_merge_kernel[(rows,)](
         partial_o, partial_m, partial_l, out, *out.stride(), heads, tq, num_splits,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits))
@@ -248,7 +256,13 @@ def _precision(q: torch.Tensor) -> str:
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
-def triton_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _lengths_arg(key_lengths: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
+    """Per-row key counts as the kernels read them (int32); q stands in when there are none (never read)."""
+    return q if key_lengths is None else key_lengths.to(device=q.device, dtype=torch.int32)
+
+
+def triton_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            key_lengths: torch.Tensor | None = None) -> torch.Tensor:
     if q.shape[2] <= DECODE_MAX_QUERIES:
-        return decode_attention(q, k, v)
-    return prefill_attention(q, k, v)
+        return decode_attention(q, k, v, key_lengths)
+    return prefill_attention(q, k, v, key_lengths)

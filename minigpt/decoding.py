@@ -1,22 +1,26 @@
 """The decoding loop every engine shares, in numpy alone (no torch import).
 
 An engine turns token ids into next-token logits in two steps, as inference
-servers do: `prefill` starts sequences from a prompt, `decode` extends every
-sequence by one token. The loop here (with its policy past the block size)
-and the `Sampler` are the same for every engine, so engines can only differ
-in the logits they compute, and they agree token for token.
+servers do: `prefill` starts rows of a batch from their prompts, `decode`
+extends every row by one token. Rows are independent sequences, each at its
+own length (a ragged batch): a row can be prefilled while the others keep
+their caches, which is how sequences join a running batch. The loop here
+(with its policy past the block size) and the `Sampler` are the same for
+every engine, so engines can only differ in the logits they compute, and
+they agree token for token.
 
 Past the block size: learned positions stop at block_size, and a cache of
 keys computed at positions 0..block_size-1 cannot slide (every key would
-need its position changed). So when the context is full, the next step
-re-prefills from the most recent `block_size // 2` tokens and decoding
-carries on from there: one prefill of half a block every half block, instead
-of a full recompute every step.
+need its position changed). So when a row's context is full, that row alone
+restarts from its most recent `block_size // 2` tokens: all but the newest
+are prefilled into the row, and the newest joins the batch's next decode
+step like any other row's. One prefill of half a block every half block,
+instead of a full recompute every step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -31,38 +35,70 @@ EMPTY_PROMPT = "\n"  # what an empty prompt starts from: the start of a new line
 class Engine(Protocol):
     block_size: int
 
-    def prefill(self, ids: np.ndarray) -> np.ndarray:
-        """Start new sequences from (B, T) ids, T <= block_size; return (B, V) next-token logits."""
+    def start(self, batch_size: int) -> None:
+        """Make room for `batch_size` rows, all empty."""
+
+    def prefill(self, ids: np.ndarray, first_row: int = 0) -> np.ndarray:
+        """Restart rows first_row .. first_row+n-1 from (n, T) ids, 0 <= T <= block_size; return (n, V)
+        next-token logits (T = 0 empties the rows and returns nothing useful)."""
 
     def decode(self, ids: np.ndarray) -> np.ndarray:
-        """Append (B,) ids to the sequences; return (B, V) next-token logits."""
+        """Append (n,) ids to rows 0 .. n-1, each at its own position; return (n, V) next-token logits,
+        valid until the next call."""
 
 
 def generate_tokens(engine: Engine, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler,
                     num_samples: int = 1) -> Iterator[np.ndarray]:
     """Yield the (num_samples,) ids chosen at each step, all samples decoded as one batch."""
     check_lengths(max_new_tokens, num_samples)
+    return generate_rows(engine, [prompt_ids] * num_samples, max_new_tokens, sampler)
+
+
+def generate_rows(engine: Engine, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                  sampler: Sampler) -> Iterator[np.ndarray]:
+    """Yield the (rows,) ids chosen at each step for a batch of prompts of any lengths (one row each)."""
+    check_lengths(max_new_tokens, len(prompts))
+    if any(len(prompt) == 0 for prompt in prompts):
+        raise MiniGPTError("every prompt needs at least one token")
+    return _decode(engine, prompts, max_new_tokens, sampler)
+
+
+def _decode(engine: Engine, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+            sampler: Sampler) -> Iterator[np.ndarray]:
     if max_new_tokens == 0:
         return
-    block, keep = engine.block_size, max(1, engine.block_size // 2)
-    tokens = np.empty((num_samples, len(prompt_ids) + max_new_tokens), dtype=np.int64)
-    tokens[:, :len(prompt_ids)] = prompt_ids
-    length = len(prompt_ids)
-    context = min(length, block)  # a long prompt is read through its last block_size tokens
-    logits = engine.prefill(tokens[:, length - context:length])
+    rows, block, keep = len(prompts), engine.block_size, max(1, engine.block_size // 2)
+    lengths = np.array([len(prompt) for prompt in prompts])
+    tokens = np.zeros((rows, lengths.max() + max_new_tokens), dtype=np.int64)
+    for row, prompt in enumerate(prompts):
+        tokens[row, :len(prompt)] = prompt
+    context = np.minimum(lengths, block)  # a long prompt is read through its last block_size tokens
+    engine.start(rows)
+    # Rows of one length prefill together (all of them, when the prompts are alike).
+    logits = np.concatenate([engine.prefill(tokens[first:first + count, lengths[first] - context[first]:lengths[first]],
+                                            first) for first, count in runs_of_equal(lengths)])
+    every_row = np.arange(rows)
     for step in range(max_new_tokens):
         next_ids = sampler(logits)
-        tokens[:, length] = next_ids
-        length += 1
+        tokens[every_row, lengths] = next_ids
+        lengths += 1
         yield next_ids
         if step + 1 == max_new_tokens:
             break
-        if context == block:  # full: restart from the most recent tokens (see the module's docstring)
-            context = keep
-            logits = engine.prefill(tokens[:, length - keep:length])
-        else:
-            context += 1
-            logits = engine.decode(next_ids)
+        for row in np.flatnonzero(context == block):  # full: restart (see the module's docstring)
+            engine.prefill(tokens[row:row + 1, lengths[row] - keep:lengths[row] - 1], row)
+            context[row] = keep - 1
+        context += 1
+        logits = engine.decode(next_ids)
+
+
+def runs_of_equal(values: np.ndarray) -> Iterator[tuple[int, int]]:
+    """(first, count) of each run of equal neighbouring values."""
+    first = 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[first]:
+            yield first, i - first
+            first = i
 
 
 def check_lengths(max_new_tokens: int, num_samples: int) -> None:

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from minigpt.decoding import join_samples, stream_characters
-from minigpt.model import MiniGPT
+from minigpt.decoding import join_samples, runs_of_equal, stream_characters
+from minigpt.model import KVCache, MiniGPT
 from minigpt.tokenizer import CharTokenizer
 
 
@@ -22,53 +22,66 @@ def last_position(logits: torch.Tensor) -> np.ndarray:
 
 
 class RecomputeEngine:
-    """The reference: every step runs the model over the whole context again."""
+    """The reference: every step runs the model over each row's whole context again."""
 
     def __init__(self, model: MiniGPT):
         self.model = model
         self.block_size = model.config.block_size
         self.device = model.tok_emb.weight.device
-        self.context: torch.Tensor | None = None
+        self.contexts: list[np.ndarray] = []
 
-    def prefill(self, ids: np.ndarray) -> np.ndarray:
-        self.context = torch.as_tensor(ids, device=self.device)
-        return self._next_logits()
+    def start(self, batch_size: int) -> None:
+        self.contexts = [np.zeros(0, dtype=np.int64)] * batch_size
+
+    def prefill(self, ids: np.ndarray, first_row: int = 0) -> np.ndarray:
+        self.contexts[first_row:first_row + len(ids)] = list(np.asarray(ids, dtype=np.int64))
+        return self._next_logits(range(first_row, first_row + len(ids)))
 
     def decode(self, ids: np.ndarray) -> np.ndarray:
-        self.context = torch.cat([self.context, torch.as_tensor(ids, device=self.device)[:, None]], dim=1)
-        return self._next_logits()
+        self.contexts[:len(ids)] = [np.append(context, i) for context, i in zip(self.contexts, ids)]
+        return self._next_logits(range(len(ids)))
 
     @torch.inference_mode()
-    def _next_logits(self) -> np.ndarray:
-        return last_position(self.model(self.context)[0])
+    def _next_logits(self, rows: range) -> np.ndarray:
+        lengths = np.array([len(self.contexts[row]) for row in rows])
+        out = np.zeros((len(rows), self.model.config.vocab_size), dtype=np.float32)
+        for first, count in runs_of_equal(lengths):  # rows of one length run as one batch
+            if lengths[first]:
+                batch = np.stack(self.contexts[rows[first]:rows[first] + count])
+                out[first:first + count] = last_position(self.model(torch.as_tensor(batch, device=self.device))[0])
+        return out
 
 
 class KVCacheEngine:
-    """Keys and values of earlier positions stay in a static cache: each step computes one position."""
+    """Keys and values of earlier positions stay in a static cache: each step computes one position per row."""
 
     def __init__(self, model: MiniGPT):
         self.model = model
         self.block_size = model.config.block_size
         self.device = model.tok_emb.weight.device
-        self.caches = None
-        self.length = 0
+        self.cache: KVCache | None = None
         self.step_input: torch.Tensor | None = None  # reused (B, 1) buffer for decode
 
+    def start(self, batch_size: int) -> None:
+        if self.cache is None or self.cache.batch_size != batch_size:
+            self.cache = self.model.make_cache(batch_size)
+            self.step_input = torch.zeros((batch_size, 1), dtype=torch.long, device=self.device)
+        self.cache.lengths[:] = 0
+
     @torch.inference_mode()
-    def prefill(self, ids: np.ndarray) -> np.ndarray:
-        batch = ids.shape[0]
-        if self.caches is None or self.caches[0].batch_size != batch:
-            self.caches = self.model.make_caches(batch)
-            self.step_input = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
-        logits, _ = self.model(torch.as_tensor(ids, device=self.device), caches=self.caches, start=0)
-        self.length = ids.shape[1]
+    def prefill(self, ids: np.ndarray, first_row: int = 0) -> np.ndarray:
+        rows = self.cache.rows(first_row, len(ids))
+        rows.lengths[:] = 0
+        if ids.shape[1] == 0:
+            return np.zeros((len(ids), self.model.config.vocab_size), dtype=np.float32)
+        logits, _ = self.model(torch.as_tensor(ids, device=self.device), cache=rows)
         return last_position(logits)
 
     @torch.inference_mode()
     def decode(self, ids: np.ndarray) -> np.ndarray:
-        self.step_input.copy_(torch.from_numpy(ids)[:, None])
-        logits, _ = self.model(self.step_input, caches=self.caches, start=self.length)
-        self.length += 1
+        step_input = self.step_input[:len(ids)]
+        step_input.copy_(torch.from_numpy(ids)[:, None])
+        logits, _ = self.model(step_input, cache=self.cache.rows(0, len(ids)))
         return last_position(logits)
 
 

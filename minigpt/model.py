@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -25,39 +26,74 @@ def dropout_layer(p: float) -> nn.Module:
 
 
 class KVCache:
-    """One layer's keys and values, preallocated for block_size positions.
+    """Every layer's keys and values for a batch of rows, preallocated for block_size positions.
 
-    New entries are written in place and attention reads a view of the filled
-    prefix, so a decode step allocates nothing and copies only the new token.
-    Keys and values sit side by side in one tensor, so one copy stores both.
+    kv is (layers, 2, batch, heads, block_size, head_dim); `lengths` (host
+    numpy) says how many positions each row holds, so rows may sit at
+    different lengths (a ragged batch). New entries are written in place and
+    attention reads a view of the filled prefix: a decode step allocates no
+    cache and copies only the new token. Keys and values sit side by side, so
+    one copy stores both.
     """
 
-    def __init__(self, batch_size: int, config: GPTConfig, dtype: torch.dtype, device: torch.device):
-        self.batch_size = batch_size
-        self.kv = torch.zeros((2, batch_size, config.num_heads, config.block_size, config.head_dim),
-                              dtype=dtype, device=device)
+    def __init__(self, kv: torch.Tensor, lengths: np.ndarray):
+        self.kv, self.lengths = kv, lengths
 
-    def update(self, start: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store kv (2, B, H, T, D) at positions start .. start+T-1; return keys and values 0 .. start+T-1."""
-        self.kv.narrow(3, start, kv.shape[3]).copy_(kv)
-        return self.kv.narrow(3, 0, start + kv.shape[3]).unbind(0)
+    @classmethod
+    def empty(cls, config: GPTConfig, batch_size: int, dtype: torch.dtype, device: torch.device) -> "KVCache":
+        kv = torch.zeros((config.num_layers, 2, batch_size, config.num_heads, config.block_size, config.head_dim),
+                         dtype=dtype, device=device)
+        return cls(kv, np.zeros(batch_size, dtype=np.int64))
+
+    @property
+    def batch_size(self) -> int:
+        return self.kv.shape[2]
+
+    def rows(self, first: int, count: int) -> "KVCache":
+        """Rows first .. first+count-1 as a cache of their own (a view: writes land here)."""
+        if first == 0 and count == self.batch_size:
+            return self
+        return KVCache(self.kv.narrow(2, first, count), self.lengths[first:first + count])
+
+    def step(self, seq: int) -> "CacheStep":
+        return CacheStep(self, seq)
 
 
-class GraphKVCache:
-    """The cache as an exported graph sees it: past keys and values in, present ones out.
+class CacheStep:
+    """One forward pass's view of a KVCache: where each row writes its `seq` new positions.
 
-    A graph keeps no state between runs, so the past keys and values arrive
-    as inputs (B, H, P, D) and the present ones (B, H, P+T, D) leave as outputs.
+    When every row starts at the same position (always in training-style
+    prefill, and in batches that started together) the writes are one slice
+    copy and attention needs no mask; otherwise each row writes at its own
+    position and attention is told each row's length.
     """
 
-    def __init__(self, past_keys: torch.Tensor, past_values: torch.Tensor):
-        self.past_keys, self.past_values = past_keys, past_values
-        self.present: tuple[torch.Tensor, torch.Tensor] | None = None
+    def __init__(self, cache: KVCache, seq: int):
+        self.cache, self.seq = cache, seq
+        first, last = int(cache.lengths.min()), int(cache.lengths.max())
+        self.end = last + seq  # keys attention reads: 0 .. end-1
+        self.start = first if first == last else None  # the shared start, if there is one
+        # Only for ragged rows: each row's positions (B, T), its key count after this step, and
+        # the scatter index that writes its keys and values there.
+        self.positions = self.key_lengths = self.write_index = None
+        if self.start is None:
+            starts = torch.from_numpy(cache.lengths).to(cache.kv.device)
+            self.positions = starts[:, None] + torch.arange(seq, device=starts.device)
+            self.key_lengths = starts + seq
+            _, _, batch, heads, _, head_dim = cache.kv.shape
+            self.write_index = self.positions.view(1, batch, 1, seq, 1).expand(2, batch, heads, seq, head_dim)
 
-    def update(self, start: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = kv.unbind(0)
-        self.present = (torch.cat([self.past_keys, keys], dim=2), torch.cat([self.past_values, values], dim=2))
-        return self.present
+    def update(self, layer: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store kv (2, B, H, T, D) at each row's next positions; return keys and values 0 .. end-1."""
+        cache = self.cache.kv[layer]
+        if self.start is not None:
+            cache.narrow(3, self.start, self.seq).copy_(kv)
+        else:
+            cache.scatter_(3, self.write_index, kv)
+        return cache.narrow(3, 0, self.end).unbind(0)
+
+    def finish(self) -> None:
+        self.cache.lengths += self.seq
 
 
 class CausalSelfAttention(nn.Module):
@@ -71,16 +107,16 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = dropout_layer(config.dropout)
         self.attention_backend = "auto"  # see minigpt.kernels.causal_attention
 
-    def forward(self, x: torch.Tensor, cache: KVCache | GraphKVCache | None = None,
-                start: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: CacheStep | None = None, layer: int = 0) -> torch.Tensor:
         batch, seq, embed = x.shape
         # (B, T, 3E) -> (3, B, H, T, D): each head attends in its own subspace.
         qkv = self.qkv(x).view(batch, seq, 3, self.num_heads, embed // self.num_heads).permute(2, 0, 3, 1, 4)
         q, kv = qkv[0], qkv[1:]
-        if cache is not None:  # attend to every earlier position, not only this call's
-            kv = cache.update(start, kv)
+        key_lengths = None
+        if step is not None:  # attend to every earlier position, not only this call's
+            kv, key_lengths = step.update(layer, kv), step.key_lengths
         k, v = kv
-        y = causal_attention(q, k, v, backend=self.attention_backend)
+        y = causal_attention(q, k, v, key_lengths=key_lengths, backend=self.attention_backend)
         y = y.transpose(1, 2).reshape(batch, seq, embed)  # heads side by side again
         return self.resid_dropout(self.proj(y))
 
@@ -109,9 +145,8 @@ class Block(nn.Module):
         self.ln_mlp = nn.LayerNorm(config.embed_dim)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | GraphKVCache | None = None,
-                start: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_attn(x), cache, start)
+    def forward(self, x: torch.Tensor, step: CacheStep | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_attn(x), step, layer)
         return x + self.mlp(self.ln_mlp(x))
 
 
@@ -153,28 +188,37 @@ class MiniGPT(nn.Module):
             block.attn.attention_backend = backend
         return self
 
-    def make_caches(self, batch_size: int) -> list[KVCache]:
-        """One empty KVCache per layer, in the model's dtype and on its device."""
+    def make_cache(self, batch_size: int) -> KVCache:
+        """An empty KVCache for `batch_size` rows, in the model's dtype and on its device."""
         weight = self.tok_emb.weight
-        return [KVCache(batch_size, self.config, weight.dtype, weight.device) for _ in self.blocks]
+        return KVCache.empty(self.config, batch_size, weight.dtype, weight.device)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-                caches: list[KVCache] | list[GraphKVCache] | None = None, start: int = 0):
-        """idx: (B, T) token ids at positions start .. start+T-1. Returns (logits (B, T, V), loss or None).
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache: KVCache | None = None):
+        """idx: (B, T) token ids. Returns (logits (B, T, V), loss or None).
 
-        Without caches the sequence starts at position 0. With caches (from
-        `make_caches`), positions 0 .. start-1 are read from them and this
-        call's keys and values are added: prefill passes start=0 and the
-        prompt, decode passes the position of one new token.
+        Without a cache every row starts at position 0. With one (from
+        `make_cache`), row b's ids sit at positions cache.lengths[b] onwards:
+        they attend to the keys and values the cache holds for that row, and
+        theirs are added to it. Prefill passes an empty cache (or rows of one)
+        and the prompt; decode passes one new token per row.
         With targets (B, T), the loss is the mean next-token cross-entropy in nats.
         """
         seq = idx.shape[1]
-        if start + seq > self.config.block_size:
-            raise ValueError(f"positions up to {start + seq} exceed block_size {self.config.block_size}")
-        # A slice of the table, not a lookup: no index tensor to build each step.
-        x = self.dropout(self.tok_emb(idx) + self.pos_emb.weight[start:start + seq])
-        for i, block in enumerate(self.blocks):
-            x = block(x, caches[i] if caches is not None else None, start)
+        step = cache.step(seq) if cache is not None else None
+        end = step.end if step is not None else seq
+        if end > self.config.block_size:
+            raise ValueError(f"positions up to {end} exceed block_size {self.config.block_size}")
+        if step is None or step.start is not None:
+            # A slice of the table, not a lookup: no index tensor to build each step.
+            start = step.start if step is not None else 0
+            positions = self.pos_emb.weight[start:start + seq]
+        else:
+            positions = self.pos_emb(step.positions)
+        x = self.dropout(self.tok_emb(idx) + positions)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, step, layer)
+        if step is not None:
+            step.finish()
         logits = self.lm_head(self.ln_final(x))
         loss = None
         if targets is not None:

@@ -41,6 +41,8 @@ def test_batched_rows_decode_independently_and_match_recompute():
     model = random_model()
     rows = np.random.default_rng(0).integers(0, 13, size=(3, 5))
     cached, reference = KVCacheEngine(model), RecomputeEngine(model)
+    cached.start(3)
+    reference.start(3)
     logits_c, logits_r = cached.prefill(rows), reference.prefill(rows)
     for _ in range(12 - 5):
         np.testing.assert_allclose(logits_c, logits_r, atol=1e-4, rtol=1e-4)
@@ -48,7 +50,9 @@ def test_batched_rows_decode_independently_and_match_recompute():
         assert np.array_equal(logits_c.argmax(-1), next_ids)
         logits_c, logits_r = cached.decode(next_ids), reference.decode(next_ids)
     # each row is its own sequence: row 1 run alone gives row 1's logits
-    alone = RecomputeEngine(model).prefill(reference.context[1:2].numpy())
+    alone_engine = RecomputeEngine(model)
+    alone_engine.start(1)
+    alone = alone_engine.prefill(reference.contexts[1][None])
     np.testing.assert_allclose(alone[0], logits_r[1], atol=1e-4, rtol=1e-4)
 
 

@@ -69,14 +69,19 @@ def test_metadata_round_trip(tiny_checkpoint, exported):
         assert engine.tokenizer == checkpoint.tokenizer
 
 
-def test_graph_takes_any_batch_and_past_length(exported):
+def test_graph_takes_any_batch_and_writes_the_cache_in_place(exported):
     engine = OnnxEngine(exported["fp32"])
     for batch in (1, 2, 5):
-        logits = engine.prefill(np.zeros((batch, 1), dtype=np.int64))  # past length 0
+        engine.start(batch)
+        cache = engine.cache
+        logits = engine.prefill(np.zeros((batch, 1), dtype=np.int64))
         assert logits.shape == (batch, engine.config.vocab_size)
         for _ in range(3):
             logits = engine.decode(logits.argmax(-1))
-        assert engine.past[0].shape == (batch, engine.config.num_heads, 4, engine.config.head_dim)
+        assert engine.cache is cache  # the same buffers, written by onnxruntime
+        assert list(engine.lengths) == [4] * batch
+        written = np.abs(cache).sum(axis=(0, 1, 3, 5))  # (rows, positions)
+        assert (written[:, :4] > 0).all() and (written[:, 4:] == 0).all()
 
 
 def test_int8_model_generates_valid_text(exported, capsys):

@@ -1,0 +1,145 @@
+"""MiniGPT's weights laid out as a lean ONNX decoding graph, with the KV-cache updated in place.
+
+This is a converter, as CTranslate2 has one: it walks the model's modules in
+order and emits, for each, the onnxruntime operator that does its job in one
+node. `verify_graph` in `onnx_export` then holds the result to PyTorch (logits
+and greedy tokens) before anything is written, so the two cannot drift apart.
+
+One block becomes nine nodes:
+
+    SkipLayerNormalization   residual + previous output (+ its bias), then ln_attn
+    MatMul, Add              the QKV projection
+    GroupQueryAttention      writes this step's keys/values into the cache, attends
+    MatMul                   attention output projection
+    SkipLayerNormalization   residual + projection + bias, then ln_mlp
+    MatMul, FastGelu         fc, its bias and the tanh GELU in one node
+    MatMul                   MLP output projection (its bias joins the next SkipLayerNorm)
+
+Why GroupQueryAttention (com.microsoft): given the same buffer as past and
+present (bound through IOBinding), it writes the new positions into that
+buffer and attends over each row's own length (`seqlens_k`), so a decode step
+allocates no cache and copies only the new token, and rows of a batch may sit
+at different lengths. The standard opset-23 `Attention` returns
+`Concat(past, new)`, a copy of the whole cache every step; MultiHeadAttention
+shares buffers only on CUDA. No mask is built in the graph at all.
+
+Graph inputs: `input_ids` (batch, seq) int64, `position_ids` (batch, seq)
+int32, `seqlens_k` (batch,) int32 (each row's total length after this run,
+minus one), `total_sequence_length` () int32, and `past.{i}.key/value`
+(batch, heads, max_positions, head_dim_padded). Outputs: `logits`
+(batch, seq, vocab) and `present.{i}.key/value`, the same buffers.
+
+GroupQueryAttention wants a head size that is a multiple of 8: other head
+sizes are padded with zero weights (zeros add nothing to q·k, and the padded
+output columns meet zero rows of the projection), and the softmax scale keeps
+the true head size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from minigpt.config import GPTConfig
+
+INPUT_IDS = "input_ids"
+POSITION_IDS = "position_ids"
+SEQLENS_K = "seqlens_k"
+TOTAL_LENGTH = "total_sequence_length"
+LOGITS = "logits"
+MS_DOMAIN = "com.microsoft"
+LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which MiniGPT uses
+DEFAULT_OPSET = 17
+MIN_OPSET = 13  # Gather, MatMul and Add as this graph uses them
+
+
+def cache_names(prefix: str, num_layers: int) -> list[str]:
+    """Graph names of every layer's keys and values, in graph order: prefix.0.key, prefix.0.value, ..."""
+    return [f"{prefix}.{layer}.{kind}" for layer in range(num_layers) for kind in ("key", "value")]
+
+
+def padded_head_dim(head_dim: int) -> int:
+    return -(-head_dim // 8) * 8
+
+
+def _pad_heads(weight: np.ndarray, heads: int, head_dim: int, axis: int) -> np.ndarray:
+    """Zero-pad each head's slice of `axis` from head_dim to padded_head_dim(head_dim)."""
+    padded = padded_head_dim(head_dim)
+    if padded == head_dim:
+        return weight
+    shape = list(weight.shape)
+    split = shape[:axis] + [-1, heads, head_dim] + shape[axis + 1:]  # -1: the q/k/v index, or 1
+    grown = np.zeros(shape[:axis] + [shape[axis] // head_dim * padded] + shape[axis + 1:], weight.dtype)
+    view = grown.reshape(shape[:axis] + [-1, heads, padded] + shape[axis + 1:])
+    view[(slice(None),) * (axis + 2) + (slice(0, head_dim),)] = weight.reshape(split)
+    return grown
+
+
+def build_graph(weights: dict[str, np.ndarray], config: GPTConfig, opset: int = DEFAULT_OPSET):
+    """An onnx.ModelProto for MiniGPT weights given as a name -> float32 array dict (its state_dict)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    heads, head_dim, layers = config.num_heads, config.head_dim, config.num_layers
+    padded = padded_head_dim(head_dim)
+    initializers, nodes = [], []
+
+    def weight(name: str, array: np.ndarray) -> str:
+        initializers.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=np.float32), name))
+        return name
+
+    def node(op: str, inputs: list[str], outputs: list[str], domain: str = "", **attributes) -> None:
+        nodes.append(helper.make_node(op, inputs, outputs, name=f"{op}_{len(nodes)}", domain=domain, **attributes))
+
+    def skip_layer_norm(x: str, skip: str, norm: str, bias: str | None, out: str, residual_out: str = "") -> None:
+        """out = LayerNorm(x + skip + bias); residual_out (if named) = x + skip + bias."""
+        inputs = [x, skip, weight(f"{norm}.weight", weights[f"{norm}.weight"]),
+                  weight(f"{norm}.bias", weights[f"{norm}.bias"])] + ([bias] if bias else [])
+        node("SkipLayerNormalization", inputs, [out, "", "", residual_out] if residual_out else [out],
+             domain=MS_DOMAIN, epsilon=LAYER_NORM_EPS)
+
+    tok = weights["tok_emb.weight"]
+    node("Gather", [weight("tok_emb.weight", tok), INPUT_IDS], ["tokens"])
+    node("Gather", [weight("pos_emb.weight", weights["pos_emb.weight"]), POSITION_IDS], ["positions"])
+    residual, branch, branch_bias = "tokens", "positions", None
+    for i in range(layers):
+        p = f"blocks.{i}"
+        skip_layer_norm(residual, branch, f"{p}.ln_attn", branch_bias, f"{p}.attn_in", f"{p}.residual_attn")
+        qkv_weight = _pad_heads(weights[f"{p}.attn.qkv.weight"], heads, head_dim, axis=0).T
+        qkv_bias = _pad_heads(weights[f"{p}.attn.qkv.bias"], heads, head_dim, axis=0)
+        node("MatMul", [f"{p}.attn_in", weight(f"{p}.attn.qkv.weight", qkv_weight)], [f"{p}.qkv_nobias"])
+        node("Add", [f"{p}.qkv_nobias", weight(f"{p}.attn.qkv.bias", qkv_bias)], [f"{p}.qkv"])
+        node("GroupQueryAttention",
+             [f"{p}.qkv", "", "", f"past.{i}.key", f"past.{i}.value", SEQLENS_K, TOTAL_LENGTH],
+             [f"{p}.attn_heads", f"present.{i}.key", f"present.{i}.value"], domain=MS_DOMAIN,
+             num_heads=heads, kv_num_heads=heads, scale=1.0 / math.sqrt(head_dim))
+        proj_weight = _pad_heads(weights[f"{p}.attn.proj.weight"], heads, head_dim, axis=1).T
+        node("MatMul", [f"{p}.attn_heads", weight(f"{p}.attn.proj.weight", proj_weight)], [f"{p}.attn_out"])
+        skip_layer_norm(f"{p}.residual_attn", f"{p}.attn_out", f"{p}.ln_mlp",
+                        weight(f"{p}.attn.proj.bias", weights[f"{p}.attn.proj.bias"]),
+                        f"{p}.mlp_in", f"{p}.residual_mlp")
+        node("MatMul", [f"{p}.mlp_in", weight(f"{p}.mlp.fc.weight", weights[f"{p}.mlp.fc.weight"].T)], [f"{p}.fc"])
+        node("FastGelu", [f"{p}.fc", weight(f"{p}.mlp.fc.bias", weights[f"{p}.mlp.fc.bias"])], [f"{p}.gelu"],
+             domain=MS_DOMAIN)
+        node("MatMul", [f"{p}.gelu", weight(f"{p}.mlp.proj.weight", weights[f"{p}.mlp.proj.weight"].T)],
+             [f"{p}.mlp_out"])
+        residual, branch = f"{p}.residual_mlp", f"{p}.mlp_out"
+        branch_bias = weight(f"{p}.mlp.proj.bias", weights[f"{p}.mlp.proj.bias"])
+    skip_layer_norm(residual, branch, "ln_final", branch_bias, "final")
+    node("MatMul", ["final", weight("lm_head.weight", tok.T)], [LOGITS])  # tied: the embedding, transposed
+
+    batch, seq = "batch", "seq"
+    cache_shape = [batch, heads, config.block_size, padded]
+    inputs = [helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, [batch, seq]),
+              helper.make_tensor_value_info(POSITION_IDS, TensorProto.INT32, [batch, seq]),
+              helper.make_tensor_value_info(SEQLENS_K, TensorProto.INT32, [batch]),
+              helper.make_tensor_value_info(TOTAL_LENGTH, TensorProto.INT32, [])]
+    inputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, cache_shape)
+               for name in cache_names("past", layers)]
+    outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, [batch, seq, config.vocab_size])]
+    outputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, cache_shape)
+                for name in cache_names("present", layers)]
+    graph = helper.make_graph(nodes, "minigpt", inputs, outputs, initializers)
+    return helper.make_model(graph, producer_name="minigpt",
+                             opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS_DOMAIN, 1)])
