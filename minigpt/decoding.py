@@ -68,27 +68,29 @@ def _decode(engine: Engine, prompts: Sequence[Sequence[int]], max_new_tokens: in
     if max_new_tokens == 0:
         return
     rows, block, keep = len(prompts), engine.block_size, max(1, engine.block_size // 2)
+    prompts = [np.asarray(prompt, dtype=np.int64) for prompt in prompts]
     lengths = np.array([len(prompt) for prompt in prompts])
-    tokens = np.zeros((rows, lengths.max() + max_new_tokens), dtype=np.int64)
-    for row, prompt in enumerate(prompts):
-        tokens[row, :len(prompt)] = prompt
     context = np.minimum(lengths, block)  # a long prompt is read through its last block_size tokens
     engine.start(rows)
     # Rows of one length prefill together (all of them, when the prompts are alike).
-    logits = np.concatenate([engine.prefill(tokens[first:first + count, lengths[first] - context[first]:lengths[first]],
+    logits = np.concatenate([engine.prefill(np.stack([prompt[-context[first]:] for prompt in prompts[first:first + count]]),
                                             first) for first, count in runs_of_equal(lengths)])
-    every_row = np.arange(rows)
+    generated = np.empty((rows, max_new_tokens), dtype=np.int64)
+    # The step at which each row's context is full; the loop looks at rows only on such steps.
+    full_at = block - context
+    next_full = int(full_at.min())
     for step in range(max_new_tokens):
         next_ids = sampler(logits)
-        tokens[every_row, lengths] = next_ids
-        lengths += 1
+        generated[:, step] = next_ids
         yield next_ids
         if step + 1 == max_new_tokens:
             break
-        for row in np.flatnonzero(context == block):  # full: restart (see the module's docstring)
-            engine.prefill(tokens[row:row + 1, lengths[row] - keep:lengths[row] - 1], row)
-            context[row] = keep - 1
-        context += 1
+        if step == next_full:  # full rows restart (see the module's docstring)
+            for row in np.flatnonzero(full_at == step):
+                history = np.concatenate((prompts[row][-keep:], generated[row, :step + 1]))
+                engine.prefill(history[None, -keep:-1], row)  # the newest token comes with the decode
+                full_at[row] = step + 1 + block - keep
+            next_full = int(full_at.min())
         logits = engine.decode(next_ids)
 
 

@@ -79,9 +79,10 @@ class KVCacheEngine:
 
     @torch.inference_mode()
     def decode(self, ids: np.ndarray) -> np.ndarray:
-        step_input = self.step_input[:len(ids)]
+        rows = len(ids)
+        step_input = self.step_input if rows == len(self.step_input) else self.step_input[:rows]
         step_input.copy_(torch.from_numpy(ids)[:, None])
-        logits, _ = self.model(step_input, cache=self.cache.rows(0, len(ids)))
+        logits, _ = self.model(step_input, cache=self.cache.rows(0, rows))
         return last_position(logits)
 
 

@@ -38,6 +38,7 @@ class KVCache:
 
     def __init__(self, kv: torch.Tensor, lengths: np.ndarray):
         self.kv, self.lengths = kv, lengths
+        self.layers = kv.unbind(0)  # views, made once: indexing kv every step costs more than the copy
 
     @classmethod
     def empty(cls, config: GPTConfig, batch_size: int, dtype: torch.dtype, device: torch.device) -> "KVCache":
@@ -70,9 +71,11 @@ class CacheStep:
 
     def __init__(self, cache: KVCache, seq: int):
         self.cache, self.seq = cache, seq
-        first, last = int(cache.lengths.min()), int(cache.lengths.max())
-        self.end = last + seq  # keys attention reads: 0 .. end-1
-        self.start = first if first == last else None  # the shared start, if there is one
+        lengths = cache.lengths
+        first = int(lengths[0])
+        shared = len(lengths) == 1 or bool((lengths == first).all())
+        self.start = first if shared else None  # the shared start, if there is one
+        self.end = (first if shared else int(lengths.max())) + seq  # keys attention reads: 0 .. end-1
         # Only for ragged rows: each row's positions (B, T), its key count after this step, and
         # the scatter index that writes its keys and values there.
         self.positions = self.key_lengths = self.write_index = None
@@ -85,7 +88,7 @@ class CacheStep:
 
     def update(self, layer: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store kv (2, B, H, T, D) at each row's next positions; return keys and values 0 .. end-1."""
-        cache = self.cache.kv[layer]
+        cache = self.cache.layers[layer]
         if self.start is not None:
             cache.narrow(3, self.start, self.seq).copy_(kv)
         else:

@@ -30,8 +30,8 @@ def random_qkv(batch, heads, tq, tk, head_dim, dtype=torch.float32, seed=0):
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
-def assert_matches_reference(out, q, k, v, tolerance):
-    reference = reference_attention(q, k, v)
+def assert_matches_reference(out, q, k, v, tolerance, key_lengths=None):
+    reference = reference_attention(q, k, v, key_lengths)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert torch.isfinite(out).all()
     error = (out.double() - reference).abs().max().item()
@@ -72,6 +72,27 @@ def test_strided_cache_views_are_read_in_place(kernel):
     q = torch.randn(batch, tq, 3, heads, head_dim).permute(2, 0, 3, 1, 4)[0]
     assert not (k.is_contiguous() or q.is_contiguous())
     assert_matches_reference(KERNELS[kernel](q, k, v), q, k, v, FP32_TOLERANCE)
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+@pytest.mark.parametrize("tq", [1, 3, 20])
+def test_ragged_rows_read_only_their_own_keys(kernel, tq):
+    """Rows at different lengths in one launch; keys past a row's length hold garbage that must not leak."""
+    key_lengths = torch.tensor([tq, 45, tq + 7, 64])
+    q, k, v = random_qkv(4, 2, tq, 64, 24, seed=tq)
+    for row, length in enumerate(key_lengths.tolist()):
+        k[row, :, length:], v[row, :, length:] = 1e4, -1e4
+    assert_matches_reference(KERNELS[kernel](q, k, v, key_lengths), q, k, v, FP32_TOLERANCE, key_lengths)
+    torch_out = causal_attention(q, k, v, key_lengths=key_lengths, backend="torch")
+    assert_matches_reference(torch_out, q, k, v, FP32_TOLERANCE, key_lengths)
+
+
+def test_ragged_decode_with_many_splits():
+    key_lengths = torch.tensor([1, 130, 200])
+    q, k, v = random_qkv(3, 2, 1, 200, 32, seed=9)
+    for splits in (1, 4, 13):
+        out = triton_attention.decode_attention(q, k, v, key_lengths, num_splits=splits)
+        assert_matches_reference(out, q, k, v, FP32_TOLERANCE, key_lengths)
 
 
 @pytest.mark.parametrize("dtype,kernel", [(torch.float16, "prefill"), (torch.float16, "decode"),

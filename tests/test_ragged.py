@@ -1,0 +1,112 @@
+"""Ragged batches: rows at different lengths, on every engine, give each row's own tokens."""
+
+import numpy as np
+import pytest
+
+from minigpt import load_checkpoint
+from minigpt.cli import main
+from minigpt.decoding import generate_rows
+from minigpt.errors import MiniGPTError
+from minigpt.export.onnx_engine import OnnxEngine
+from minigpt.generation import KVCacheEngine, RecomputeEngine
+from minigpt.sampling import Sampler
+
+BLOCK = 16  # TINY_MODEL's block_size
+# One token, a few, exactly a block, and longer than a block: rows fill up and restart at different steps.
+PROMPT_LENGTHS = [1, 7, BLOCK, BLOCK + 7]
+NEW_TOKENS = 2 * BLOCK + 3
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    return load_checkpoint(tiny_checkpoint).model
+
+
+@pytest.fixture(scope="module")
+def onnx_path(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ragged") / "tiny.onnx"
+    assert main(["export", "--onnx", "--checkpoint", str(tiny_checkpoint), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture
+def make_engine(model, onnx_path):
+    def make(name):
+        if name == "onnx":
+            return OnnxEngine(onnx_path)
+        if name == "recompute":
+            return RecomputeEngine(model)
+        model.set_attention_backend("triton" if name == "kv-cache-triton" else "torch")
+        return KVCacheEngine(model)
+
+    yield make
+    model.set_attention_backend("auto")
+
+
+def prompts(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [list(rng.integers(0, 20, size=length)) for length in lengths]
+
+
+def greedy(engine, rows, new_tokens=NEW_TOKENS):
+    steps = list(generate_rows(engine, rows, new_tokens, Sampler(temperature=0)))
+    return np.stack(steps, axis=1).tolist()  # (rows, new_tokens)
+
+
+@pytest.mark.parametrize("engine_name", ["recompute", "kv-cache", "kv-cache-triton", "onnx"])
+def test_each_row_of_a_ragged_batch_equals_that_row_alone(make_engine, engine_name):
+    # The interpreter is slow: fewer rows and steps for Triton, still crossing a restart.
+    lengths, new_tokens = (PROMPT_LENGTHS, NEW_TOKENS) if engine_name != "kv-cache-triton" else ([3, BLOCK], 6)
+    rows = prompts(lengths)
+    engine = make_engine(engine_name)
+    together = greedy(engine, rows, new_tokens)
+    alone = [greedy(engine, [row], new_tokens)[0] for row in rows]
+    assert together == alone
+    reference = greedy(make_engine("recompute"), rows, new_tokens)
+    assert together == reference  # and every engine gives the same tokens
+
+
+@pytest.mark.parametrize("engine_name", ["kv-cache", "onnx"])
+def test_a_row_joins_a_running_batch_and_rows_decode_as_a_prefix(make_engine, engine_name):
+    """Two rows decode; a third is prefilled into row 2 mid-run; each row still gives its own tokens."""
+    engine = make_engine(engine_name)
+    first, joiner = prompts([5, 5], seed=1), prompts([9], seed=2)[0]
+    expected_first = greedy(engine, first, 10)
+    expected_joiner = greedy(engine, [joiner], 5)[0]
+
+    engine.start(3)
+    tokens = [[], [], []]
+    logits = engine.prefill(np.array(first))
+    for _ in range(5):  # only rows 0 and 1 decode: row 2 is empty
+        ids = logits.argmax(-1)
+        for row, token in enumerate(ids):
+            tokens[row].append(int(token))
+        logits = engine.decode(ids)
+    first_logits = logits.copy()
+    joined = engine.prefill(np.array([joiner]), first_row=2)
+    logits = np.concatenate([first_logits, joined])
+    for _ in range(5):
+        ids = logits.argmax(-1)
+        for row, token in enumerate(ids):
+            tokens[row].append(int(token))
+        logits = engine.decode(ids)
+    assert tokens[:2] == expected_first
+    assert tokens[2] == expected_joiner
+
+
+def test_an_empty_prompt_in_a_batch_is_a_clear_error(model):
+    with pytest.raises(MiniGPTError, match="at least one token"):
+        list(generate_rows(KVCacheEngine(model), [[1, 2], []], 3, Sampler(temperature=0)))
+
+
+def test_cli_threads_flag(tiny_checkpoint, onnx_path, capsys):
+    outputs = []
+    for flags in (["--checkpoint", str(tiny_checkpoint), "--threads", "1"], ["--model", str(onnx_path)],
+                  ["--model", str(onnx_path), "--threads", "2"]):
+        assert main(["generate", *flags, "--prompt", "the", "--max-new-tokens", "20", "--temperature", "0"]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] == outputs[2]
+    for model_flags in (["--checkpoint", str(tiny_checkpoint)], ["--model", str(onnx_path)]):
+        assert main(["generate", *model_flags, "--threads", "0"]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and len(err.strip().splitlines()) == 1 and "threads" in err
