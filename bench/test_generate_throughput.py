@@ -1,15 +1,22 @@
-"""Generation throughput: new tokens/s for each engine, side by side.
+"""Generation throughput: new tokens/s for each engine and its peers, side by side, same weights.
 
     pytest bench/test_generate_throughput.py
+    pip install ctranslate2 transformers   # the peers; skipped with a reason without them
 
-Each group is one (config, batch) pair; its engines generate 256 greedy
-tokens from an 8-token prompt with random weights (speed does not depend on
-what a model learned): PyTorch recomputing the context, PyTorch with the
-KV-cache, onnxruntime fp32 and int8. HuggingFace transformers' GPT-2
-`generate()` on the same dimensions joins each group when transformers is
-installed.
+Each group is one (config, batch) pair; every engine continues the same
+8-token prompt greedily to the end of the block (no restarts, so peers that
+cannot slide past the block run the same work): PyTorch recomputing the
+context, PyTorch with the KV-cache, onnxruntime fp32 and int8, CTranslate2
+fp32 and int8 (converted from a HuggingFace GPT-2 directory holding the very
+same tensors), and HuggingFace `generate()`. The summary prints each engine's
+ratio to CTranslate2 fp32 where it ran.
+
+The large config also gets a `bandwidth bound` line: the rate at which this
+machine can stream the model's fp32 weights from memory (a large-array read
+measured in the same run), the ceiling for batch 1.
 """
 
+import time
 import warnings
 
 import numpy as np
@@ -20,44 +27,76 @@ from minigpt import CharTokenizer, GPTConfig, MiniGPT, Sampler, save_checkpoint
 from minigpt.decoding import generate_tokens
 from minigpt.generation import KVCacheEngine, RecomputeEngine
 
-NEW_TOKENS = 256
 PROMPT = list(range(1, 9))
-CONFIGS = {"default": GPTConfig(vocab_size=65),  # block 128: the policy past the block size is exercised
-           "block256": GPTConfig(vocab_size=65, block_size=256),
+CONFIGS = {"default": GPTConfig(vocab_size=65),  # block 128
+           "long": GPTConfig(vocab_size=65, block_size=1024),
            "large": GPTConfig(vocab_size=65, block_size=256, embed_dim=384, num_heads=6, num_layers=6)}
-ENGINES = ["no-cache", "kv-cache", "onnx-fp32", "onnx-int8"]
-# No-cache on the large config would take minutes per round; the smaller configs make that point.
-PAIRS = [(engine, config) for config in CONFIGS for engine in ENGINES if (engine, config) != ("no-cache", "large")]
+ENGINES = ["no-cache", "kv-cache", "onnx-fp32", "onnx-int8", "ct2-fp32", "ct2-int8"]
+# Recomputing 1,000 positions, or the large model, takes minutes a round: the default config makes that point.
+PAIRS = [(engine, config) for config in CONFIGS for engine in ENGINES
+         if engine != "no-cache" or config == "default"]
+
+
+def new_tokens(config_name: str) -> int:
+    return CONFIGS[config_name].block_size - len(PROMPT)
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory):
-    """engine name, config name -> a fresh engine; each config exported to ONNX once."""
-    from minigpt.export.onnx_engine import OnnxEngine
-    from minigpt.export.onnx_export import export_onnx
+def models():
+    built = {}
 
-    models, graphs = {}, {}
+    def get(config_name):
+        if config_name not in built:
+            torch.manual_seed(0)
+            built[config_name] = MiniGPT(CONFIGS[config_name]).eval()
+        return built[config_name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def engines(models, tmp_path_factory):
+    """engine name, config name -> something `run_engine` can time; exports and conversions made once."""
+    made = {}
 
     def make(engine_name, config_name):
-        if config_name not in models:
-            torch.manual_seed(0)
-            models[config_name] = MiniGPT(CONFIGS[config_name]).eval()
-        model = models[config_name]
+        model = models(config_name)
         if engine_name == "no-cache":
             return RecomputeEngine(model)
         if engine_name == "kv-cache":
             return KVCacheEngine(model)
-        key = (config_name, engine_name)
-        if key not in graphs:
-            folder = tmp_path_factory.mktemp(config_name)
+        key = (engine_name, config_name)
+        if key in made:
+            return made[key]
+        folder = tmp_path_factory.mktemp(f"{config_name}-{engine_name}")
+        if engine_name.startswith("ct2"):
+            pytest.importorskip("ctranslate2", reason="peer baseline: pip install ctranslate2 transformers")
+            pytest.importorskip("transformers", reason="peer baseline: pip install ctranslate2 transformers")
+            from gpt2_peers import ctranslate2_generator
+
+            quantization = "float32" if engine_name == "ct2-fp32" else "int8"
+            made[key] = ctranslate2_generator(model, folder, quantization)
+        else:
+            from minigpt.export.onnx_engine import OnnxEngine
+            from minigpt.export.onnx_export import export_onnx
+
             checkpoint = folder / "model.safetensors"
             save_checkpoint(checkpoint, model, CharTokenizer(map(chr, range(32, 32 + 65))))
-            graphs[key] = folder / f"{engine_name}.onnx"
-            export_onnx(checkpoint, graphs[key], quantize="int8" if engine_name == "onnx-int8" else None,
+            export_onnx(checkpoint, folder / "model.onnx", quantize="int8" if engine_name == "onnx-int8" else None,
                         verify=False)
-        return OnnxEngine(graphs[key])
+            made[key] = OnnxEngine(folder / "model.onnx")
+        return made[key]
 
     return make
+
+
+def run_engine(engine, batch: int, count: int) -> np.ndarray:
+    """(batch, count) greedy ids from PROMPT, by a minigpt engine or a CTranslate2 generator."""
+    if hasattr(engine, "generate_batch"):
+        from gpt2_peers import ctranslate2_greedy
+
+        return np.array(ctranslate2_greedy(engine, [PROMPT] * batch, count))
+    return np.stack(list(generate_tokens(engine, PROMPT, count, Sampler(temperature=0), batch)), axis=1)
 
 
 @pytest.mark.parametrize("batch", [1, 8])
@@ -65,34 +104,105 @@ def engines(tmp_path_factory):
 def test_generate(benchmark, record_throughput, engines, engine_name, config_name, batch):
     benchmark.group = f"generate {config_name} batch {batch}"
     engine = engines(engine_name, config_name)
-
-    def run():
-        return sum(len(ids) for ids in generate_tokens(engine, PROMPT, NEW_TOKENS, Sampler(temperature=0), batch))
-
+    count = new_tokens(config_name)
     # Fast engines finish a round in a fraction of a second: more rounds steady their median.
-    produced = benchmark.pedantic(run, rounds=3 if engine_name == "no-cache" else 9, warmup_rounds=1)
-    assert produced == batch * NEW_TOKENS
-    record_throughput(benchmark, engine_name, batch * NEW_TOKENS)
+    rounds = 3 if engine_name == "no-cache" or config_name != "default" else 9
+    ids = benchmark.pedantic(run_engine, args=(engine, batch, count), rounds=rounds, warmup_rounds=1)
+    assert ids.shape == (batch, count)
+    assert (ids == ids[0]).all()  # every row has the same prompt, so the same greedy text
+    record_throughput(benchmark, engine_name, batch * count)
+
+
+@pytest.mark.parametrize("config_name", list(CONFIGS))
+def test_greedy_text_equals_ctranslate2(engines, config_name):
+    """The fastest engines and CTranslate2 write the same greedy text from the same weights."""
+    ours = run_engine(engines("onnx-fp32", config_name), 1, new_tokens(config_name))
+    theirs = run_engine(engines("ct2-fp32", config_name), 1, new_tokens(config_name))
+    agree = int((ours == theirs).sum())
+    assert agree == ours.size, f"{agree}/{ours.size} greedy tokens agree"
 
 
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("config_name", list(CONFIGS))
-def test_generate_hf_gpt2_peer(benchmark, record_throughput, config_name, batch):
-    transformers = pytest.importorskip("transformers", reason="peer baseline: pip install transformers")
+def test_generate_hf_gpt2_peer(benchmark, record_throughput, models, config_name, batch):
+    pytest.importorskip("transformers", reason="peer baseline: pip install transformers")
+    from gpt2_peers import hf_gpt2
+
     warnings.filterwarnings("ignore")
     benchmark.group = f"generate {config_name} batch {batch}"
-    config = CONFIGS[config_name]
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=config.vocab_size, n_positions=max(config.block_size, len(PROMPT) + NEW_TOKENS),
-        n_embd=config.embed_dim, n_layer=config.num_layers, n_head=config.num_heads,
-        bos_token_id=0, eos_token_id=0, pad_token_id=0)).eval()
-    ids = torch.tensor(np.tile(PROMPT, (batch, 1)))
+    model = hf_gpt2(models(config_name))
+    count = new_tokens(config_name)
+    ids = torch.tensor([PROMPT] * batch)
 
     @torch.inference_mode()
     def run():
-        return model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+        return model.generate(ids, max_new_tokens=count, min_new_tokens=count, do_sample=False, pad_token_id=0)
 
-    out = benchmark.pedantic(run, rounds=5, warmup_rounds=1)
-    assert out.shape == (batch, len(PROMPT) + NEW_TOKENS)
-    record_throughput(benchmark, "hf-gpt2", batch * NEW_TOKENS)
+    out = benchmark.pedantic(run, rounds=3, warmup_rounds=1)
+    assert out.shape == (batch, len(PROMPT) + count)
+    record_throughput(benchmark, "hf-gpt2", batch * count)
+
+
+def test_memory_bandwidth_bound(benchmark, record_throughput, models):
+    """Stream a 512 MB array (far past any cache) once a round: GB/s, and what that allows the large model."""
+    benchmark.group = "generate large batch 1"
+    data = np.ones(128 * 2**20, dtype=np.float32)
+    benchmark.pedantic(data.sum, rounds=5, warmup_rounds=1)
+    weight_bytes = 4 * sum(p.numel() for p in models("large").parameters())
+    if benchmark.stats:
+        gigabytes_per_s = data.nbytes / benchmark.stats["median"] / 1e9
+        benchmark.extra_info["GB/s"] = gigabytes_per_s
+        benchmark.extra_info["weights MB"] = weight_bytes / 1e6
+    # The bound: one full read of the fp32 weights per token at batch 1.
+    record_throughput(benchmark, "bandwidth bound", data.nbytes / weight_bytes)
+
+
+def test_decoding_loop_overhead(benchmark):
+    """The loop and sampler alone, over an engine that returns fixed logits: time per step at batch 1."""
+
+    class FixedLogits:
+        block_size = 1024
+
+        def __init__(self):
+            self.logits = np.random.default_rng(0).standard_normal((1, 65)).astype(np.float32)
+
+        def start(self, batch_size):
+            pass
+
+        def prefill(self, ids, first_row=0):
+            return self.logits
+
+        def decode(self, ids):
+            return self.logits
+
+    engine, steps = FixedLogits(), 1000
+    benchmark.group = "decoding loop"
+
+    def run():
+        return sum(1 for _ in generate_tokens(engine, PROMPT, steps, Sampler(temperature=0)))
+
+    assert benchmark.pedantic(run, rounds=9, warmup_rounds=1) == steps
+    if benchmark.stats:
+        benchmark.extra_info["us per step"] = benchmark.stats["median"] / steps * 1e6
+
+
+def test_decode_step_cost_grows_only_through_attention(benchmark, engines):
+    """onnxruntime decode step at context 1,000 against context 100 (batch 1, long config)."""
+    engine = engines("onnx-fp32", "long")
+    benchmark.group = "decode step by context"
+    step_ids = np.array([1])
+
+    def step_time(context, repeats=300):
+        engine.start(1)
+        engine.prefill(np.ones((1, context), dtype=np.int64))
+        times = []
+        for _ in range(repeats):
+            engine.lengths[0] = context  # decode at the same position again and again
+            start = time.perf_counter()
+            engine.decode(step_ids)
+            times.append(time.perf_counter() - start)
+        return float(np.median(times))
+
+    ratio = benchmark.pedantic(lambda: step_time(1000) / step_time(100), rounds=3, warmup_rounds=1)
+    benchmark.extra_info["step at 1000 / step at 100"] = ratio
+    assert ratio > 0

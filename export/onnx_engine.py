@@ -23,10 +23,12 @@ from minigpt.export.onnx_graph import (INPUT_IDS, LOGITS, POSITION_IDS, SEQLENS_
                                        padded_head_dim)
 from minigpt.tokenizer import CharTokenizer
 
-# Measured on 2 cores (bench/README.md): one intra-op thread wins below this
-# many rows per decode step (thread hand-off costs more than the small
-# MatMuls save), two win from it up.
-DEFAULT_THREADS = 1
+# Threads, measured on 2 cores (bench/README.md): a single row of a small
+# model is decoded fastest by one thread (its MatMuls are too small to split:
+# handing work to a second thread costs more than it saves); batches, long
+# contexts and larger models are faster on every core (onnxruntime's default).
+SMALL_MODEL_BYTES = 4_000_000
+ALL_CORES = 0  # onnxruntime's own choice: one thread per physical core
 
 
 def graph_metadata(config: GPTConfig, tokenizer: CharTokenizer) -> dict[str, str]:
@@ -39,13 +41,17 @@ def _describe(model: str | os.PathLike | bytes) -> str:
     return "the graph" if isinstance(model, bytes) else str(model)
 
 
-def open_session(model: str | os.PathLike | bytes, threads: int | None = None):
+def default_threads(model_bytes: int, batch_size: int) -> int:
+    return 1 if batch_size == 1 and model_bytes < SMALL_MODEL_BYTES else ALL_CORES
+
+
+def open_session(model: str | os.PathLike | bytes, threads: int = ALL_CORES):
     """An onnxruntime CPU session with every graph optimisation on."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads or DEFAULT_THREADS
+    options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     try:
         return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
@@ -72,11 +78,15 @@ class OnnxEngine:
     """Prefill and decode through onnxruntime, rows of a batch at their own lengths (see `minigpt.decoding`)."""
 
     def __init__(self, model: str | os.PathLike | bytes, threads: int | None = None):
+        """threads: intra-op threads; None picks by model size and batch (see `default_threads`)."""
         check_threads(threads)
         if not isinstance(model, bytes) and not Path(model).is_file():
             raise CheckpointError(f"ONNX model not found: {model}; export one with "
                                   "`minigpt export --onnx --checkpoint CKPT`")
-        self.session = open_session(model, threads)
+        self.model, self.threads = model, threads
+        self.model_bytes = len(model) if isinstance(model, bytes) else Path(model).stat().st_size
+        self.sessions: dict[int, object] = {}  # by thread count: a small model may want two
+        self.session = self._session(1)
         metadata = self.session.get_modelmeta().custom_metadata_map
         if "config" not in metadata or "vocab" not in metadata:
             raise CheckpointError(f"{_describe(model)} has no minigpt "
@@ -94,11 +104,18 @@ class OnnxEngine:
         self.present_names = cache_names("present", self.config.num_layers)
         self.start(1)
 
+    def _session(self, batch_size: int):
+        threads = self.threads or default_threads(self.model_bytes, batch_size)
+        if threads not in self.sessions:
+            self.sessions[threads] = open_session(self.model, threads)
+        return self.sessions[threads]
+
     def start(self, batch_size: int) -> None:
         """Empty cache buffers for `batch_size` rows, all at length 0 (reused when the size is unchanged)."""
         if getattr(self, "lengths", None) is not None and len(self.lengths) == batch_size:
             self.lengths[:] = 0
             return
+        self.session = self._session(batch_size)
         c = self.config
         # (layer, key/value, row, head, position, dim): any run of rows of one tensor is one contiguous block.
         self.cache = np.zeros((c.num_layers, 2, batch_size, c.num_heads, c.block_size,

@@ -83,8 +83,8 @@ def _build_parser() -> argparse.ArgumentParser:
                  "triton on a GPU, torch otherwise")
     _option(generate, "device", default="auto", help="auto, cpu or cuda (default auto)")
     _option(generate, "threads", type=int, default=None,
-            help="CPU threads for the onnx engine, or torch's on CPU (default: 1, measured fastest on "
-                 "small models; 2 can pay for large ones)")
+            help="CPU threads (default for the onnx engine: 1 for one sample of a small model, every "
+                 "core otherwise, as measured fastest; torch's own default for the torch engine)")
 
     evaluate = commands.add_parser("eval", help="loss and bits per character on a whole split",
                                    description="Evaluate a checkpoint on every character of one split.")
