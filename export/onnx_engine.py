@@ -135,7 +135,7 @@ class OnnxEngine:
         if length == 0:
             return np.zeros((rows, self.config.vocab_size), dtype=np.float32)
         binding = self.session.io_binding()
-        feeds = {INPUT_IDS: np.ascontiguousarray(ids, dtype=np.int64),
+        feeds = {INPUT_IDS: np.ascontiguousarray(ids, dtype=np.int32),
                  POSITION_IDS: np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)).copy(),
                  SEQLENS_K: np.full(rows, length - 1, dtype=np.int32),
                  TOTAL_LENGTH: np.array(length, dtype=np.int32)}
@@ -152,7 +152,7 @@ class OnnxEngine:
         """The binding for decoding rows 0 .. rows-1, made once: later steps only rewrite its inputs."""
         if rows not in self._decoders:
             binding = self.session.io_binding()
-            ids = np.zeros((rows, 1), dtype=np.int64)
+            ids = np.zeros((rows, 1), dtype=np.int32)
             # A row's next position is its length so far, which is also GroupQueryAttention's
             # seqlens_k (total length after this step, minus one): one array serves both.
             positions = np.zeros((rows, 1), dtype=np.int32)

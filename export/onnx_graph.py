@@ -5,7 +5,8 @@ order and emits, for each, the onnxruntime operator that does its job in one
 node. `verify_graph` in `onnx_export` then holds the result to PyTorch (logits
 and greedy tokens) before anything is written, so the two cannot drift apart.
 
-One block becomes nine nodes:
+One block becomes nine nodes (block 0's first is EmbedLayerNormalization,
+which also does both embedding lookups):
 
     SkipLayerNormalization   residual + previous output (+ its bias), then ln_attn
     MatMul, Add              the QKV projection
@@ -23,7 +24,7 @@ at different lengths. The standard opset-23 `Attention` returns
 `Concat(past, new)`, a copy of the whole cache every step; MultiHeadAttention
 shares buffers only on CUDA. No mask is built in the graph at all.
 
-Graph inputs: `input_ids` (batch, seq) int64, `position_ids` (batch, seq)
+Graph inputs: `input_ids` (batch, seq) int32, `position_ids` (batch, seq)
 int32, `seqlens_k` (batch,) int32 (each row's total length after this run,
 minus one), `total_sequence_length` () int32, and `past.{i}.key/value`
 (batch, heads, max_positions, head_dim_padded). Outputs: `logits`
@@ -100,12 +101,17 @@ def build_graph(weights: dict[str, np.ndarray], config: GPTConfig, opset: int = 
              domain=MS_DOMAIN, epsilon=LAYER_NORM_EPS)
 
     tok = weights["tok_emb.weight"]
-    node("Gather", [weight("tok_emb.weight", tok), INPUT_IDS], ["tokens"])
-    node("Gather", [weight("pos_emb.weight", weights["pos_emb.weight"]), POSITION_IDS], ["positions"])
-    residual, branch, branch_bias = "tokens", "positions", None
+    # Both embedding lookups, their sum (the residual stream) and block 0's ln_attn in one node.
+    node("EmbedLayerNormalization",
+         [INPUT_IDS, "", weight("tok_emb.weight", tok), weight("pos_emb.weight", weights["pos_emb.weight"]), "",
+          weight("blocks.0.ln_attn.weight", weights["blocks.0.ln_attn.weight"]),
+          weight("blocks.0.ln_attn.bias", weights["blocks.0.ln_attn.bias"]), "", POSITION_IDS],
+         ["blocks.0.attn_in", "mask_index", "blocks.0.residual_attn"], domain=MS_DOMAIN, epsilon=LAYER_NORM_EPS)
+    residual = branch = branch_bias = None
     for i in range(layers):
         p = f"blocks.{i}"
-        skip_layer_norm(residual, branch, f"{p}.ln_attn", branch_bias, f"{p}.attn_in", f"{p}.residual_attn")
+        if i > 0:
+            skip_layer_norm(residual, branch, f"{p}.ln_attn", branch_bias, f"{p}.attn_in", f"{p}.residual_attn")
         qkv_weight = _pad_heads(weights[f"{p}.attn.qkv.weight"], heads, head_dim, axis=0).T
         qkv_bias = _pad_heads(weights[f"{p}.attn.qkv.bias"], heads, head_dim, axis=0)
         node("MatMul", [f"{p}.attn_in", weight(f"{p}.attn.qkv.weight", qkv_weight)], [f"{p}.qkv_nobias"])
@@ -131,7 +137,7 @@ def build_graph(weights: dict[str, np.ndarray], config: GPTConfig, opset: int = 
 
     batch, seq = "batch", "seq"
     cache_shape = [batch, heads, config.block_size, padded]
-    inputs = [helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, [batch, seq]),
+    inputs = [helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT32, [batch, seq]),
               helper.make_tensor_value_info(POSITION_IDS, TensorProto.INT32, [batch, seq]),
               helper.make_tensor_value_info(SEQLENS_K, TensorProto.INT32, [batch]),
               helper.make_tensor_value_info(TOTAL_LENGTH, TensorProto.INT32, [])]
