@@ -157,3 +157,22 @@ def test_generate_bad_onnx_input(tmp_path, exported, capsys):
     one_line_error(capsys, ["generate", "--model", str(tmp_path / "absent.onnx")], "ONNX model not found")
     one_line_error(capsys, ["generate", "--model", str(exported["fp32"]), "--no-kv-cache"], "--no-kv-cache")
     one_line_error(capsys, ["generate", "--model", str(exported["fp32"]), "--prompt", "XYZ"], "never saw")
+    one_line_error(capsys, ["generate", "--model", str(older_export(tmp_path, exported["fp32"]))],
+                   "older minigpt", "export it again")
+
+
+def older_export(folder, current):
+    """A graph with minigpt metadata whose inputs are the old past/present style (no in-place cache)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])
+    past = helper.make_tensor_value_info("past.0.key", TensorProto.FLOAT, ["batch", 2, "past", 16])
+    out = helper.make_tensor_value_info("logits", TensorProto.INT64, ["batch", "seq"])
+    graph = helper.make_graph([helper.make_node("Identity", ["input_ids"], ["logits"])], "old", [ids, past], [out])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    for prop in onnx.load(current).metadata_props:
+        model.metadata_props.add(key=prop.key, value=prop.value)
+    path = folder / "old.onnx"
+    onnx.save(model, path)
+    return path
