@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from minigpt.config import GPTConfig
+from minigpt.decoding import check_prefill
 from minigpt.errors import CheckpointError, MiniGPTError
 from minigpt.export.onnx_graph import (INPUT_IDS, LOGITS, POSITION_IDS, SEQLENS_K, TOTAL_LENGTH, cache_names,
                                        padded_head_dim)
@@ -130,6 +131,7 @@ class OnnxEngine:
 
     def prefill(self, ids: np.ndarray, first_row: int = 0) -> np.ndarray:
         """Start rows first_row .. first_row + n - 1 afresh from (n, T) ids; return their (n, V) logits."""
+        check_prefill(ids, first_row, len(self.lengths), self.block_size)
         rows, length = ids.shape
         self.lengths[first_row:first_row + rows] = 0
         if length == 0:
@@ -175,11 +177,12 @@ class OnnxEngine:
         rows = len(ids)
         binding, step_ids, positions, total, logits = self._decoder(rows)
         lengths = self.lengths[:rows]
-        if lengths.max() >= self.block_size:
+        longest = lengths.max()
+        if longest >= self.block_size:
             raise MiniGPTError(f"a row is full ({self.block_size} positions); prefill it again")
         step_ids[:, 0] = ids
         positions[:, 0] = lengths
-        total[()] = lengths.max() + 1
+        total[()] = longest + 1
         self.session.run_with_iobinding(binding)
         lengths += 1
         return logits[:, 0]

@@ -103,6 +103,17 @@ def runs_of_equal(values: np.ndarray) -> Iterator[tuple[int, int]]:
             first = i
 
 
+def check_prefill(ids: np.ndarray, first_row: int, batch_size: int, block_size: int) -> None:
+    """The checks every engine's `prefill` makes: the rows exist and the prompt fits the block."""
+    rows, length = ids.shape
+    if not 0 <= first_row <= first_row + rows <= batch_size:
+        raise MiniGPTError(f"rows {first_row}..{first_row + rows - 1} are outside the batch of {batch_size} "
+                           "rows; call start() with a larger batch")
+    if length > block_size:
+        raise MiniGPTError(f"a prefill of {length} tokens exceeds block_size {block_size}; "
+                           "keep the last block_size tokens")
+
+
 def check_lengths(max_new_tokens: int, num_samples: int) -> None:
     if max_new_tokens < 0:
         raise MiniGPTError(f"max_new_tokens must be >= 0, got {max_new_tokens}")

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from minigpt.decoding import join_samples, runs_of_equal, stream_characters
+from minigpt.decoding import check_prefill, join_samples, runs_of_equal, stream_characters
 from minigpt.model import KVCache, MiniGPT
 from minigpt.tokenizer import CharTokenizer
 
@@ -34,6 +34,7 @@ class RecomputeEngine:
         self.contexts = [np.zeros(0, dtype=np.int64)] * batch_size
 
     def prefill(self, ids: np.ndarray, first_row: int = 0) -> np.ndarray:
+        check_prefill(ids, first_row, len(self.contexts), self.block_size)
         self.contexts[first_row:first_row + len(ids)] = list(np.asarray(ids, dtype=np.int64))
         return self._next_logits(range(first_row, first_row + len(ids)))
 
@@ -70,6 +71,7 @@ class KVCacheEngine:
 
     @torch.inference_mode()
     def prefill(self, ids: np.ndarray, first_row: int = 0) -> np.ndarray:
+        check_prefill(ids, first_row, self.cache.batch_size, self.block_size)
         rows = self.cache.rows(first_row, len(ids))
         rows.lengths[:] = 0
         if ids.shape[1] == 0:

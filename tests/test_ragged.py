@@ -94,6 +94,16 @@ def test_a_row_joins_a_running_batch_and_rows_decode_as_a_prefix(make_engine, en
     assert tokens[2] == expected_joiner
 
 
+@pytest.mark.parametrize("engine_name", ["recompute", "kv-cache", "onnx"])
+def test_prefill_outside_the_batch_or_past_the_block_is_a_clear_error(make_engine, engine_name):
+    engine = make_engine(engine_name)
+    engine.start(2)
+    with pytest.raises(MiniGPTError, match="outside the batch"):
+        engine.prefill(np.zeros((2, 3), dtype=np.int64), first_row=1)
+    with pytest.raises(MiniGPTError, match="exceeds block_size"):
+        engine.prefill(np.zeros((1, BLOCK + 1), dtype=np.int64))
+
+
 def test_an_empty_prompt_in_a_batch_is_a_clear_error(model):
     with pytest.raises(MiniGPTError, match="at least one token"):
         list(generate_rows(KVCacheEngine(model), [[1, 2], []], 3, Sampler(temperature=0)))
