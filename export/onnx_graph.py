@@ -79,7 +79,6 @@ def _pad_heads(weight: np.ndarray, heads: int, head_dim: int, axis: int) -> np.n
 
 def build_graph(weights: dict[str, np.ndarray], config: GPTConfig, opset: int = DEFAULT_OPSET):
     """An onnx.ModelProto for MiniGPT weights given as a name -> float32 array dict (its state_dict)."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     heads, head_dim, layers = config.num_heads, config.head_dim, config.num_layers

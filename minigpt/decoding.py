@@ -50,7 +50,6 @@ class Engine(Protocol):
 def generate_tokens(engine: Engine, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler,
                     num_samples: int = 1) -> Iterator[np.ndarray]:
     """Yield the (num_samples,) ids chosen at each step, all samples decoded as one batch."""
-    check_lengths(max_new_tokens, num_samples)
     return generate_rows(engine, [prompt_ids] * num_samples, max_new_tokens, sampler)
 
 
@@ -72,9 +71,12 @@ def _decode(engine: Engine, prompts: Sequence[Sequence[int]], max_new_tokens: in
     lengths = np.array([len(prompt) for prompt in prompts])
     context = np.minimum(lengths, block)  # a long prompt is read through its last block_size tokens
     engine.start(rows)
+
+    def window(first: int, count: int) -> np.ndarray:
+        return np.stack([prompt[-context[first]:] for prompt in prompts[first:first + count]])
+
     # Rows of one length prefill together (all of them, when the prompts are alike).
-    logits = np.concatenate([engine.prefill(np.stack([prompt[-context[first]:] for prompt in prompts[first:first + count]]),
-                                            first) for first, count in runs_of_equal(lengths)])
+    logits = np.concatenate([engine.prefill(window(first, count), first) for first, count in runs_of_equal(lengths)])
     generated = np.empty((rows, max_new_tokens), dtype=np.int64)
     # The step at which each row's context is full; the loop looks at rows only on such steps.
     full_at = block - context
