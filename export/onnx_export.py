@@ -82,13 +82,12 @@ def quantize_int8(onnx_bytes: bytes) -> bytes:
 class ExportReport:
     path: Path
     size_bytes: int
-    opset: int
+    form: str  # "opset 17", "GPT-2 architecture"
     seconds: float
     lines: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        head = (f"exported {self.path} ({self.size_bytes / 1e6:.2f} MB, opset {self.opset}) "
-                f"in {self.seconds:.1f} s")
+        head = f"exported {self.path} ({self.size_bytes / 1e6:.2f} MB, {self.form}) in {self.seconds:.1f} s"
         return "\n".join([head, *self.lines])
 
 
@@ -113,7 +112,7 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike = "minigpt
     metadata = graph_metadata(loaded.model.config, loaded.tokenizer)
     fp32 = with_metadata(to_onnx_bytes(loaded.model, opset), metadata)
     final = with_metadata(quantize_int8(fp32), metadata) if quantize else fp32
-    report = ExportReport(out, len(final), opset, time.perf_counter() - start, [node_summary(final)])
+    report = ExportReport(out, len(final), f"opset {opset}", time.perf_counter() - start, [node_summary(final)])
     if verify:
         report.lines += verify_graph(loaded.model, fp32, final if quantize else None)
     atomic_write_bytes(out, final)

@@ -119,12 +119,15 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, tokenizer: 
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
-    """Rebuild model and tokenizer from a .safetensors checkpoint (or import a legacy .pt)."""
+    """Rebuild model and tokenizer from a .safetensors checkpoint, a directory written by `minigpt export --hf`
+    (or any GPT-2 directory with a character-level tokenizer.json), or a legacy .pt."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        state_dict, metadata = _read_hf_directory(path)
+    elif not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}; train one with `minigpt train` "
                               "or pass an existing file with --checkpoint")
-    if path.suffix == ".pt":
+    elif path.suffix == ".pt":
         state_dict, metadata = _read_legacy_pt(path)
     else:
         state_dict, metadata = _read_safetensors(path)
@@ -196,6 +199,34 @@ def _read_legacy_pt(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     if isinstance(blob.get("vocab"), str):
         metadata["vocab"] = json.dumps(blob["vocab"], ensure_ascii=False)
     return blob["model"], metadata
+
+
+def _read_hf_directory(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A HuggingFace GPT-2 directory with a character-level tokenizer, as `minigpt export --hf` writes it."""
+    from minigpt.export.gpt2 import minigpt_config_fields, minigpt_state_dict
+
+    not_ours = f"{path} is a directory but not a minigpt/GPT-2 export"
+    files = {name: path / name for name in ("config.json", "tokenizer.json", "model.safetensors")}
+    missing = [name for name, file in files.items() if not file.is_file()]
+    if missing:
+        raise CheckpointError(f"{not_ours} (no {', '.join(missing)}); pass a .safetensors checkpoint or a "
+                              "directory written by `minigpt export --hf`")
+    try:
+        hf_config = json.loads(files["config.json"].read_text(encoding="utf-8"))
+        fields = minigpt_config_fields(hf_config)
+        tokenizer_model = json.loads(files["tokenizer.json"].read_text(encoding="utf-8")).get("model", {})
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{not_ours}: {exc}") from None
+    vocab = tokenizer_model.get("vocab") or {}
+    chars = sorted(vocab, key=vocab.get)
+    if tokenizer_model.get("type") != "WordLevel" or any(len(c) != 1 for c in chars) or chars != sorted(chars):
+        raise CheckpointError(f"{not_ours}: its tokenizer is not minigpt's character-level one (one token per "
+                              "character, in sorted order); only character-level GPT-2 models load here")
+    tensors, _ = _read_safetensors(files["model.safetensors"])
+    metadata = {"format": "minigpt", "config": json.dumps(fields),  # validated by the caller, as any checkpoint's
+                "vocab": json.dumps("".join(chars), ensure_ascii=False),
+                "step": str(hf_config.get("minigpt_step", 0)), "data": str(hf_config.get("minigpt_data", ""))}
+    return minigpt_state_dict(tensors), metadata
 
 
 def _strip_prefixes(path: Path, state_dict: dict) -> dict[str, torch.Tensor]:

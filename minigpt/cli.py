@@ -93,12 +93,16 @@ def _build_parser() -> argparse.ArgumentParser:
     _option(evaluate, "split", choices=("valid", "test"), default="valid", help="(default valid)")
     _option(evaluate, "batch_size", type=int, default=64, help="windows per forward pass (default 64)")
     _option(evaluate, "device", default="auto", help="auto, cpu or cuda (default auto)")
-    export = commands.add_parser("export", help="export a checkpoint to ONNX for onnxruntime",
-                                 description="Export a checkpoint to one ONNX graph (KV-cache as graph inputs "
-                                             "and outputs), then verify it against PyTorch.")
-    _option(export, "onnx", action="store_true", help="export to ONNX (the one format so far)")
-    _option(export, "checkpoint", default=DEFAULT_CHECKPOINT, help=f"(default {DEFAULT_CHECKPOINT})")
-    _option(export, "out", default="minigpt.onnx", help="the .onnx file to write (default minigpt.onnx)")
+    export = commands.add_parser("export", help="export a checkpoint to ONNX or a HuggingFace directory",
+                                 description="Export a checkpoint to one ONNX graph for onnxruntime (--onnx) or "
+                                             "to a transformers GPT-2 directory (--hf), verified first.")
+    formats = export.add_mutually_exclusive_group()
+    _option(formats, "onnx", action="store_true", help="one ONNX graph, its KV-cache updated in place")
+    _option(formats, "hf", action="store_true",
+            help="a transformers GPT-2 directory with a character-level tokenizer (pip install 'minigpt[hf]')")
+    _option(export, "checkpoint", default=DEFAULT_CHECKPOINT,
+            help=f"a checkpoint or an exported --hf directory (default {DEFAULT_CHECKPOINT})")
+    _option(export, "out", default=None, help="what to write (default minigpt.onnx, or the folder minigpt-hf)")
     _option(export, "opset", type=int, default=17, help="ONNX opset of the standard operators (default 17)")
     _option(export, "quantize", choices=("int8",), default=None, help="int8: dynamic quantisation of the weights")
     _option(export, "verify", action=argparse.BooleanOptionalAction, default=True,
@@ -204,11 +208,18 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
+    if args.hf:
+        if args.quantize or args.opset != 17:
+            raise MiniGPTError("--quantize and --opset belong to --onnx; drop them with --hf")
+        from minigpt.export.hf_export import export_hf
+
+        print(export_hf(args.checkpoint, args.out or "minigpt-hf", force=args.force, verify=args.verify))
+        return
     if not args.onnx:
-        raise MiniGPTError("choose the format to export to: --onnx")
+        raise MiniGPTError("choose the format to export to: --onnx or --hf")
     from minigpt.export.onnx_export import export_onnx
 
-    report = export_onnx(args.checkpoint, args.out, opset=args.opset, quantize=args.quantize,
+    report = export_onnx(args.checkpoint, args.out or "minigpt.onnx", opset=args.opset, quantize=args.quantize,
                          verify=args.verify, force=args.force)
     print(report)
 

@@ -1,0 +1,154 @@
+"""`minigpt export --hf`: a transformers GPT-2 directory that agrees with minigpt, and loads back."""
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minigpt import load_checkpoint
+from minigpt.cli import main
+from minigpt.generation import generate
+
+transformers = pytest.importorskip("transformers", reason="--hf needs transformers: pip install 'minigpt[hf]'")
+transformers.logging.set_verbosity_error()
+transformers.logging.disable_progress_bar()
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hf") / "tiny-hf"
+    assert main(["export", "--hf", "--checkpoint", str(tiny_checkpoint), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(hf_dir):
+    return transformers.AutoTokenizer.from_pretrained(hf_dir)
+
+
+def test_export_writes_a_verified_directory(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "m-hf"
+    assert main(["export", "--hf", "--checkpoint", str(tiny_checkpoint), "--out", str(out)]) == 0
+    report = capsys.readouterr().out
+    assert "transformers GPT-2 directory" in report
+    assert float(report.split("max |delta| ")[1].split()[0]) <= 1e-4
+    assert "identical to minigpt's" in report and "the training text" in report
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
+                                                     "tokenizer.json", "tokenizer_config.json"]
+    config = json.loads((out / "config.json").read_text())
+    assert (config["model_type"], config["n_positions"], config["activation_function"]) == ("gpt2", 16, "gelu_new")
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no staging folder left behind
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_tokenizer_gives_minigpt_ids_and_the_same_text_back(tiny_checkpoint, hf_tokenizer, data):
+    tokenizer = load_checkpoint(tiny_checkpoint).tokenizer
+    text = data.draw(st.text(alphabet=tokenizer.chars, max_size=80))
+    ids = hf_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert ids == tokenizer.encode(text)
+    assert hf_tokenizer.decode(ids) == text
+
+
+def test_spaces_newlines_and_non_ascii_round_trip(tmp_path, tiny_model):
+    """A vocabulary with tabs, runs of spaces, carriage returns and characters outside ASCII."""
+    import torch
+
+    from minigpt import CharTokenizer, GPTConfig, MiniGPT, save_checkpoint
+
+    tokenizer = CharTokenizer("ab \n\t\r.éß世😀\u00a0")
+    torch.manual_seed(0)
+    model = MiniGPT(GPTConfig(vocab_size=tokenizer.vocab_size, **tiny_model))
+    save_checkpoint(tmp_path / "m.safetensors", model, tokenizer)
+    assert main(["export", "--hf", "--checkpoint", str(tmp_path / "m.safetensors"), "--out", str(tmp_path / "d")]) == 0
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "d")
+    for text in ["a  b\n\n\tc"[:-1], "   ", "\r\n", "é世😀 \u00a0.", "ß"]:
+        ids = hf_tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert ids == tokenizer.encode(text) and hf_tokenizer.decode(ids) == text
+
+
+def test_directory_loads_back_into_every_command(tiny_checkpoint, hf_dir, tmp_path, capsys):
+    flags = ["--prompt", "the ", "--max-new-tokens", "30", "--temperature", "0"]
+    assert main(["generate", "--checkpoint", str(tiny_checkpoint), *flags]) == 0
+    original = capsys.readouterr().out
+    assert main(["generate", "--checkpoint", str(hf_dir), *flags]) == 0
+    assert capsys.readouterr().out == original
+    assert main(["eval", "--checkpoint", str(hf_dir)]) == 0  # the data it was trained on travels in config.json
+    assert "bits/char" in capsys.readouterr().out
+    onnx_out = tmp_path / "from-hf.onnx"
+    assert main(["export", "--onnx", "--checkpoint", str(hf_dir), "--out", str(onnx_out)]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--model", str(onnx_out), *flags]) == 0
+    assert capsys.readouterr().out == original
+
+
+def test_transformers_pipeline_writes_minigpt_text(tiny_checkpoint, hf_dir):
+    checkpoint = load_checkpoint(tiny_checkpoint)
+    expected = generate(checkpoint.model, checkpoint.tokenizer, "the ", 10, temperature=0)
+    pipe = transformers.pipeline("text-generation", model=str(hf_dir))
+    assert pipe("the ", max_new_tokens=10, do_sample=False)[0]["generated_text"] == expected
+
+
+def one_line_error(capsys, argv, *fragments):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def test_bad_input(tiny_checkpoint, hf_dir, tmp_path, capsys):
+    one_line_error(capsys, ["export", "--hf", "--checkpoint", str(tmp_path / "none.safetensors"),
+                            "--out", str(tmp_path / "x")], "checkpoint not found")
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("keep me")
+    one_line_error(capsys, ["export", "--hf", "--checkpoint", str(tiny_checkpoint), "--out", str(existing)],
+                   "already exists", "--force")
+    assert (existing / "keep.txt").read_text() == "keep me"
+    one_line_error(capsys, ["export", "--hf", "--quantize", "int8", "--checkpoint", str(tiny_checkpoint)],
+                   "--onnx")
+    one_line_error(capsys, ["generate", "--checkpoint", str(existing)], "not a minigpt/GPT-2 export")
+    other = tmp_path / "other"
+    shutil.copytree(hf_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    one_line_error(capsys, ["generate", "--checkpoint", str(other)], "not a minigpt/GPT-2 export", "llama")
+    (other / "config.json").write_text(json.dumps(config))
+    tokenizer = json.loads((other / "tokenizer.json").read_text())
+    tokenizer["model"] = {"type": "BPE", "vocab": {"th": 0, "e": 1}, "merges": []}
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    one_line_error(capsys, ["eval", "--checkpoint", str(other)], "character-level")
+
+
+def test_force_replaces_an_export(tiny_checkpoint, hf_dir, tmp_path, capsys):
+    out = tmp_path / "again"
+    shutil.copytree(hf_dir, out)
+    (out / "stale.txt").write_text("old")
+    assert main(["export", "--hf", "--force", "--checkpoint", str(tiny_checkpoint), "--out", str(out)]) == 0
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").exists()
+
+
+def test_without_transformers_the_flag_names_the_extra(tiny_checkpoint, tmp_path):
+    script = textwrap.dedent(f"""
+        import importlib.abc, sys
+
+        class NoTransformers(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "transformers" or name.startswith("transformers."):
+                    raise ImportError("transformers is not installed")
+
+        sys.meta_path.insert(0, NoTransformers())
+        from minigpt.cli import main
+        sys.exit(main(["export", "--hf", "--checkpoint", {str(tiny_checkpoint)!r}, "--out", {str(tmp_path / 'd')!r}]))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "minigpt[hf]" in result.stderr
+    assert not (tmp_path / "d").exists()
