@@ -1,53 +1,52 @@
-"""The peers a user would pick instead, built from the very same weights.
+"""The peers a user would pick instead, built from the very same weights the way a user would build them.
 
-`hf_gpt2(model)`: transformers' GPT2LMHeadModel holding a MiniGPT's tensors.
-`ctranslate2_generator(model, folder, quantization)`: that model saved as a
-HuggingFace directory and converted with CTranslate2's TransformersConverter,
-exactly as a user would (`ct2-transformers-converter --model DIR`). Token
-names are stand-ins ("<0>", "<1>", ...): the benchmark feeds ids, not text.
+Both start from a model's `minigpt export --hf` directory:
+`hf_gpt2(directory)`: transformers' `AutoModelForCausalLM` on it.
+`CTranslate2Peer(directory, quantization)`: that directory converted by CTranslate2's `TransformersConverter`
+(what `ct2-transformers-converter --model DIR` runs), then made loadable (`ctranslate2_loadable`).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from minigpt.export.gpt2 import gpt2_config, gpt2_state_dict
-from minigpt.model import MiniGPT
+import numpy as np
 
 
-def token_names(vocab_size: int) -> list[str]:
-    return [f"<{i}>" for i in range(vocab_size)]
-
-
-def hf_gpt2(model: MiniGPT):
+def hf_gpt2(directory: Path):
     import transformers
 
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**gpt2_config(model.config)))
-    hf.load_state_dict({name: tensor.contiguous() for name, tensor in
-                        gpt2_state_dict(model.state_dict()).items()}, strict=False)
-    return hf.eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
 
 
-def ctranslate2_generator(model: MiniGPT, folder: Path, quantization: str = "float32", threads: int = 1):
-    import ctranslate2
-    import transformers
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
+def ctranslate2_loadable(ct2_dir: Path) -> None:
+    """CTranslate2 insists on names for its start, end and unknown tokens, which a character model has none of.
 
-    names = token_names(model.config.vocab_size)
-    hf_dir, ct2_dir = folder / "hf", folder / f"ct2-{quantization}"
-    if not hf_dir.exists():
-        hf_gpt2(model).save_pretrained(hf_dir)
-        tokenizer = Tokenizer(WordLevel({name: i for i, name in enumerate(names)}, unk_token=names[0]))
-        transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=names[0], eos_token=names[0],
-                                             unk_token=names[0]).save_pretrained(hf_dir)
-    if not ct2_dir.exists():
-        ctranslate2.converters.TransformersConverter(str(hf_dir)).convert(str(ct2_dir), quantization=quantization)
-    return ctranslate2.Generator(str(ct2_dir), device="cpu", intra_threads=threads, inter_threads=1)
+    Name the first character for all three (generation below never stops early: it asks for exact lengths).
+    """
+    config_path = ct2_dir / "config.json"
+    vocabulary = json.loads((ct2_dir / "vocabulary.json").read_text(encoding="utf-8"))
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config.update(bos_token=vocabulary[0], eos_token=vocabulary[0], unk_token=vocabulary[0])
+    config_path.write_text(json.dumps(config), encoding="utf-8")
 
 
-def ctranslate2_greedy(generator, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-    """Greedy continuation ids of each prompt, exactly `new_tokens` long (the end token is never chosen early)."""
-    results = generator.generate_batch([[f"<{i}>" for i in prompt] for prompt in prompts], max_length=new_tokens,
-                                       min_length=new_tokens, sampling_topk=1, include_prompt_in_result=False)
-    return [result.sequences_ids[0] for result in results]
+class CTranslate2Peer:
+    def __init__(self, directory: Path, quantization: str = "float32", threads: int = 1):
+        import ctranslate2
+
+        ct2_dir = directory.parent / f"ct2-{quantization}"
+        if not ct2_dir.exists():
+            ctranslate2.converters.TransformersConverter(str(directory)).convert(str(ct2_dir),
+                                                                                 quantization=quantization)
+            ctranslate2_loadable(ct2_dir)
+        self.vocabulary = json.loads((ct2_dir / "vocabulary.json").read_text(encoding="utf-8"))
+        self.generator = ctranslate2.Generator(str(ct2_dir), device="cpu", intra_threads=threads, inter_threads=1)
+
+    def greedy(self, prompts: list[list[int]], new_tokens: int) -> np.ndarray:
+        """(rows, new_tokens) greedy continuation ids of each prompt, exactly new_tokens long."""
+        results = self.generator.generate_batch(
+            [[self.vocabulary[i] for i in prompt] for prompt in prompts], max_length=new_tokens,
+            min_length=new_tokens, sampling_topk=1, include_prompt_in_result=False, end_token=[])
+        return np.array([result.sequences_ids[0] for result in results])

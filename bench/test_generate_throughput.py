@@ -7,8 +7,8 @@ Each group is one (config, batch) pair; every engine continues the same
 8-token prompt greedily to the end of the block (no restarts, so peers that
 cannot slide past the block run the same work): PyTorch recomputing the
 context, PyTorch with the KV-cache, onnxruntime fp32 and int8, CTranslate2
-fp32 and int8 (converted from a HuggingFace GPT-2 directory holding the very
-same tensors), and HuggingFace `generate()`. The summary prints each engine's
+fp32 and int8 (converted from the model's `minigpt export --hf` directory, as
+a user would), and HuggingFace `generate()` on that directory. The summary prints each engine's
 ratio to CTranslate2 fp32 where it ran.
 
 The large config also gets a `bandwidth bound` line: the rate at which this
@@ -44,13 +44,17 @@ def new_tokens(config_name: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def models():
+def models(tmp_path_factory):
+    """config name -> (model, its checkpoint file): random weights, seeded, made once."""
     built = {}
 
     def get(config_name):
         if config_name not in built:
             torch.manual_seed(0)
-            built[config_name] = MiniGPT(CONFIGS[config_name]).eval()
+            model = MiniGPT(CONFIGS[config_name]).eval()
+            checkpoint = tmp_path_factory.mktemp(config_name) / "model.safetensors"
+            save_checkpoint(checkpoint, model, CharTokenizer(map(chr, range(32, 32 + model.config.vocab_size))))
+            built[config_name] = model, checkpoint
         return built[config_name]
 
     return get
@@ -58,11 +62,14 @@ def models():
 
 @pytest.fixture(scope="module")
 def engines(models, tmp_path_factory):
-    """engine name, config name -> something `run_engine` can time; exports and conversions made once."""
+    """engine name, config name -> something `run_engine` can time; exports and conversions made once.
+
+    hf-gpt2 and the CTranslate2 peers start from the model's `minigpt export --hf` directory, as a user would.
+    """
     made = {}
 
     def make(engine_name, config_name):
-        model = models(config_name)
+        model, checkpoint = models(config_name)
         if engine_name == "no-cache":
             return RecomputeEngine(model)
         if engine_name == "kv-cache":
@@ -70,34 +77,39 @@ def engines(models, tmp_path_factory):
         key = (engine_name, config_name)
         if key in made:
             return made[key]
-        folder = tmp_path_factory.mktemp(f"{config_name}-{engine_name}")
-        if engine_name.startswith("ct2"):
-            pytest.importorskip("ctranslate2", reason="peer baseline: pip install ctranslate2 transformers")
-            pytest.importorskip("transformers", reason="peer baseline: pip install ctranslate2 transformers")
-            from gpt2_peers import ctranslate2_generator
-
-            quantization = "float32" if engine_name == "ct2-fp32" else "int8"
-            made[key] = ctranslate2_generator(model, folder, quantization)
-        else:
+        if engine_name.startswith("onnx"):
             from minigpt.export.onnx_engine import OnnxEngine
             from minigpt.export.onnx_export import export_onnx
 
-            checkpoint = folder / "model.safetensors"
-            save_checkpoint(checkpoint, model, CharTokenizer(map(chr, range(32, 32 + 65))))
-            export_onnx(checkpoint, folder / "model.onnx", quantize="int8" if engine_name == "onnx-int8" else None,
-                        verify=False)
-            made[key] = OnnxEngine(folder / "model.onnx")
+            path = tmp_path_factory.mktemp(config_name) / f"{engine_name}.onnx"
+            export_onnx(checkpoint, path, quantize="int8" if engine_name == "onnx-int8" else None, verify=False)
+            made[key] = OnnxEngine(path)
+            return made[key]
+        pytest.importorskip("transformers", reason="peer baseline: pip install ctranslate2 transformers")
+        if ("hf", config_name) not in made:
+            from minigpt.export.hf_export import export_hf
+
+            made["hf", config_name] = tmp_path_factory.mktemp(config_name) / "hf"
+            export_hf(checkpoint, made["hf", config_name], verify=False)
+        hf_dir = made["hf", config_name]
+        if engine_name == "hf-gpt2":
+            from gpt2_peers import hf_gpt2
+
+            made[key] = hf_gpt2(hf_dir)
+        else:
+            pytest.importorskip("ctranslate2", reason="peer baseline: pip install ctranslate2 transformers")
+            from gpt2_peers import CTranslate2Peer
+
+            made[key] = CTranslate2Peer(hf_dir, "float32" if engine_name == "ct2-fp32" else "int8")
         return made[key]
 
     return make
 
 
 def run_engine(engine, batch: int, count: int) -> np.ndarray:
-    """(batch, count) greedy ids from PROMPT, by a minigpt engine or a CTranslate2 generator."""
-    if hasattr(engine, "generate_batch"):
-        from gpt2_peers import ctranslate2_greedy
-
-        return np.array(ctranslate2_greedy(engine, [PROMPT] * batch, count))
+    """(batch, count) greedy ids from PROMPT, by a minigpt engine or a CTranslate2 peer."""
+    if hasattr(engine, "greedy"):
+        return engine.greedy([PROMPT] * batch, count)
     return np.stack(list(generate_tokens(engine, PROMPT, count, Sampler(temperature=0), batch)), axis=1)
 
 
@@ -126,19 +138,17 @@ def test_greedy_text_equals_ctranslate2(engines, config_name):
 
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("config_name", list(CONFIGS))
-def test_generate_hf_gpt2_peer(benchmark, record_throughput, models, config_name, batch):
-    pytest.importorskip("transformers", reason="peer baseline: pip install transformers")
-    from gpt2_peers import hf_gpt2
-
+def test_generate_hf_gpt2_peer(benchmark, record_throughput, engines, config_name, batch):
     warnings.filterwarnings("ignore")
     benchmark.group = f"generate {config_name} batch {batch}"
-    model = hf_gpt2(models(config_name))
+    model = engines("hf-gpt2", config_name)
     count = new_tokens(config_name)
     ids = torch.tensor([PROMPT] * batch)
 
     @torch.inference_mode()
     def run():
-        return model.generate(ids, max_new_tokens=count, min_new_tokens=count, do_sample=False, pad_token_id=0)
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=count, min_new_tokens=count,
+                              do_sample=False, pad_token_id=0)
 
     out = benchmark.pedantic(run, rounds=3, warmup_rounds=1)
     assert out.shape == (batch, len(PROMPT) + count)
@@ -153,7 +163,7 @@ def test_memory_bandwidth_bound(benchmark, record_throughput, models):
     parts = np.array_split(data, os.cpu_count() or 1)
     with ThreadPoolExecutor(len(parts)) as pool:  # numpy releases the GIL while it sums
         benchmark.pedantic(lambda: sum(pool.map(np.sum, parts)), rounds=5, warmup_rounds=1)
-    weight_bytes = 4 * sum(p.numel() for p in models("large").parameters())
+    weight_bytes = 4 * sum(p.numel() for p in models("large")[0].parameters())
     if benchmark.stats:
         benchmark.extra_info["GB/s"] = data.nbytes / benchmark.stats["median"] / 1e9
         benchmark.extra_info["weights MB"] = weight_bytes / 1e6
