@@ -40,3 +40,23 @@ def tiny_checkpoint(tmp_path_factory, tiny_text_file):
                          warmup=5, device="cpu")
     train(load_corpus(tiny_text_file), config, out, progress=False, **TINY_MODEL)
     return out
+
+
+@pytest.fixture
+def cli_error(capsys):
+    """Run the CLI on argv and hold it to the contract for bad input: exit 2, nothing on stdout, one line on
+    stderr (no traceback) that contains every fragment. Returns that line."""
+    from minigpt.cli import main
+
+    def check(argv, *fragments):
+        code = main(argv)
+        out, err = capsys.readouterr()
+        assert code == 2, err
+        assert out == ""
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in err, err
+        for fragment in fragments:
+            assert fragment in lines[0], lines[0]
+        return lines[0]
+
+    return check

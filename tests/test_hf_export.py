@@ -94,37 +94,28 @@ def test_transformers_pipeline_writes_minigpt_text(tiny_checkpoint, hf_dir):
     assert pipe("the ", max_new_tokens=10, do_sample=False)[0]["generated_text"] == expected
 
 
-def one_line_error(capsys, argv, *fragments):
-    code = main(argv)
-    out, err = capsys.readouterr()
-    assert code == 2 and out == ""
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in err, err
-
-
-def test_bad_input(tiny_checkpoint, hf_dir, tmp_path, capsys):
-    one_line_error(capsys, ["export", "--hf", "--checkpoint", str(tmp_path / "none.safetensors"),
-                            "--out", str(tmp_path / "x")], "checkpoint not found")
+def test_bad_input(tiny_checkpoint, hf_dir, tmp_path, cli_error):
+    cli_error(["export", "--hf", "--checkpoint", str(tmp_path / "none.safetensors"),
+               "--out", str(tmp_path / "x")], "checkpoint not found")
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "keep.txt").write_text("keep me")
-    one_line_error(capsys, ["export", "--hf", "--checkpoint", str(tiny_checkpoint), "--out", str(existing)],
-                   "already exists", "--force")
+    cli_error(["export", "--hf", "--checkpoint", str(tiny_checkpoint), "--out", str(existing)],
+              "already exists", "--force")
     assert (existing / "keep.txt").read_text() == "keep me"
-    one_line_error(capsys, ["export", "--hf", "--quantize", "int8", "--checkpoint", str(tiny_checkpoint)],
-                   "--onnx")
-    one_line_error(capsys, ["generate", "--checkpoint", str(existing)], "not a minigpt/GPT-2 export")
+    cli_error(["export", "--hf", "--quantize", "int8", "--checkpoint", str(tiny_checkpoint)],
+              "--onnx")
+    cli_error(["generate", "--checkpoint", str(existing)], "not a minigpt/GPT-2 export")
     other = tmp_path / "other"
     shutil.copytree(hf_dir, other)
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
-    one_line_error(capsys, ["generate", "--checkpoint", str(other)], "not a minigpt/GPT-2 export", "llama")
+    cli_error(["generate", "--checkpoint", str(other)], "not a minigpt/GPT-2 export", "llama")
     (other / "config.json").write_text(json.dumps(config))
     tokenizer = json.loads((other / "tokenizer.json").read_text())
     tokenizer["model"] = {"type": "BPE", "vocab": {"th": 0, "e": 1}, "merges": []}
     (other / "tokenizer.json").write_text(json.dumps(tokenizer))
-    one_line_error(capsys, ["eval", "--checkpoint", str(other)], "character-level")
+    cli_error(["eval", "--checkpoint", str(other)], "character-level")
 
 
 def test_force_replaces_an_export(tiny_checkpoint, hf_dir, tmp_path, capsys):

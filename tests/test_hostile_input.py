@@ -71,32 +71,20 @@ COMMANDS = {
 }
 
 
-def assert_one_line_exit_2(capsys, argv, *fragments):
-    code = main(argv)
-    out, err = capsys.readouterr()
-    assert code == 2, err
-    assert out == ""
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
-
-
 @pytest.mark.parametrize("command", list(COMMANDS))
 @pytest.mark.parametrize("kind", DAMAGE)
-def test_damaged_checkpoints(good, tmp_path, capsys, command, kind):
+def test_damaged_checkpoints(good, tmp_path, cli_error, command, kind):
     ckpt = tmp_path / "bad.safetensors"
     ckpt.write_bytes(damaged(good, kind))
-    line = assert_one_line_exit_2(capsys, COMMANDS[command](str(ckpt), tmp_path))
+    line = cli_error(COMMANDS[command](str(ckpt), tmp_path))
     assert str(ckpt) in line  # the message names the file
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors"]  # nothing written
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
-def test_missing_checkpoint(tmp_path, capsys, command):
-    assert_one_line_exit_2(capsys, COMMANDS[command](str(tmp_path / "absent.safetensors"), tmp_path),
-                           "not found")
+def test_missing_checkpoint(tmp_path, cli_error, command):
+    cli_error(COMMANDS[command](str(tmp_path / "absent.safetensors"), tmp_path),
+              "not found")
 
 
 BAD_DATA = [("train", b"", "is empty"), ("train", b"\xff\xfe\x00 bad bytes " * 20, "not UTF-8"),
@@ -105,7 +93,7 @@ BAD_DATA = [("train", b"", "is empty"), ("train", b"\xff\xfe\x00 bad bytes " * 2
 
 
 @pytest.mark.parametrize("command,content,fragment", BAD_DATA)
-def test_bad_data(tiny_checkpoint, tmp_path, capsys, command, content, fragment):
+def test_bad_data(tiny_checkpoint, tmp_path, cli_error, command, content, fragment):
     data = tmp_path / "data.txt"
     data.write_bytes(content)
     if command == "train":
@@ -113,15 +101,15 @@ def test_bad_data(tiny_checkpoint, tmp_path, capsys, command, content, fragment)
                 "--embed_dim", "32", "--num_heads", "2", "--steps", "2", "--quiet"]
     else:
         argv = ["eval", "--checkpoint", str(tiny_checkpoint), "--data", str(data)]
-    assert_one_line_exit_2(capsys, argv, fragment)
+    cli_error(argv, fragment)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.txt"]
 
 
-def test_folder_without_the_split_a_command_needs(tiny_checkpoint, tmp_path, capsys):
+def test_folder_without_the_split_a_command_needs(tiny_checkpoint, tmp_path, capsys, cli_error):
     for split in ("valid", "test"):  # like WikiText-2 raw's published valid and test files alone
         (tmp_path / f"wiki.{split}.raw").write_text("the quick brown fox jumps over the lazy dog. " * 5)
-    assert_one_line_exit_2(capsys, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "m.safetensors"),
-                                    "--quiet"], "has no train split (it has: valid, test)")
+    cli_error(["train", "--data", str(tmp_path), "--out", str(tmp_path / "m.safetensors"),
+               "--quiet"], "has no train split (it has: valid, test)")
     assert main(["eval", "--checkpoint", str(tiny_checkpoint), "--data", str(tmp_path), "--split", "test"]) == 0
     assert "test: loss" in capsys.readouterr().out
 
@@ -134,9 +122,9 @@ def test_folder_without_the_split_a_command_needs(tiny_checkpoint, tmp_path, cap
     (["--batch_size", "0"], "batch_size must be a positive integer"),
     (["--learning_rate", "-1"], "learning_rate must be positive"),
 ])
-def test_impossible_configs(tiny_text_file, tmp_path, capsys, flags, fragment):
-    assert_one_line_exit_2(capsys, ["train", "--data", str(tiny_text_file), "--out",
-                                    str(tmp_path / "m.safetensors"), *flags], fragment)
+def test_impossible_configs(tiny_text_file, tmp_path, cli_error, flags, fragment):
+    cli_error(["train", "--data", str(tiny_text_file), "--out",
+               str(tmp_path / "m.safetensors"), *flags], fragment)
 
 
 @pytest.mark.parametrize("flags,fragment", [
@@ -145,19 +133,19 @@ def test_impossible_configs(tiny_text_file, tmp_path, capsys, flags, fragment):
     (["--max_new_tokens", "-5"], "max_new_tokens"), (["--temperature", "warm"], "invalid float value"),
     (["--prompt", "ÆØÅ"], "never saw"), (["--attention", "fast"], "invalid choice"),
 ])
-def test_out_of_range_sampling_flags(tiny_checkpoint, capsys, flags, fragment):
-    assert_one_line_exit_2(capsys, ["generate", "--checkpoint", str(tiny_checkpoint), *flags], fragment)
+def test_out_of_range_sampling_flags(tiny_checkpoint, cli_error, flags, fragment):
+    cli_error(["generate", "--checkpoint", str(tiny_checkpoint), *flags], fragment)
 
 
 @pytest.mark.parametrize("command", ["train", "export"])
-def test_unwritable_output_folder(tiny_checkpoint, tiny_text_file, tmp_path, capsys, command):
+def test_unwritable_output_folder(tiny_checkpoint, tiny_text_file, tmp_path, cli_error, command):
     out = tmp_path / "no" / "such" / "folder" / "model.out"
     if command == "train":
         argv = ["train", "--data", str(tiny_text_file), "--out", str(out), "--block_size", "16", "--embed_dim",
                 "32", "--num_heads", "2", "--steps", "2", "--eval_interval", "1", "--quiet"]
     else:
         argv = ["export", "--onnx", "--checkpoint", str(tiny_checkpoint), "--out", str(out)]
-    assert_one_line_exit_2(capsys, argv, "cannot write to")
+    cli_error(argv, "cannot write to")
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

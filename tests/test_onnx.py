@@ -124,41 +124,32 @@ def test_sampling_from_onnx_needs_no_torch(exported):
     assert result.stdout.count("--- sample") == 2
 
 
-def one_line_error(capsys, argv, *fragments):
-    code = main(argv)
-    out, err = capsys.readouterr()
-    assert code == 2 and out == ""
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in err, err
-
-
-def test_export_bad_input(tiny_checkpoint, tmp_path, capsys):
-    one_line_error(capsys, ["export", "--onnx", "--checkpoint", str(tmp_path / "none.safetensors"),
-                            "--out", str(tmp_path / "a.onnx")], "checkpoint not found")
-    one_line_error(capsys, ["export", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "a.onnx")],
-                   "--onnx")
-    one_line_error(capsys, ["export", "--onnx", "--checkpoint", str(tiny_checkpoint),
-                            "--out", str(tmp_path / "missing-folder" / "a.onnx")], "cannot write to")
+def test_export_bad_input(tiny_checkpoint, tmp_path, cli_error):
+    cli_error(["export", "--onnx", "--checkpoint", str(tmp_path / "none.safetensors"),
+               "--out", str(tmp_path / "a.onnx")], "checkpoint not found")
+    cli_error(["export", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "a.onnx")],
+              "--onnx")
+    cli_error(["export", "--onnx", "--checkpoint", str(tiny_checkpoint),
+               "--out", str(tmp_path / "missing-folder" / "a.onnx")], "cannot write to")
     existing = tmp_path / "exists.onnx"
     existing.write_bytes(b"keep me")
-    one_line_error(capsys, ["export", "--onnx", "--checkpoint", str(tiny_checkpoint), "--out", str(existing)],
-                   "already exists", "--force")
+    cli_error(["export", "--onnx", "--checkpoint", str(tiny_checkpoint), "--out", str(existing)],
+              "already exists", "--force")
     assert existing.read_bytes() == b"keep me"
-    one_line_error(capsys, ["export", "--onnx", "--checkpoint", str(tiny_checkpoint), "--out",
-                            str(tmp_path / "b.onnx"), "--opset", "12"], "opset")
+    cli_error(["export", "--onnx", "--checkpoint", str(tiny_checkpoint), "--out",
+               str(tmp_path / "b.onnx"), "--opset", "12"], "opset")
     assert not (tmp_path / "a.onnx").exists() and not (tmp_path / "b.onnx").exists()
 
 
-def test_generate_bad_onnx_input(tmp_path, exported, capsys):
+def test_generate_bad_onnx_input(tmp_path, exported, cli_error):
     not_onnx = tmp_path / "fake.onnx"
     not_onnx.write_bytes(b"this is not a protobuf graph")
-    one_line_error(capsys, ["generate", "--model", str(not_onnx)], "not a loadable ONNX model")
-    one_line_error(capsys, ["generate", "--model", str(tmp_path / "absent.onnx")], "ONNX model not found")
-    one_line_error(capsys, ["generate", "--model", str(exported["fp32"]), "--no-kv-cache"], "--no-kv-cache")
-    one_line_error(capsys, ["generate", "--model", str(exported["fp32"]), "--prompt", "XYZ"], "never saw")
-    one_line_error(capsys, ["generate", "--model", str(older_export(tmp_path, exported["fp32"]))],
-                   "older minigpt", "export it again")
+    cli_error(["generate", "--model", str(not_onnx)], "not a loadable ONNX model")
+    cli_error(["generate", "--model", str(tmp_path / "absent.onnx")], "ONNX model not found")
+    cli_error(["generate", "--model", str(exported["fp32"]), "--no-kv-cache"], "--no-kv-cache")
+    cli_error(["generate", "--model", str(exported["fp32"]), "--prompt", "XYZ"], "never saw")
+    cli_error(["generate", "--model", str(older_export(tmp_path, exported["fp32"]))],
+              "older minigpt", "export it again")
 
 
 def older_export(folder, current):
