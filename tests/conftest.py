@@ -60,3 +60,33 @@ def cli_error(capsys):
         return lines[0]
 
     return check
+
+
+@pytest.fixture
+def cli_without():
+    """Run `minigpt` with argv in a fresh Python where importing `package` fails, as on a machine without it."""
+    import subprocess
+    import sys
+    import textwrap
+
+    def run(package, argv):
+        script = textwrap.dedent(f"""
+            import importlib.abc, sys
+
+            def blocked(name):
+                return name == {package!r} or name.startswith({package + "."!r})
+
+            class Blocker(importlib.abc.MetaPathFinder):
+                def find_spec(self, name, path, target=None):
+                    if blocked(name):
+                        raise ImportError({package!r} + " is not installed")
+
+            sys.meta_path.insert(0, Blocker())
+            from minigpt.cli import main
+            code = main({argv!r})
+            assert not any(blocked(name) for name in sys.modules), {package!r} + " was imported"
+            sys.exit(code)
+        """)
+        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+
+    return run

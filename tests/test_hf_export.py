@@ -2,9 +2,6 @@
 
 import json
 import shutil
-import subprocess
-import sys
-import textwrap
 
 import pytest
 from hypothesis import given, settings
@@ -126,20 +123,9 @@ def test_force_replaces_an_export(tiny_checkpoint, hf_dir, tmp_path, capsys):
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").exists()
 
 
-def test_without_transformers_the_flag_names_the_extra(tiny_checkpoint, tmp_path):
-    script = textwrap.dedent(f"""
-        import importlib.abc, sys
-
-        class NoTransformers(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name == "transformers" or name.startswith("transformers."):
-                    raise ImportError("transformers is not installed")
-
-        sys.meta_path.insert(0, NoTransformers())
-        from minigpt.cli import main
-        sys.exit(main(["export", "--hf", "--checkpoint", {str(tiny_checkpoint)!r}, "--out", {str(tmp_path / 'd')!r}]))
-    """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+def test_without_transformers_the_flag_names_the_extra(tiny_checkpoint, tmp_path, cli_without):
+    result = cli_without("transformers", ["export", "--hf", "--checkpoint", str(tiny_checkpoint),
+                                          "--out", str(tmp_path / "d")])
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "minigpt[hf]" in result.stderr
     assert not (tmp_path / "d").exists()
