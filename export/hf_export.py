@@ -30,14 +30,12 @@ from minigpt.data import corpus_from_source
 from minigpt.decoding import generate_tokens
 from minigpt.errors import MiniGPTError
 from minigpt.export.gpt2 import gpt2_config, gpt2_state_dict
-from minigpt.export.onnx_export import ExportReport, quiet
+from minigpt.export.onnx_export import LOGIT_TOLERANCE, VERIFY_NEW_TOKENS, ExportReport, quiet
 from minigpt.generation import KVCacheEngine
 from minigpt.model import MiniGPT
 from minigpt.sampling import Sampler
 from minigpt.tokenizer import CharTokenizer
 
-LOGIT_TOLERANCE = 1e-4
-VERIFY_NEW_TOKENS = 100
 ROUND_TRIP_CHARACTERS = 20_000
 
 

@@ -82,7 +82,7 @@ def quantize_int8(onnx_bytes: bytes) -> bytes:
 class ExportReport:
     path: Path
     size_bytes: int
-    form: str  # "opset 17", "GPT-2 architecture"
+    form: str  # what was written: "opset 17", "a transformers GPT-2 directory"
     seconds: float
     lines: list[str] = field(default_factory=list)
 

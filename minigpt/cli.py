@@ -103,7 +103,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _option(export, "checkpoint", default=DEFAULT_CHECKPOINT,
             help=f"a checkpoint or an exported --hf directory (default {DEFAULT_CHECKPOINT})")
     _option(export, "out", default=None, help="what to write (default minigpt.onnx, or the folder minigpt-hf)")
-    _option(export, "opset", type=int, default=17, help="ONNX opset of the standard operators (default 17)")
+    _option(export, "opset", type=int, default=None, help="ONNX opset of the standard operators (default 17)")
     _option(export, "quantize", choices=("int8",), default=None, help="int8: dynamic quantisation of the weights")
     _option(export, "verify", action=argparse.BooleanOptionalAction, default=True,
             help="check the graph and compare it with PyTorch (default); --no-verify skips it")
@@ -209,7 +209,7 @@ def _generate(args: argparse.Namespace) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     if args.hf:
-        if args.quantize or args.opset != 17:
+        if args.quantize or args.opset is not None:
             raise MiniGPTError("--quantize and --opset belong to --onnx; drop them with --hf")
         from minigpt.export.hf_export import export_hf
 
@@ -217,9 +217,10 @@ def _export(args: argparse.Namespace) -> None:
         return
     if not args.onnx:
         raise MiniGPTError("choose the format to export to: --onnx or --hf")
-    from minigpt.export.onnx_export import export_onnx
+    from minigpt.export.onnx_export import DEFAULT_OPSET, export_onnx
 
-    report = export_onnx(args.checkpoint, args.out or "minigpt.onnx", opset=args.opset, quantize=args.quantize,
+    opset = DEFAULT_OPSET if args.opset is None else args.opset
+    report = export_onnx(args.checkpoint, args.out or "minigpt.onnx", opset=opset, quantize=args.quantize,
                          verify=args.verify, force=args.force)
     print(report)
 
