@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minigpt.checkpoint import check_writable, load_checkpoint
+from minigpt.checkpoint import load_checkpoint
 from minigpt.data import corpus_from_source
 from minigpt.decoding import generate_tokens
 from minigpt.errors import MiniGPTError
@@ -33,6 +33,7 @@ from minigpt.export.gpt2 import gpt2_config, gpt2_state_dict
 from minigpt.export.onnx_export import LOGIT_TOLERANCE, VERIFY_NEW_TOKENS, ExportReport, quiet
 from minigpt.generation import KVCacheEngine
 from minigpt.model import MiniGPT
+from minigpt.paths import check_output_folder
 from minigpt.sampling import Sampler
 from minigpt.tokenizer import CharTokenizer
 
@@ -67,11 +68,9 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike = "minigpt-h
     """Write `checkpoint` as a transformers directory at `out`, verified against minigpt unless verify=False."""
     transformers = require_transformers()
     out = Path(out)
+    check_output_folder(out)
     if out.exists() and not force:
         raise MiniGPTError(f"{out} already exists; pass --force to replace it or choose another --out")
-    if out.exists() and not out.is_dir():
-        raise MiniGPTError(f"{out} is a file; --hf writes a directory: choose another --out")
-    check_writable(out)
     loaded = load_checkpoint(checkpoint)
     model, tokenizer = loaded.model, loaded.tokenizer
     start = time.perf_counter()

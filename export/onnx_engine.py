@@ -22,6 +22,7 @@ from minigpt.decoding import check_prefill
 from minigpt.errors import CheckpointError, MiniGPTError
 from minigpt.export.onnx_graph import (INPUT_IDS, LOGITS, POSITION_IDS, SEQLENS_K, TOTAL_LENGTH, cache_names,
                                        padded_head_dim)
+from minigpt.paths import check_onnx_model_path
 from minigpt.tokenizer import CharTokenizer
 
 # Threads, measured on 2 cores (bench/README.md): a single row of a small
@@ -81,9 +82,8 @@ class OnnxEngine:
     def __init__(self, model: str | os.PathLike | bytes, threads: int | None = None):
         """threads: intra-op threads; None picks by model size and batch (see `default_threads`)."""
         check_threads(threads)
-        if not isinstance(model, bytes) and not Path(model).is_file():
-            raise CheckpointError(f"ONNX model not found: {model}; export one with "
-                                  "`minigpt export --onnx --checkpoint CKPT`")
+        if not isinstance(model, bytes):
+            check_onnx_model_path(model)
         self.model, self.threads = model, threads
         self.model_bytes = len(model) if isinstance(model, bytes) else Path(model).stat().st_size
         self.sessions: dict[int, object] = {}  # by thread count: a small model may want two

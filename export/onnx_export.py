@@ -21,13 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minigpt.checkpoint import atomic_write_bytes, check_writable, load_checkpoint
+from minigpt.checkpoint import atomic_write_bytes, load_checkpoint
 from minigpt.decoding import generate_tokens
 from minigpt.errors import MiniGPTError
 from minigpt.export.onnx_engine import OnnxEngine, graph_metadata
 from minigpt.export.onnx_graph import DEFAULT_OPSET, MIN_OPSET, build_graph
 from minigpt.generation import KVCacheEngine
 from minigpt.model import MiniGPT
+from minigpt.paths import check_output_file
 from minigpt.sampling import Sampler
 
 LOGIT_TOLERANCE = 1e-4
@@ -104,9 +105,9 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike = "minigpt
         raise MiniGPTError(f"--quantize takes int8, got {quantize!r}")
     if opset < MIN_OPSET:
         raise MiniGPTError(f"--opset must be at least {MIN_OPSET} for this exporter, got {opset}")
+    check_output_file(out)
     if out.exists() and not force:
         raise MiniGPTError(f"{out} already exists; pass --force to overwrite it or choose another --out")
-    check_writable(out)
     loaded = load_checkpoint(checkpoint)
     start = time.perf_counter()
     metadata = graph_metadata(loaded.model.config, loaded.tokenizer)

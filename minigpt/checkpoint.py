@@ -27,6 +27,7 @@ from safetensors.torch import save as safetensors_bytes
 from minigpt.config import GPTConfig
 from minigpt.errors import CheckpointError, MiniGPTError
 from minigpt.model import MiniGPT
+from minigpt.paths import checkpoint_kind
 from minigpt.tokenizer import CharTokenizer
 
 OPTIMIZER_PREFIX = "optimizer."
@@ -54,13 +55,6 @@ class Checkpoint:
             index, name = key[len(OPTIMIZER_PREFIX):].split(".", 1)
             state.setdefault(int(index), {})[name] = tensor
         return {"state": state, "param_groups": json.loads(self.metadata["optimizer"])}
-
-
-def check_writable(path: str | os.PathLike) -> None:
-    """Fail before any work when `path` could not be written at the end of it."""
-    folder = Path(path).parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK):
-        raise MiniGPTError(f"cannot write to {folder}; choose a folder that exists and is writable")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -122,12 +116,10 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     """Rebuild model and tokenizer from a .safetensors checkpoint, a directory written by `minigpt export --hf`
     (or any GPT-2 directory with a character-level tokenizer.json), or a legacy .pt."""
     path = Path(path)
-    if path.is_dir():
+    kind = checkpoint_kind(path)
+    if kind == "folder":
         state_dict, metadata = _read_hf_directory(path)
-    elif not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}; train one with `minigpt train` "
-                              "or pass an existing file with --checkpoint")
-    elif path.suffix == ".pt":
+    elif kind == "pt":
         state_dict, metadata = _read_legacy_pt(path)
     else:
         state_dict, metadata = _read_safetensors(path)
@@ -168,6 +160,7 @@ def _unwrap(model: torch.nn.Module) -> MiniGPT:
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """A checkpoint's metadata alone (its config, vocab, step, data...), without reading the weights."""
+    checkpoint_kind(path)
     return _read_safetensors(Path(path), with_tensors=False)[1]
 
 

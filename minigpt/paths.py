@@ -1,0 +1,92 @@
+"""The files commands read and write: what kind a file is, and outputs checked before any work starts.
+
+A command that would fail when it saves must fail before it trains or
+exports, and a file of the wrong kind is named as what it is, with the
+command that takes it. Torch-free, so the onnx engine can use it too.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+from minigpt.errors import CheckpointError, MiniGPTError
+
+SNIFF_BYTES = 4096
+
+
+def file_kind(path: str | os.PathLike) -> str:
+    """'missing', 'folder', 'safetensors', 'onnx', 'pt', 'text' or 'unknown' (damaged or foreign bytes)."""
+    path = Path(path)
+    if not path.exists():
+        return "missing"
+    if path.is_dir():
+        return "folder"
+    try:
+        with path.open("rb") as f:
+            head = f.read(SNIFF_BYTES)
+    except OSError:
+        return "unknown"
+    # safetensors: an 8-byte little-endian header length, then the JSON header.
+    if len(head) > 8 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < 100_000_000:
+        return "safetensors"
+    if path.suffix in (".onnx", ".pt"):
+        return path.suffix[1:]
+    if head and b"\0" not in head:
+        try:
+            head.decode("utf-8")
+            return "text"
+        except UnicodeDecodeError as exc:
+            if exc.start >= len(head) - 3:  # a character cut by the sniff window
+                return "text"
+    return "unknown"
+
+
+def checkpoint_kind(path: str | os.PathLike) -> str:
+    """The kind of a file given as a checkpoint; one that cannot be one is refused, saying what it is."""
+    kind = file_kind(path)
+    if kind == "missing":
+        raise CheckpointError(f"checkpoint not found: {path}; train one with `minigpt train` "
+                              "or pass an existing file with --checkpoint")
+    if kind == "onnx":
+        raise CheckpointError(f"{path} is an ONNX model (from `minigpt export --onnx`): only "
+                              f"`minigpt generate --model {path}` runs it; this needs the .safetensors "
+                              "checkpoint it was exported from")
+    if kind == "text":
+        raise CheckpointError(f"{path} is a text file, not a checkpoint: pass the .safetensors file "
+                              "`minigpt train` wrote (text to train on goes to --data)")
+    return kind
+
+
+def check_onnx_model_path(path: str | os.PathLike) -> None:
+    """Refuse a path that is not an ONNX model, saying what it is; damaged graphs are onnxruntime's to find."""
+    kind = file_kind(path)
+    if kind == "missing":
+        raise CheckpointError(f"ONNX model not found: {path}; export one with "
+                              "`minigpt export --onnx --checkpoint CKPT`")
+    what = {"safetensors": "a minigpt checkpoint", "folder": "a folder", "text": "a text file"}.get(kind)
+    if what:
+        raise CheckpointError(f"{path} is {what}, not an ONNX model: run it with --engine torch, or export "
+                              f"it with `minigpt export --onnx --checkpoint {path}`")
+
+
+def check_output_file(path: str | os.PathLike, flag: str = "--out") -> None:
+    """Fail before any work when the file `path` could not be written at the end of it."""
+    path = Path(path)
+    if path.is_dir():
+        raise MiniGPTError(f"{flag} {path} is a folder; give a file name (one inside it, if it should go there)")
+    _check_folder_writable(path.parent)
+
+
+def check_output_folder(path: str | os.PathLike, flag: str = "--out") -> None:
+    """Fail before any work when the folder `path` could not be created (or replaced) at the end of it."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise MiniGPTError(f"{flag} {path} is a file; this writes a folder: choose another {flag}")
+    _check_folder_writable(path.parent)
+
+
+def _check_folder_writable(folder: Path) -> None:
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise MiniGPTError(f"cannot write to {folder}; choose a folder that exists and is writable")
