@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from minigpt.config import check_seed
 from minigpt.errors import MiniGPTError
 
 
@@ -31,6 +32,8 @@ class Sampler:
             raise MiniGPTError(f"top_k must be a positive integer, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise MiniGPTError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None:
+            check_seed(self.seed)
         self.rng = np.random.default_rng(self.seed)
 
     @property

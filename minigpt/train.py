@@ -20,16 +20,16 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from minigpt import distributed
-from minigpt.checkpoint import check_writable, load_checkpoint, read_metadata, save_checkpoint
+from minigpt.checkpoint import Checkpoint, load_checkpoint, read_metadata, save_checkpoint
 from minigpt.config import GPTConfig, TrainConfig
 from minigpt.data import Corpus
 from minigpt.errors import ConfigError, DataError, MiniGPTError
 from minigpt.generation import generate
 from minigpt.model import MiniGPT
+from minigpt.paths import check_output_file
 from minigpt.tokenizer import CharTokenizer
 
 LN2 = math.log(2)
-METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass
@@ -42,6 +42,8 @@ class TrainResult:
 
 
 def resolve_device(name: str) -> torch.device:
+    if not (name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit())):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -170,19 +172,36 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return ((seed * 1_000_003 + rank) * 1_000_000_007 + step) % 2**63
 
 
-def check_out_path(out: Path, model_config: GPTConfig, *, force: bool, resume: Path | None) -> None:
-    """Refuse to overwrite a checkpoint of another architecture unless asked to."""
-    check_writable(out)
+def metrics_path_for(out: str | Path) -> Path:
+    """Each checkpoint's log beside it: minigpt.safetensors -> minigpt.metrics.jsonl."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.metrics.jsonl")
+
+
+def check_out_path(out: Path, *, force: bool, resume: Path | None) -> None:
+    """Never replace an existing checkpoint unless asked to, or it is the one being resumed."""
+    check_output_file(out)
+    log = metrics_path_for(out)
+    if log.is_dir():
+        raise MiniGPTError(f"the metrics log {log} (written beside {out}) is a folder; move it away or choose "
+                           "another --out")
     if force or not out.exists() or (resume is not None and out.resolve() == resume.resolve()):
         return
     try:
-        existing = GPTConfig.from_json(read_metadata(out)["config"])
-    except (MiniGPTError, KeyError):  # unreadable, or not a minigpt checkpoint: still not ours to overwrite
-        existing = None
-    if existing != model_config:
-        what = "a checkpoint of a different model" if existing else "a file that is not a minigpt checkpoint"
-        raise MiniGPTError(f"{out} holds {what}; pass --force to replace it, --resume {out} to continue it, "
-                           "or choose another --out")
+        what = f"a trained model (step {read_metadata(out).get('step', '?')})"
+    except MiniGPTError:  # unreadable, or not a minigpt checkpoint: still not ours to overwrite
+        what = "a file that is not a minigpt checkpoint"
+    raise MiniGPTError(f"{out} already holds {what}; pass --force to replace it, --resume {out} to continue "
+                       "training it, or choose another --out")
+
+
+def check_resumable(checkpoint: Checkpoint, path: Path, steps: int) -> None:
+    if checkpoint.optimizer_state() is None:
+        raise MiniGPTError(f"{path} has no optimizer state to resume from; "
+                           "resume from a checkpoint written by `minigpt train`")
+    if checkpoint.step >= steps:
+        raise MiniGPTError(f"{path} is at step {checkpoint.step} already; "
+                           f"pass --steps greater than {checkpoint.step} to train further")
 
 
 def train(corpus: Corpus, config: TrainConfig, out: str | Path, *, progress: bool = True,
@@ -198,34 +217,29 @@ def train(corpus: Corpus, config: TrainConfig, out: str | Path, *, progress: boo
     called with each step's record.
     """
     out, resume = Path(out), (Path(resume) if resume is not None else None)
+    check_out_path(out, force=force, resume=resume)
     group, device_name = distributed.join(config.device)
     try:
         return _train(corpus, config, out, group, resolve_device(device_name), progress=progress,
-                      resume=resume, force=force, on_step=on_step, model_fields=model_fields)
+                      resume=resume, on_step=on_step, model_fields=model_fields)
     finally:
         distributed.leave(group)
 
 
 def _train(corpus: Corpus, config: TrainConfig, out: Path, group: distributed.ProcessGroup,
-           device: torch.device, *, progress: bool, resume: Path | None, force: bool,
+           device: torch.device, *, progress: bool, resume: Path | None,
            on_step: Callable[[dict], None] | None, model_fields: dict) -> TrainResult:
     if resume is not None:
         checkpoint = load_checkpoint(resume)
+        check_resumable(checkpoint, resume, config.steps)
         model, tokenizer, first_step = checkpoint.model, checkpoint.tokenizer, checkpoint.step + 1
         optimizer_state = checkpoint.optimizer_state()
-        if optimizer_state is None:
-            raise MiniGPTError(f"{resume} has no optimizer state to resume from; "
-                               "resume from a checkpoint written by `minigpt train`")
-        if first_step > config.steps:
-            raise MiniGPTError(f"{resume} is at step {checkpoint.step} already; "
-                               f"pass --steps greater than {checkpoint.step} to train further")
     else:
         GPTConfig(vocab_size=1, **model_fields)  # fail on an impossible shape before touching data
         tokenizer = CharTokenizer.from_text(*corpus.all_text())
         torch.manual_seed(config.seed)
         model, first_step, optimizer_state = MiniGPT(GPTConfig(tokenizer.vocab_size, **model_fields)), 1, None
     model_config = model.config
-    check_out_path(out, model_config, force=force, resume=resume)
     train_ids = encode_split(tokenizer, corpus.split("train"), "train", model_config.block_size)
     valid_ids = encode_split(tokenizer, corpus.split("valid"), "valid", model_config.block_size)
 
@@ -242,7 +256,7 @@ def _train(corpus: Corpus, config: TrainConfig, out: Path, group: distributed.Pr
             save_checkpoint(out, model, tokenizer, step=step, data=corpus.source, optimizer=optimizer,
                             train_config=dataclasses.asdict(config))
 
-    metrics_path = out.parent / METRICS_FILE
+    metrics_path = metrics_path_for(out)
     if group.is_main:
         if resume is None:
             metrics_path.write_text("")
@@ -254,7 +268,9 @@ def _train(corpus: Corpus, config: TrainConfig, out: Path, group: distributed.Pr
     result = TrainResult(model, tokenizer)
     tokens_per_step = group.world_size * config.batch_size * model_config.block_size
     steps = range(first_step, config.steps + 1)
-    bar = tqdm(steps, disable=not (progress and group.is_main), file=sys.stderr, unit="step", dynamic_ncols=True)
+    # disable=None: tqdm draws only on a terminal, so `2> log` gets eval lines and no bar frames.
+    bar = tqdm(steps, disable=None if progress and group.is_main else True, file=sys.stderr, unit="step",
+               dynamic_ncols=True)
     generator = torch.Generator()
     start = time.perf_counter()
     with StopSignals() as signals:
