@@ -24,12 +24,19 @@ _LAZY = {
     "generate_samples": "minigpt.generation",
 }
 
+# Modules reachable as attributes after a plain `import minigpt` (minigpt.train.train(...)), loaded on first use.
+_SUBMODULES = ("checkpoint", "config", "data", "decoding", "generation", "model", "sampling", "tokenizer",
+               "train", "kernels", "export")
+
 __all__ = ["MiniGPTError", *_LAZY]
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         value = getattr(import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'minigpt' has no attribute {name!r}")
+    elif name in _SUBMODULES:
+        value = import_module(f"minigpt.{name}")
+    else:
+        raise AttributeError(f"module 'minigpt' has no attribute {name!r}")
+    globals()[name] = value
+    return value

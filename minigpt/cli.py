@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import signal
 import sys
 import time
 
@@ -23,21 +25,32 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _option(parser: argparse.ArgumentParser, name: str, *aliases: str, **kwargs) -> None:
-    """Add --name (and --aliases), plus the dashed spelling of each multi-word one: both work."""
-    flags = []
-    for word in (name, *aliases):
-        flags += [f"--{word}"] + ([f"--{word.replace('_', '-')}"] if "_" in word else [])
-    parser.add_argument(*flags, dest=name, **kwargs)
+    """Add --name (and --aliases), dashed (--max-new-tokens); the underscore spelling works too, unlisted."""
+    words = (name, *aliases)
+    parser.add_argument(*[f"--{word.replace('_', '-')}" for word in words], dest=name, **kwargs)
+    underscored = [f"--{word}" for word in words if "_" in word]
+    if underscored:
+        parser.add_argument(*underscored, dest=name, **{**kwargs, "help": argparse.SUPPRESS,
+                                                         "default": argparse.SUPPRESS})
 
 
 def _dataclass_options(parser: argparse.ArgumentParser, cls, skip=()) -> None:
-    """One option per dataclass field, typed and defaulted by the field itself."""
+    """One option per dataclass field, typed, explained and defaulted by the field itself.
+
+    The parsed value is None when the flag is not given, so `--resume` can tell what was asked for.
+    """
     for f in dataclasses.fields(cls):
         if f.name in skip or not f.init:
             continue
         kind = type(f.default)
-        _option(parser, f.name, type=kind, default=f.default, metavar=kind.__name__.upper(),
-                help=f"(default {f.default})")
+        _option(parser, f.name, type=kind, default=None, metavar=kind.__name__.upper(),
+                help=f"{f.metadata['help']} (default {f.default})")
+
+
+def _given(args: argparse.Namespace, cls, skip=()) -> dict:
+    """The fields of `cls` set on the command line."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+            if f.name not in skip and getattr(args, f.name, None) is not None}
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -48,49 +61,61 @@ def _build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a model and save a checkpoint",
                                 description="Train a MiniGPT, save it, then print a sample.")
-    _option(train, "data", default=None, help="text file or folder of split files "
-            "(default: WikiText-2 from the hub, or an offline fallback corpus)")
-    _option(train, "out", default=DEFAULT_CHECKPOINT, help=f"checkpoint to write (default {DEFAULT_CHECKPOINT})")
+    _option(train, "data", default=None, metavar="PATH",
+            help="a text file (its last 10%% is validation) or a folder with wiki.{train,valid,test}.raw, "
+                 "wiki.{train,valid,test}.tokens or {train,valid,test}.txt (default WikiText-2 from the hub, "
+                 "or an offline fallback corpus)")
+    _option(train, "out", default=None, metavar="PATH",
+            help="the checkpoint to write; its log NAME.metrics.jsonl goes beside it "
+                 f"(default {DEFAULT_CHECKPOINT}, or with --resume the checkpoint resumed)")
     model_group = train.add_argument_group("model")
     _dataclass_options(model_group, GPTConfig, skip=("vocab_size",))
     train_group = train.add_argument_group("training")
     _dataclass_options(train_group, TrainConfig)
     _option(train, "resume", default=None, metavar="CKPT",
-            help="continue a checkpoint written by minigpt train: model, optimizer and step come back "
-                 "(its architecture wins over the model flags); --steps is the total to reach")
-    _option(train, "force", action="store_true", help="replace an --out that holds a different model")
-    _option(train, "sample_tokens", type=int, default=300, help="characters to sample at the end (default 300)")
+            help="continue a checkpoint written by minigpt train: model, optimizer, step and training settings "
+                 "come back; training flags given with it override them")
+    _option(train, "force", action="store_true",
+            help="replace an existing --out (a trained model is never replaced without it)")
+    _option(train, "sample_tokens", type=int, default=300, metavar="N",
+            help="characters to sample at the end (default 300)")
     _option(train, "quiet", action="store_true", help="no progress bar")
 
     generate = commands.add_parser("generate", help="continue a prompt with a trained model",
                                    description="Print the prompt and its continuation; diagnostics go to stderr.")
-    _option(generate, "checkpoint", "model", default=DEFAULT_CHECKPOINT,
-            help=f"a .safetensors checkpoint or an exported .onnx model (default {DEFAULT_CHECKPOINT})")
+    _option(generate, "checkpoint", "model", default=DEFAULT_CHECKPOINT, metavar="PATH",
+            help=f"a checkpoint, an exported .onnx model, or an export --hf directory (default {DEFAULT_CHECKPOINT})")
     _option(generate, "engine", choices=("auto", "torch", "onnx"), default="auto",
-            help="torch, or onnx (onnxruntime, needs no torch); auto picks by the file's suffix")
-    _option(generate, "prompt", default="", help="text to continue (default: start of a new line)")
-    _option(generate, "max_new_tokens", type=int, default=200, help="characters to generate (default 200)")
-    _option(generate, "temperature", type=float, default=1.0, help="0 is greedy (default 1.0)")
-    _option(generate, "top_k", type=int, default=None, help="sample only from the k likeliest characters")
-    _option(generate, "top_p", type=float, default=None, help="sample from the smallest set holding this mass")
-    _option(generate, "seed", type=int, default=None, help="same seed, same text")
-    _option(generate, "num_samples", type=int, default=1, help="samples of the same prompt, decoded as one batch")
-    _option(generate, "kv_cache", action=argparse.BooleanOptionalAction, default=True,
-            help="keep earlier keys and values in a static cache (default); --no-kv-cache recomputes "
-                 "the whole context every step, as the reference")
+            help="torch, or onnx (onnxruntime); auto picks onnx for a .onnx file (default auto)")
+    _option(generate, "prompt", default="", help="text to continue (default empty: starts a new line)")
+    _option(generate, "max_new_tokens", type=int, default=200, metavar="N", help="characters to add (default 200)")
+    _option(generate, "temperature", type=float, default=1.0, metavar="T", help="0 is greedy (default 1.0)")
+    _option(generate, "top_k", type=int, default=None, metavar="K",
+            help="sample only among the k likeliest characters (default off)")
+    _option(generate, "top_p", type=float, default=None, metavar="P",
+            help="sample from the smallest set of characters holding this much probability (default off)")
+    _option(generate, "seed", type=int, default=None, help="same seed, same text (default random)")
+    _option(generate, "num_samples", type=int, default=1, metavar="N",
+            help="samples of the same prompt, decoded together as one batch (default 1)")
     _option(generate, "attention", choices=("auto", "torch", "triton"), default="auto",
-            help="attention kernels for the torch engine: triton (fused, GPU), torch (SDPA), or auto: "
-                 "triton on a GPU, torch otherwise")
-    _option(generate, "device", default="auto", help="auto, cpu or cuda (default auto)")
-    _option(generate, "threads", type=int, default=None,
-            help="CPU threads (default for the onnx engine: 1 for one sample of a small model, every "
-                 "core otherwise, as measured fastest; torch's own default for the torch engine)")
+            help="attention kernels of the torch engine: triton (our fused kernels, GPU), torch (PyTorch SDPA), "
+                 "auto (Triton on a GPU, PyTorch otherwise) (default auto)")
+    _option(generate, "kv_cache", action=argparse.BooleanOptionalAction, default=True,
+            help="keep earlier keys and values in a static cache; --no-kv-cache recomputes the whole context "
+                 "every step (the reference) (default on)")
+    _option(generate, "device", default="auto", help="auto, cpu or cuda; the onnx engine runs on the CPU "
+            "(default auto)")
+    _option(generate, "threads", type=int, default=None, metavar="N",
+            help="CPU threads; the onnx engine picks 1 for one sample of a small model (under 4 MB of weights) "
+                 "and every core otherwise, as measured fastest (see bench/README.md) (default picked)")
 
     evaluate = commands.add_parser("eval", help="loss and bits per character on a whole split",
                                    description="Evaluate a checkpoint on every character of one split.")
-    _option(evaluate, "checkpoint", default=DEFAULT_CHECKPOINT, help=f"(default {DEFAULT_CHECKPOINT})")
+    _option(evaluate, "checkpoint", default=DEFAULT_CHECKPOINT,
+            help=f"the checkpoint to measure, or an export --hf folder (default {DEFAULT_CHECKPOINT})")
     _option(evaluate, "data", default=None, help="text file or folder (default: the data it was trained on)")
-    _option(evaluate, "split", choices=("valid", "test"), default="valid", help="(default valid)")
+    _option(evaluate, "split", choices=("valid", "test"), default="valid",
+            help="which split to measure, every character of it (default valid)")
     _option(evaluate, "batch_size", type=int, default=64, help="windows per forward pass (default 64)")
     _option(evaluate, "device", default="auto", help="auto, cpu or cuda (default auto)")
     export = commands.add_parser("export", help="export a checkpoint to ONNX or a HuggingFace directory",
@@ -112,49 +137,72 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    import os
+    from pathlib import Path
 
-    from minigpt.checkpoint import check_writable, load_checkpoint
+    from minigpt.checkpoint import load_checkpoint
     from minigpt.config import GPTConfig, TrainConfig
     from minigpt.data import corpus_from_source, load_corpus
-    from minigpt.train import TrainingInterrupted, sample_after_training, train
+    from minigpt.train import (TrainingInterrupted, check_out_path, check_resumable, resolve_device,
+                               sample_after_training, train)
 
-    def fields_of(cls):
-        return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name != "vocab_size"}
-
-    model_fields = fields_of(GPTConfig)
-    GPTConfig(vocab_size=1, **model_fields)  # an impossible shape fails before the data loads
-    config = TrainConfig(**fields_of(TrainConfig))
-    check_writable(args.out)  # before the data loads, not after
-    resumed = load_checkpoint(args.resume) if args.resume else None  # vetted before any data is read
+    # Everything that can be checked without the data is checked first, cheapest first.
+    model_flags = _given(args, GPTConfig, skip=("vocab_size",))
+    training_flags = _given(args, TrainConfig)
+    resumed = load_checkpoint(args.resume) if args.resume else None
+    if resumed is None:
+        GPTConfig(vocab_size=1, **model_flags)  # an impossible shape fails here
+        config = TrainConfig(**training_flags)
+    else:
+        config = _resumed_train_config(args.resume, resumed.metadata, training_flags)
+        if model_flags:
+            print(f"minigpt: --resume keeps the checkpoint's architecture; ignoring "
+                  f"{_flag_list(model_flags)}", file=sys.stderr)
+    resolve_device(config.device)
+    out = Path(args.out or args.resume or DEFAULT_CHECKPOINT)
+    check_out_path(out, force=args.force, resume=Path(args.resume) if args.resume else None)
     if resumed is not None:
-        ignored = [f"--{name} {value}" for name, value in model_fields.items()
-                   if value != getattr(resumed.model.config, name)
-                   and value != GPTConfig.__dataclass_fields__[name].default]
-        if ignored:
-            print(f"minigpt: --resume keeps the checkpoint's architecture; ignoring {', '.join(ignored)}",
-                  file=sys.stderr)
-    if resumed is not None and not args.data:  # the data it was trained on
-        corpus = corpus_from_source(resumed.metadata.get("data", ""))
+        check_resumable(resumed, args.resume, config.steps)
+        corpus = load_corpus(args.data) if args.data else corpus_from_source(resumed.metadata.get("data", ""))
     else:
         corpus = load_corpus(args.data)
     is_main = int(os.environ.get("RANK", "0")) == 0
     try:
-        result = train(corpus, config, args.out, progress=not args.quiet, resume=args.resume, force=args.force,
-                       **model_fields)
+        result = train(corpus, config, out, progress=not args.quiet, resume=args.resume, force=args.force,
+                       **model_flags)
     except TrainingInterrupted as stop:
-        if is_main:
-            print(f"minigpt: {stop}; saved {stop.path}. Resume with: minigpt train --resume {stop.path} "
-                  f"--out {stop.path} --steps {config.steps} (and the same training flags)", file=sys.stderr)
+        if is_main:  # settings, data and the steps to reach all come back from the checkpoint
+            print(f"minigpt: {stop}; saved {stop.path}. Resume with: minigpt train --resume {stop.path}",
+                  file=sys.stderr)
         return 128 + stop.signum  # 130 for Ctrl-C, 143 for SIGTERM, as shells report them
     if not is_main:
         return 0
     print(f"minigpt: trained to step {config.steps} in {result.wall_s:.1f} s "
-          f"({result.tokens_per_s:,.0f} tokens/s); saved {args.out}", file=sys.stderr)
+          f"({result.tokens_per_s:,.0f} tokens/s); saved {out}", file=sys.stderr)
     if args.sample_tokens > 0:
         print(f"minigpt: sample ({args.sample_tokens} characters, temperature 0.8):", file=sys.stderr)
         print(sample_after_training(result, args.sample_tokens))
     return 0
+
+
+def _resumed_train_config(path: str, metadata: dict[str, str], flags: dict):
+    """The checkpoint's training settings, with the flags given on the command line (said in one line) on top."""
+    from minigpt.config import TrainConfig
+    from minigpt.errors import CheckpointError
+
+    try:
+        stored = TrainConfig.from_json(metadata["train_config"]) if "train_config" in metadata else TrainConfig()
+    except MiniGPTError as exc:
+        raise CheckpointError(f"{path} has bad metadata: {exc}; it may be damaged: "
+                              "restore it, or start a new run") from None
+    changed = {name: value for name, value in flags.items() if value != getattr(stored, name)}
+    if changed:
+        print(f"minigpt: resuming with the checkpoint's training settings, except {_flag_list(changed)}",
+              file=sys.stderr)
+    return dataclasses.replace(stored, **flags)
+
+
+def _flag_list(values: dict) -> str:
+    return ", ".join(f"--{name.replace('_', '-')} {value}" for name, value in values.items())
 
 
 def _engine_for(args: argparse.Namespace):
@@ -167,6 +215,9 @@ def _engine_for(args: argparse.Namespace):
             raise MiniGPTError("--no-kv-cache is a torch engine reference; the onnx engine always uses its cache")
         if args.attention != "auto":
             raise MiniGPTError("--attention picks the torch engine's kernels; drop it with --engine onnx")
+        if args.device not in ("auto", "cpu"):
+            raise MiniGPTError(f"the onnx engine runs on the CPU; drop --device {args.device}, or run the "
+                               ".safetensors checkpoint with --engine torch to use a GPU")
         engine = OnnxEngine(args.checkpoint, threads=args.threads)
         return engine, engine.tokenizer
     from minigpt.checkpoint import load_checkpoint
@@ -256,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"minigpt {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed early (`| head`): end quietly, with cat's status
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exit's final flush cannot fail
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

@@ -99,7 +99,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_text_file
     assert main(["train", *flags, "--steps", "5"]) == 0
     good = out.read_bytes()
     capsys.readouterr()
-    code = main(["train", *flags, "--steps", "40", "--learning_rate", "1e9", "--grad_clip", "0", "--warmup", "0"])
+    code = main(["train", *flags, "--steps", "40", "--learning_rate", "1e9", "--grad_clip", "0", "--warmup", "0",
+                 "--force"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     line = err.strip().splitlines()[-1]
@@ -107,16 +108,19 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_text_file
     assert out.read_bytes() == good
 
 
-def test_out_of_another_architecture_is_refused_unless_forced(tiny_text_file, tiny_checkpoint, tmp_path, capsys):
+def test_an_existing_checkpoint_is_never_replaced_unless_forced(tiny_text_file, tiny_checkpoint, tmp_path,
+                                                                capsys):
     out = tmp_path / "other.safetensors"
     out.write_bytes(tiny_checkpoint.read_bytes())
-    flags = ["--data", str(tiny_text_file), "--out", str(out), "--block_size", "16", "--embed_dim", "64",
-             "--num_heads", "2", "--num_layers", "1", "--steps", "2", "--eval_iters", "1", "--quiet",
+    flags = ["--data", str(tiny_text_file), "--out", str(out), "--block_size", "16", "--embed_dim", "32",
+             "--num_heads", "2", "--num_layers", "2", "--steps", "2", "--eval_iters", "1", "--quiet",
              "--sample_tokens", "0", "--device", "cpu"]
-    assert main(["train", *flags]) == 2
-    assert "different model" in capsys.readouterr().err
-    assert out.read_bytes() == tiny_checkpoint.read_bytes()
-    assert main(["train", *flags, "--force"]) == 0
+    for architecture in ([], ["--embed_dim", "64"]):  # the same model or another: neither is overwritten
+        assert main(["train", *flags, *architecture]) == 2
+        line = capsys.readouterr().err.strip()
+        assert "already holds a trained model" in line and "--force" in line and f"--resume {out}" in line
+        assert out.read_bytes() == tiny_checkpoint.read_bytes()
+    assert main(["train", *flags, "--embed_dim", "64", "--force"]) == 0
     assert load_checkpoint(out).model.config.embed_dim == 64
 
 
@@ -137,7 +141,7 @@ def test_cli_saves_and_exits_on_a_signal(tiny_text_file, tmp_path, signum, code)
          "--block_size", "16", "--embed_dim", "32", "--num_heads", "2", "--num_layers", "2", "--batch_size", "8",
          "--steps", "100000", "--eval_interval", "100000", "--quiet", "--device", "cpu"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "metrics.jsonl"
+    metrics = tmp_path / "m.metrics.jsonl"
     assert wait_for(lambda: metrics.exists() and metrics.stat().st_size > 0), "training never started"
     process.send_signal(signum)
     _, err = process.communicate(timeout=60)
@@ -198,7 +202,7 @@ def test_two_processes_train_with_ddp_on_gloo(tiny_text_file, tmp_path):
     for rank in (0, 1):
         held = load_file(tmp_path / f"rank{rank}.safetensors")
         assert all(torch.equal(held[k], saved[k]) for k in held), f"rank {rank} differs from the checkpoint"
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "ddp.metrics.jsonl").read_text().splitlines()]
     assert len(records) == 12  # rank 0 alone logs
     assert records[-1]["loss"] < records[0]["loss"]
     assert all(math.isfinite(r["loss"]) for r in records)
@@ -224,6 +228,7 @@ def test_resume_says_which_architecture_flags_it_ignores(tiny_checkpoint, tmp_pa
     assert main(["train", "--resume", str(tiny_checkpoint), "--out", str(out), "--steps", str(step + 2),
                  "--embed_dim", "64", "--eval_iters", "1", "--quiet", "--sample_tokens", "0", "--device", "cpu"]) == 0
     err = capsys.readouterr().err
-    assert "ignoring --embed_dim 64" in err
+    assert "ignoring --embed-dim 64" in err
+    assert f"training settings, except --steps {step + 2}, --eval-iters 1\n" in err  # --device cpu: as stored
     continued = load_checkpoint(out)
     assert continued.step == step + 2 and continued.model.config.embed_dim == 32
