@@ -111,7 +111,7 @@ def _triton_kernels(q: torch.Tensor):
         from minigpt.kernels import triton_attention
     except ImportError as exc:
         raise MiniGPTError(f"the triton attention backend needs the triton package ({exc}); "
-                           "pip install triton, or use --attention torch") from None
+                           "pip install 'minigpt[gpu]', or use --attention torch") from None
     if not q.is_cuda and not triton_attention.INTERPRET:
         raise MiniGPTError("Triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run "
                            "on CPU; set it before starting Python, or use --attention torch")
