@@ -186,3 +186,8 @@ class OnnxEngine:
         self.session.run_with_iobinding(binding)
         lengths += 1
         return logits[:, 0]
+
+    def move_row(self, source: int, target: int) -> None:
+        length = self.lengths[source]
+        self.cache[:, :, target, :, :length] = self.cache[:, :, source, :, :length]
+        self.lengths[target] = length

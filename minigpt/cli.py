@@ -53,6 +53,22 @@ def _given(args: argparse.Namespace, cls, skip=()) -> dict:
             if f.name not in skip and getattr(args, f.name, None) is not None}
 
 
+def _engine_options(parser: argparse.ArgumentParser) -> None:
+    """The model and how to run it: the same flags wherever a model is run (generate, serve)."""
+    _option(parser, "checkpoint", "model", default=DEFAULT_CHECKPOINT, metavar="PATH",
+            help=f"a checkpoint, an exported .onnx model, or an export --hf directory (default {DEFAULT_CHECKPOINT})")
+    _option(parser, "engine", choices=("auto", "torch", "onnx"), default="auto",
+            help="torch, or onnx (onnxruntime); auto picks onnx for a .onnx file (default auto)")
+    _option(parser, "attention", choices=("auto", "torch", "triton"), default="auto",
+            help="attention kernels of the torch engine: triton (our fused kernels, GPU), torch (PyTorch SDPA), "
+                 "auto (Triton on a GPU, PyTorch otherwise) (default auto)")
+    _option(parser, "device", default="auto", help="auto, cpu or cuda; the onnx engine runs on the CPU "
+            "(default auto)")
+    _option(parser, "threads", type=int, default=None, metavar="N",
+            help="CPU threads; the onnx engine picks 1 for one sample of a small model (under 4 MB of weights) "
+                 "and every core otherwise, as measured fastest (see bench/README.md) (default picked)")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from minigpt.config import GPTConfig, TrainConfig  # dataclasses only: no torch
 
@@ -83,10 +99,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="continue a prompt with a trained model",
                                    description="Print the prompt and its continuation; diagnostics go to stderr.")
-    _option(generate, "checkpoint", "model", default=DEFAULT_CHECKPOINT, metavar="PATH",
-            help=f"a checkpoint, an exported .onnx model, or an export --hf directory (default {DEFAULT_CHECKPOINT})")
-    _option(generate, "engine", choices=("auto", "torch", "onnx"), default="auto",
-            help="torch, or onnx (onnxruntime); auto picks onnx for a .onnx file (default auto)")
+    _engine_options(generate)
     _option(generate, "prompt", default="", help="text to continue (default empty: starts a new line)")
     _option(generate, "max_new_tokens", type=int, default=200, metavar="N", help="characters to add (default 200)")
     _option(generate, "temperature", type=float, default=1.0, metavar="T", help="0 is greedy (default 1.0)")
@@ -97,17 +110,29 @@ def _build_parser() -> argparse.ArgumentParser:
     _option(generate, "seed", type=int, default=None, help="same seed, same text (default random)")
     _option(generate, "num_samples", type=int, default=1, metavar="N",
             help="samples of the same prompt, decoded together as one batch (default 1)")
-    _option(generate, "attention", choices=("auto", "torch", "triton"), default="auto",
-            help="attention kernels of the torch engine: triton (our fused kernels, GPU), torch (PyTorch SDPA), "
-                 "auto (Triton on a GPU, PyTorch otherwise) (default auto)")
     _option(generate, "kv_cache", action=argparse.BooleanOptionalAction, default=True,
             help="keep earlier keys and values in a static cache; --no-kv-cache recomputes the whole context "
                  "every step (the reference) (default on)")
-    _option(generate, "device", default="auto", help="auto, cpu or cuda; the onnx engine runs on the CPU "
-            "(default auto)")
-    _option(generate, "threads", type=int, default=None, metavar="N",
-            help="CPU threads; the onnx engine picks 1 for one sample of a small model (under 4 MB of weights) "
-                 "and every core otherwise, as measured fastest (see bench/README.md) (default picked)")
+
+    serve = commands.add_parser("serve", help="serve a model over HTTP with OpenAI's completions API",
+                                description="Serve a model to many callers at once (continuous batching) through "
+                                            "OpenAI's /v1/completions API; Ctrl-C or SIGTERM stops it gracefully.")
+    _engine_options(serve)
+    serve.set_defaults(kv_cache=True)
+    _option(serve, "host", default="127.0.0.1",
+            help="address to listen on; 0.0.0.0 is reachable from other machines (default 127.0.0.1)")
+    _option(serve, "port", type=int, default=8000, help="(TCP) port to listen on (default 8000)")
+    _option(serve, "max_batch", type=int, default=32, metavar="N",
+            help="rows decoded together; requests beyond them wait in the queue (default 32)")
+    _option(serve, "max_queue", type=int, default=256, metavar="N",
+            help="requests that may wait for rows; one more gets 429 (default 256)")
+    _option(serve, "max_tokens", type=int, default=4096, metavar="N",
+            help="the largest max_tokens a request may ask for (default 4096)")
+    _option(serve, "api_key", default=None, metavar="KEY",
+            help="require 'Authorization: Bearer KEY' on /v1 (default $MINIGPT_API_KEY, or no key)")
+    _option(serve, "shutdown_timeout", type=float, default=10.0, metavar="SECONDS",
+            help="on SIGTERM or Ctrl-C, how long requests in flight may take to finish before they are "
+                 "cancelled (default 10)")
 
     evaluate = commands.add_parser("eval", help="loss and bits per character on a whole split",
                                    description="Evaluate a checkpoint on every character of one split.")
@@ -258,6 +283,39 @@ def _generate(args: argparse.Namespace) -> None:
           f"{type(engine).__name__})", file=sys.stderr)
 
 
+def _serve(args: argparse.Namespace) -> None:
+    import socket
+    from pathlib import Path
+
+    for name, value, low in (("max_batch", args.max_batch, 1), ("max_queue", args.max_queue, 0),
+                             ("max_tokens", args.max_tokens, 1), ("port", args.port, 0)):
+        if value < low:
+            raise MiniGPTError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+    if args.shutdown_timeout < 0:
+        raise MiniGPTError(f"--shutdown-timeout must be zero or more seconds, got {args.shutdown_timeout}")
+    try:
+        import prometheus_client  # noqa: F401
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise MiniGPTError(f"minigpt serve needs the serve extra ({exc}): pip install 'minigpt[serve]'") from None
+    with socket.socket() as probe:  # a port in use is a one-line error, before the model loads
+        try:
+            probe.bind((args.host, args.port))
+        except OSError as exc:
+            raise MiniGPTError(f"cannot listen on {args.host}:{args.port} ({exc.strerror}); choose another --port "
+                               "or --host") from None
+    from minigpt.serve import serve
+
+    engine, tokenizer = _engine_for(args)
+    model_id = Path(args.checkpoint).stem
+    print(f"minigpt: serving {model_id!r} ({type(engine).__name__}, {args.max_batch} rows) at "
+          f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    serve(engine, tokenizer, model_id=model_id, host=args.host, port=args.port, max_batch=args.max_batch,
+          max_queue=args.max_queue, api_key=args.api_key or os.environ.get("MINIGPT_API_KEY") or None,
+          max_tokens_limit=args.max_tokens, shutdown_timeout=args.shutdown_timeout)
+
+
 def _export(args: argparse.Namespace) -> None:
     if args.hf:
         if args.quantize or args.opset is not None:
@@ -291,7 +349,7 @@ def _evaluate(args: argparse.Namespace) -> None:
           f"over {len(ids) - 1:,} characters of {corpus.source}")
 
 
-COMMANDS = {"train": _train, "generate": _generate, "eval": _evaluate, "export": _export}
+COMMANDS = {"train": _train, "generate": _generate, "serve": _serve, "eval": _evaluate, "export": _export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,6 +46,9 @@ class Engine(Protocol):
         """Append (n,) ids to rows 0 .. n-1, each at its own position; return (n, V) next-token logits,
         valid until the next call."""
 
+    def move_row(self, source: int, target: int) -> None:
+        """Make row `target` hold what row `source` holds (its cache and length), as `Rows.remove` needs."""
+
 
 def generate_tokens(engine: Engine, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler,
                     num_samples: int = 1) -> Iterator[np.ndarray]:
@@ -66,34 +69,76 @@ def _decode(engine: Engine, prompts: Sequence[Sequence[int]], max_new_tokens: in
             sampler: Sampler) -> Iterator[np.ndarray]:
     if max_new_tokens == 0:
         return
-    rows, block, keep = len(prompts), engine.block_size, max(1, engine.block_size // 2)
-    prompts = [np.asarray(prompt, dtype=np.int64) for prompt in prompts]
-    lengths = np.array([len(prompt) for prompt in prompts])
-    context = np.minimum(lengths, block)  # a long prompt is read through its last block_size tokens
-    engine.start(rows)
-
-    def window(first: int, count: int) -> np.ndarray:
-        return np.stack([prompt[-context[first]:] for prompt in prompts[first:first + count]])
-
-    # Rows of one length prefill together (all of them, when the prompts are alike).
-    logits = np.concatenate([engine.prefill(window(first, count), first) for first, count in runs_of_equal(lengths)])
-    generated = np.empty((rows, max_new_tokens), dtype=np.int64)
-    # The step at which each row's context is full; the loop looks at rows only on such steps.
-    full_at = block - context
-    next_full = int(full_at.min())
+    rows = Rows(engine, len(prompts))
+    logits = rows.add(prompts)
+    streams = sampler.streams(len(prompts))
     for step in range(max_new_tokens):
-        next_ids = sampler(logits)
-        generated[:, step] = next_ids
+        next_ids = sampler(logits, streams)
         yield next_ids
         if step + 1 == max_new_tokens:
             break
-        if step == next_full:  # full rows restart (see the module's docstring)
-            for row in np.flatnonzero(full_at == step):
-                history = np.concatenate((prompts[row][-keep:], generated[row, :step + 1]))
-                engine.prefill(history[None, -keep:-1], row)  # the newest token comes with the decode
-                full_at[row] = step + 1 + block - keep
-            next_full = int(full_at.min())
-        logits = engine.decode(next_ids)
+        logits = rows.decode(next_ids)
+
+
+class Rows:
+    """The sequences in an engine's batch, packed into rows 0 .. count-1, and the policy past the block size.
+
+    Sequences join (`add`) and leave (`remove`) between steps; `decode` extends
+    every one by a token. Continuous batching is this and nothing more.
+    """
+
+    def __init__(self, engine: Engine, capacity: int):
+        self.engine, self.capacity = engine, capacity
+        self.block, self.keep = engine.block_size, max(1, engine.block_size // 2)
+        self.count = 0
+        self.lengths = np.zeros(capacity, dtype=np.int64)  # tokens in each row's cache
+        self.tokens = np.zeros((capacity, self.block), dtype=np.int64)  # and which they are
+        self.room = self.block  # decode steps before some row is full: rows are looked at only then
+        self._all_rows = np.arange(capacity)
+        engine.start(capacity)
+
+    def add(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """Prefill prompts into the next free rows; return their (n, V) next-token logits."""
+        if self.count + len(prompts) > self.capacity:
+            raise MiniGPTError(f"{self.count} rows are in use; {len(prompts)} more exceed the capacity of "
+                               f"{self.capacity}")
+        first = self.count
+        windows = [np.asarray(prompt, dtype=np.int64)[-self.block:] for prompt in prompts]  # a long prompt is
+        lengths = np.array([len(window) for window in windows])                             # read through its end
+        logits = []
+        for start, count in runs_of_equal(lengths):  # rows of one length prefill together
+            rows = slice(first + start, first + start + count)
+            self.tokens[rows, :lengths[start]] = np.stack(windows[start:start + count])
+            logits.append(self.engine.prefill(self.tokens[rows, :lengths[start]], rows.start))
+        self.lengths[first:first + len(prompts)] = lengths
+        self.count += len(prompts)
+        self.room = min(self.room, self.block - int(lengths.max()))
+        return np.concatenate(logits)
+
+    def remove(self, row: int) -> None:
+        """Free a row; the last row moves into it, so rows stay packed (any row index may change)."""
+        last = self.count - 1
+        if row != last:
+            self.engine.move_row(last, row)
+            self.lengths[row], self.tokens[row] = self.lengths[last], self.tokens[last]
+        self.count -= 1
+
+    def decode(self, ids: np.ndarray) -> np.ndarray:
+        """Append (count,) ids, one to each row; return the (count, V) next-token logits."""
+        if self.room == 0:  # full rows restart (see the module's docstring)
+            self._restart_full_rows(ids)
+        self.tokens[self._all_rows[:self.count], self.lengths[:self.count]] = ids
+        self.lengths[:self.count] += 1
+        self.room -= 1
+        return self.engine.decode(ids)
+
+    def _restart_full_rows(self, ids: np.ndarray) -> None:
+        for row in np.flatnonzero(self.lengths[:self.count] == self.block):
+            kept = self.tokens[row, self.block - self.keep + 1:].copy()  # the newest token comes with the decode
+            self.engine.prefill(kept[None], row)
+            self.tokens[row, :len(kept)] = kept
+            self.lengths[row] = len(kept)
+        self.room = self.block - int(self.lengths[:self.count].max(initial=0))
 
 
 def runs_of_equal(values: np.ndarray) -> Iterator[tuple[int, int]]:

@@ -42,6 +42,9 @@ class RecomputeEngine:
         self.contexts[:len(ids)] = [np.append(context, i) for context, i in zip(self.contexts, ids)]
         return self._next_logits(range(len(ids)))
 
+    def move_row(self, source: int, target: int) -> None:
+        self.contexts[target] = self.contexts[source]
+
     @torch.inference_mode()
     def _next_logits(self, rows: range) -> np.ndarray:
         lengths = np.array([len(self.contexts[row]) for row in rows])
@@ -86,6 +89,11 @@ class KVCacheEngine:
         step_input.copy_(torch.from_numpy(ids)[:, None])
         logits, _ = self.model(step_input, cache=self.cache.rows(0, rows))
         return last_position(logits)
+
+    def move_row(self, source: int, target: int) -> None:
+        length = int(self.cache.lengths[source])
+        self.cache.kv[:, :, target, :, :length] = self.cache.kv[:, :, source, :, :length]
+        self.cache.lengths[target] = length
 
 
 def torch_engine(model: MiniGPT, kv_cache: bool = True) -> KVCacheEngine | RecomputeEngine:

@@ -3,6 +3,11 @@
 Engines differ only in how they compute logits; turning last-position logits
 into tokens happens here, on numpy arrays, so the onnxruntime engine needs no
 torch and the same seed gives the same text on every engine.
+
+Each row of a batch draws from its own random stream, spawned from the seed
+and the row's index alone, so a sample's text never depends on what else is
+decoded beside it: sample i of `--num-samples N --seed S` is the same with any
+N, and the server gives a request the same text under any load.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ class Sampler:
     top_k: int | None = None
     top_p: float | None = None
     seed: int | None = None
-    rng: np.random.Generator = field(init=False, repr=False)
+    _streams: list[np.random.Generator] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
@@ -34,7 +39,10 @@ class Sampler:
             raise MiniGPTError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.seed is not None:
             check_seed(self.seed)
-        self.rng = np.random.default_rng(self.seed)
+
+    def streams(self, count: int) -> list[np.random.Generator]:
+        """The random streams of rows 0 .. count-1: row i's depends on the seed and i alone."""
+        return [np.random.default_rng(child) for child in np.random.SeedSequence(self.seed).spawn(count)]
 
     @property
     def greedy(self) -> bool:
@@ -57,13 +65,18 @@ class Sampler:
             scaled = np.where(drop, -np.inf, scaled)
         return scaled
 
-    def __call__(self, logits: np.ndarray) -> np.ndarray:
-        """Pick one token id per row of (B, V) logits; returns (B,) int64."""
+    def __call__(self, logits: np.ndarray, streams: list[np.random.Generator] | None = None) -> np.ndarray:
+        """Pick one token id per row of (B, V) logits, row i drawing from streams[i] (by default this sampler's
+        own streams for rows 0 .. B-1); returns (B,) int64."""
         if self.greedy:
             return np.argmax(logits, axis=-1).astype(np.int64)
+        if streams is None:
+            if len(self._streams) != len(logits):
+                self._streams = self.streams(len(logits))
+            streams = self._streams
         probs = _softmax(self.filtered_logits(logits))
         # Inverse-CDF sampling: one uniform draw per row, vectorised over the batch.
-        draws = self.rng.random((probs.shape[0], 1))
+        draws = np.array([[stream.random()] for stream in streams])
         ids = (np.cumsum(probs, axis=-1) < draws).sum(axis=-1)
         # Rounding can leave the total a hair under the draw: clamp to the last kept token.
         last_kept = probs.shape[-1] - 1 - np.argmax(probs[:, ::-1] > 0, axis=-1)
