@@ -287,7 +287,7 @@ def _serve(args: argparse.Namespace) -> None:
     import socket
     from pathlib import Path
 
-    for name, value, low in (("max_batch", args.max_batch, 1), ("max_queue", args.max_queue, 0),
+    for name, value, low in (("max_batch", args.max_batch, 1), ("max_queue", args.max_queue, 1),
                              ("max_tokens", args.max_tokens, 1), ("port", args.port, 0)):
         if value < low:
             raise MiniGPTError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import threading
 import time
 import uuid
@@ -227,7 +228,9 @@ class Scheduler:
                 ids = self._free_finished_rows(ids)
                 logits = self.rows.decode(ids) if self.running else logits[:0]
             logits = self._admit(logits)
-            self.metrics.batch_rows.observe(len(self.running))
+            self.metrics.rows_in_use.set(len(self.running))
+            if self.running:
+                self.metrics.batch_rows.observe(len(self.running))
         for job, _ in self.running:  # stopped with work in flight: its requests end
             job.cancel()
 
@@ -326,6 +329,7 @@ class Metrics:
                                 registry=self.registry)
         self.tokens = Counter("minigpt_generated_tokens", "Tokens generated", registry=self.registry)
         self.queue_depth = Gauge("minigpt_queue_depth", "Requests waiting for rows", registry=self.registry)
+        self.rows_in_use = Gauge("minigpt_rows_in_use", "Rows of the batch holding a sequence", registry=self.registry)
         self.batch_rows = Histogram("minigpt_batch_rows", "Rows in the batch at each step", registry=self.registry,
                                     buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.time_to_first_token = Histogram("minigpt_time_to_first_token_seconds", "From arrival to first token",
@@ -476,6 +480,8 @@ def create_app(engine: Engine, tokenizer: CharTokenizer, *, model_id: str, max_b
         async def __call__(self, scope, receive, send) -> None:
             try:
                 await super().__call__(scope, receive, send)
+            except asyncio.CancelledError:  # the shutdown deadline passed: the request ends here, and quietly
+                pass
             finally:
                 self.on_close()
 
@@ -505,4 +511,12 @@ def serve(engine: Engine, tokenizer: CharTokenizer, *, model_id: str, host: str 
     # No access log: a line per request costs more than a decode step at these sizes.
     config = uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False,
                             timeout_graceful_shutdown=shutdown_timeout, lifespan="on")
-    uvicorn.Server(config).run()
+    # uvicorn raises the signal it stopped on again once it is done; the graceful stop was the answer to that
+    # signal, so the raised copy meets a handler that does nothing, and `minigpt serve` exits 0.
+    handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in handled}
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -120,3 +120,42 @@ def test_cli_threads_flag(tiny_checkpoint, onnx_path, capsys):
         assert main(["generate", *model_flags, "--threads", "0"]) == 2
         out, err = capsys.readouterr()
         assert out == "" and len(err.strip().splitlines()) == 1 and "threads" in err
+
+
+@pytest.mark.parametrize("engine_name", ["recompute", "kv-cache", "onnx"])
+def test_sequences_joining_and_leaving_a_running_batch_each_decode_as_if_alone(make_engine, engine_name):
+    """Continuous batching: sequences join between steps and leave whenever they are done (the last row moving
+    into the gap), and each still gets exactly the greedy tokens it gets alone, across restarts past the block."""
+    from minigpt.decoding import Rows
+
+    engine = make_engine(engine_name)
+    # (prompt length, step it joins, tokens it wants): joins mid-run, leaves early, outlives the others.
+    plan = [(5, 0, 40), (BLOCK + 3, 0, 9), (1, 2, 25), (9, 7, 30), (3, 9, 5), (12, 20, 12)]
+    sequences = prompts([length for length, _, _ in plan], seed=3)
+    expected = [greedy(make_engine(engine_name), [prompt], wanted)[0]
+                for prompt, (_, _, wanted) in zip(sequences, plan)]
+
+    rows = Rows(make_engine(engine_name), capacity=4)
+    running, produced = [], [[] for _ in plan]  # running[i]: the sequence in row i
+    logits = np.zeros((0, 0), dtype=np.float32)
+    waiting = list(range(len(plan)))
+    step = 0
+    while waiting or running:
+        if running:
+            ids = logits.argmax(-1)
+            for row, sequence in enumerate(running):
+                produced[sequence].append(int(ids[row]))
+            for row in reversed(range(len(running))):
+                if len(produced[running[row]]) == plan[running[row]][2]:  # done: its row is freed
+                    rows.remove(row)
+                    running[row], ids[row] = running[-1], ids[len(running) - 1]
+                    running.pop()
+            logits = rows.decode(ids[:len(running)]).copy() if running else logits[:0]
+        joining = [s for s in waiting if plan[s][1] <= step][:rows.capacity - len(running)]
+        for sequence in joining:
+            new = rows.add([sequences[sequence]])
+            logits = np.concatenate([logits, new]) if len(logits) else new.copy()
+            running.append(sequence)
+            waiting.remove(sequence)
+        step += 1
+    assert produced == expected

@@ -1,0 +1,319 @@
+"""`minigpt serve` as its users meet it: a real server on a free localhost port, the official `openai` client,
+raw HTTP for what a client library hides, and the signals an operator sends."""
+
+import concurrent.futures
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+openai = pytest.importorskip("openai", reason="the server is tested with the openai client (the test extra)")
+pytest.importorskip("uvicorn", reason="minigpt serve needs the serve extra")
+
+from minigpt.cli import main  # noqa: E402
+
+MODEL_ID = "tiny"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`minigpt serve` in a subprocess, ready once /health answers."""
+
+    def __init__(self, model, *flags, env=None):
+        self.port = free_port()
+        self.process = subprocess.Popen([sys.executable, "-m", "minigpt", "serve", "--model", str(model),
+                                         "--port", str(self.port), *map(str, flags)],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        env={**os.environ, **(env or {})})
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if self.get("/health")[0] == 200:
+                    return
+            except OSError:
+                assert self.process.poll() is None, self.process.communicate()[1]
+                time.sleep(0.1)
+        raise AssertionError("the server never became healthy")
+
+    def request(self, method, path, body=None, headers=None):
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+        connection.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+        response = connection.getresponse()
+        return response.status, response.read().decode(), response
+
+    def get(self, path):
+        return self.request("GET", path)
+
+    def post(self, body, **kwargs):
+        status, text, response = self.request("POST", "/v1/completions", body, **kwargs)
+        return status, json.loads(text), response
+
+    def client(self, api_key="none"):
+        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=api_key, max_retries=0)
+
+    def metric(self, name) -> float:
+        text = self.get("/metrics")[1]
+        return float(re.search(rf"^{name} (\S+)$", text, flags=re.M).group(1))
+
+    def stop(self, timeout=60):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        out, err = self.process.communicate(timeout=timeout)
+        return self.process.returncode, err
+
+
+@pytest.fixture(scope="module")
+def onnx_model(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("serve") / f"{MODEL_ID}.onnx"
+    assert main(["export", "--onnx", "--no-verify", "--checkpoint", str(tiny_checkpoint), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(onnx_model):
+    server = Server(onnx_model, "--max-batch", "40")
+    yield server
+    code, err = server.stop()
+    assert code == 0, err
+
+
+def generate_cli(model, *flags):
+    result = subprocess.run([sys.executable, "-m", "minigpt", "generate", "--model", str(model), *map(str, flags)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_a_completion_is_the_text_minigpt_generate_prints(server, onnx_model):
+    completion = server.client().completions.create(model=MODEL_ID, prompt="the ", max_tokens=40, temperature=0.8,
+                                                    top_p=0.9, seed=11)
+    (choice,) = completion.choices
+    assert choice.finish_reason == "length" and len(choice.text) == 40
+    assert completion.usage.prompt_tokens == 4 and completion.usage.completion_tokens == 40
+    assert completion.usage.total_tokens == 44
+    cli = generate_cli(onnx_model, "--prompt", "the ", "--max-new-tokens", 40, "--temperature", 0.8, "--top-p", 0.9,
+                       "--seed", 11)
+    assert cli == "the " + choice.text + "\n"
+
+
+def test_n_samples_and_several_prompts(server, onnx_model):
+    client = server.client()
+    completion = client.completions.create(model=MODEL_ID, prompt="a ", max_tokens=20, n=3, seed=5,
+                                           extra_body={"top_k": 5})  # an extension, as vLLM's
+    texts = [choice.text for choice in sorted(completion.choices, key=lambda c: c.index)]
+    assert [c.index for c in completion.choices] == [0, 1, 2] and len(set(texts)) > 1
+    cli = generate_cli(onnx_model, "--prompt", "a ", "--max-new-tokens", 20, "--num-samples", 3, "--seed", 5,
+                       "--top-k", 5)
+    assert re.split(r"--- sample \d of 3 ---\n", cli)[1:] == [f"a {text}\n" for text in texts]
+    again = client.completions.create(model=MODEL_ID, prompt="a ", max_tokens=20, n=3, seed=5,
+                                      extra_body={"top_k": 5})
+    assert [c.text for c in sorted(again.choices, key=lambda c: c.index)] == texts  # seed: same text
+
+    both = client.completions.create(model=MODEL_ID, prompt=["the ", "a "], max_tokens=10, n=2, temperature=0)
+    assert sorted(c.index for c in both.choices) == [0, 1, 2, 3]
+    assert both.usage.prompt_tokens == 6 and both.usage.completion_tokens == 40
+
+
+def test_streaming_gives_the_same_text_in_pieces(server):
+    client = server.client()
+    whole = client.completions.create(model=MODEL_ID, prompt="the ", max_tokens=50, seed=3, n=2)
+    pieces, finished = {0: "", 1: ""}, {}
+    for chunk in client.completions.create(model=MODEL_ID, prompt="the ", max_tokens=50, seed=3, n=2, stream=True,
+                                           stream_options={"include_usage": True}):
+        for choice in chunk.choices:
+            pieces[choice.index] += choice.text
+            if choice.finish_reason:
+                finished[choice.index] = choice.finish_reason
+        usage = chunk.usage
+    assert pieces == {c.index: c.text for c in whole.choices} and finished == {0: "length", 1: "length"}
+    assert usage.completion_tokens == 100
+
+
+def test_stop_strings_end_the_text_before_them(server):
+    client = server.client()
+    greedy = client.completions.create(model=MODEL_ID, prompt="the qu", max_tokens=60, temperature=0).choices[0].text
+    stop = greedy[20:23]
+    cut = greedy.index(stop)
+    stopped = client.completions.create(model=MODEL_ID, prompt="the qu", max_tokens=60, temperature=0,
+                                        stop=[stop, "\x00never"])
+    assert stopped.choices[0].text == greedy[:cut] and stopped.choices[0].finish_reason == "stop"
+    assert stopped.usage.completion_tokens == cut + len(stop)
+    streamed = "".join(chunk.choices[0].text for chunk in client.completions.create(
+        model=MODEL_ID, prompt="the qu", max_tokens=60, temperature=0, stop=stop, stream=True) if chunk.choices)
+    assert streamed == greedy[:cut]  # held-back text that began the stop string is never sent
+
+
+BAD_REQUESTS = [
+    ({"prompt": "THE"}, 400, "prompt", "character(s) the model never saw"),
+    ({"prompt": 42}, 400, "prompt", "must be a string or a non-empty list of strings"),
+    ({"max_tokens": 0}, 400, "max_tokens", "from 1 to"),
+    ({"max_tokens": 10**6}, 400, "max_tokens", "from 1 to"),
+    ({"max_tokens": "ten"}, 400, "max_tokens", "must be an integer"),
+    ({"max_tokens": True}, 400, "max_tokens", "must be an integer"),
+    ({"temperature": -1}, 400, "temperature", "temperature must be >= 0"),
+    ({"temperature": "hot"}, 400, "temperature", "must be a number"),
+    ({"top_p": 1.5}, 400, "top_p", "top_p must be in (0, 1]"),
+    ({"seed": -1}, 400, "seed", "seed must be an integer from 0"),
+    ({"n": 0}, 400, "n", "(this server's --max-batch)"),
+    ({"n": 41}, 400, "n", "(this server's --max-batch)"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "up to 4"),
+    ({"stream": "yes"}, 400, "stream", "true or false"),
+    ({"logprobs": 2}, 400, "logprobs", "not supported"),
+    ({"model": "gpt-4"}, 404, "model", "does not exist"),
+    ({"model": None}, 400, "model", "model is required"),
+]
+
+
+@pytest.mark.parametrize("fields,status,param,fragment", BAD_REQUESTS)
+def test_bad_requests_name_the_field(server, fields, status, param, fragment):
+    status_code, body, _ = server.post({"model": MODEL_ID, "prompt": "the ", **fields})
+    assert status_code == status, body
+    assert body["error"]["param"] == param and fragment in body["error"]["message"], body
+    assert body["error"]["type"] == "invalid_request_error"
+
+
+def test_unknown_characters_get_the_cli_message(server, tiny_checkpoint, capsys):
+    _, body, _ = server.post({"model": MODEL_ID, "prompt": "Hello"})
+    assert main(["generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "Hello"]) == 2
+    assert capsys.readouterr().err.strip() == f"minigpt generate: error: {body['error']['message']}"
+
+
+def test_malformed_and_oversized_bodies(server):
+    status, body, _ = server.post(b"{not json")
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+    status, body, _ = server.post({"model": MODEL_ID, "prompt": "a" * (2 << 20)})
+    assert status == 400 and "byte limit" in body["error"]["message"]
+    status, body, _ = server.post([1, 2])
+    assert status == 400 and "JSON object" in body["error"]["message"]
+
+
+def test_models_health_and_metrics(server):
+    assert [m.id for m in server.client().models.list().data] == [MODEL_ID]
+    assert json.loads(server.get("/health")[1]) == {"status": "ok"}
+    before = server.metric("minigpt_generated_tokens_total")
+    server.client().completions.create(model=MODEL_ID, prompt="a", max_tokens=7)
+    text = server.get("/metrics")[1]
+    assert server.metric("minigpt_generated_tokens_total") == before + 7
+    for name in ("minigpt_requests_total{status=\"200\"}", "minigpt_queue_depth", "minigpt_rows_in_use",
+                 "minigpt_batch_rows_bucket", "minigpt_time_to_first_token_seconds_bucket",
+                 "minigpt_inter_token_latency_seconds_bucket", "minigpt_requests_total{status=\"400\"}"):
+        assert name in text, name
+
+
+def test_an_api_key_is_required_when_set(onnx_model):
+    server = Server(onnx_model, env={"MINIGPT_API_KEY": "sesame"})
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            server.client("wrong").completions.create(model=MODEL_ID, prompt="a", max_tokens=3)
+        status, body, _ = server.post({"model": MODEL_ID, "prompt": "a"})
+        assert status == 401 and body["error"]["code"] == "invalid_api_key"
+        assert server.get("/v1/models")[0] == 401
+        assert len(server.client("sesame").completions.create(model=MODEL_ID, prompt="a", max_tokens=3)
+                   .choices[0].text) == 3
+    finally:
+        assert server.stop()[0] == 0
+
+
+def stream_lines(server, body):
+    """A raw streaming request: the open connection and an iterator over its `data:` payloads."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    connection.request("POST", "/v1/completions", body=json.dumps({"model": MODEL_ID, "stream": True, **body}),
+                       headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200
+
+    def lines():
+        for line in response:
+            if line.startswith(b"data: "):
+                yield line[6:].strip().decode()
+    return connection, lines()
+
+
+def wait_until(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_a_full_queue_gets_429_and_a_client_that_leaves_frees_its_row(onnx_model):
+    server = Server(onnx_model, "--max-batch", "1", "--max-queue", "1", "--max-tokens", "1000000")
+    try:
+        first, events = stream_lines(server, {"prompt": "a", "max_tokens": 1_000_000})
+        next(events)  # the first request holds the only row
+        second = concurrent.futures.ThreadPoolExecutor(1).submit(
+            server.post, {"model": MODEL_ID, "prompt": "b", "max_tokens": 3})
+        assert wait_until(lambda: server.metric("minigpt_queue_depth") == 1)
+        status, body, response = server.post({"model": MODEL_ID, "prompt": "c", "max_tokens": 3})
+        assert status == 429 and response.getheader("Retry-After") == "1", body
+        assert body["error"]["type"] == "rate_limit_error"
+
+        first.sock.shutdown(socket.SHUT_RDWR)  # the client goes away mid-stream
+        first.close()
+        status, body, _ = second.result(timeout=30)  # its row went to the waiting request
+        assert status == 200 and len(body["choices"][0]["text"]) == 3
+        assert wait_until(lambda: server.metric("minigpt_rows_in_use") == 0)
+        generated = server.metric("minigpt_generated_tokens_total")
+        time.sleep(0.3)
+        assert server.metric("minigpt_generated_tokens_total") == generated  # nothing decodes for nobody
+    finally:
+        assert server.stop()[0] == 0
+
+
+def test_sigterm_lets_requests_in_flight_finish_then_exits_0(onnx_model):
+    server = Server(onnx_model, "--shutdown-timeout", "30")
+    connection, events = stream_lines(server, {"prompt": "a", "max_tokens": 3000})
+    next(events)
+    server.process.send_signal(signal.SIGTERM)
+    payloads = list(events)
+    assert payloads[-1] == "[DONE]"
+    text = "".join(json.loads(p)["choices"][0]["text"] for p in payloads[:-1])
+    assert len(text) == 3000 - 1  # every token but the first, read above
+    code, err = server.stop()
+    assert code == 0 and "Traceback" not in err, err
+    with pytest.raises(OSError):
+        server.get("/health")
+
+
+def test_past_the_deadline_requests_are_cancelled_and_it_still_exits_0(onnx_model):
+    server = Server(onnx_model, "--shutdown-timeout", "0.5", "--max-tokens", "10000000")
+    connection, events = stream_lines(server, {"prompt": "a", "max_tokens": 10_000_000})
+    next(events)
+    started = time.monotonic()
+    code, err = server.stop()
+    assert code == 0 and "Traceback" not in err, err
+    assert time.monotonic() - started < 20
+
+
+def test_32_concurrent_streams_each_equal_the_same_request_alone(server):
+    requests = [{"prompt": ["the ", "a ", "one ", "\n"][i % 4], "max_tokens": 200, "temperature": 0.9,
+                 "seed": 1000 + i, **({"extra_body": {"top_k": 8}} if i % 3 == 0 else {})} for i in range(32)]
+
+    def stream(body):
+        text, reason = "", None
+        for chunk in server.client().completions.create(model=MODEL_ID, stream=True, **body):
+            if chunk.choices:
+                text += chunk.choices[0].text
+                reason = chunk.choices[0].finish_reason or reason
+        return text, reason
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        together = list(pool.map(stream, requests, timeout=240))
+    assert all(reason == "length" and len(text) == 200 for text, reason in together)
+    alone = [stream(body) for body in requests]
+    assert together == alone
