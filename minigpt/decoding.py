@@ -44,7 +44,7 @@ class Engine(Protocol):
 
     def decode(self, ids: np.ndarray) -> np.ndarray:
         """Append (n,) ids to rows 0 .. n-1, each at its own position; return (n, V) next-token logits,
-        valid until the next call."""
+        valid until the next decode."""
 
     def move_row(self, source: int, target: int) -> None:
         """Make row `target` hold what row `source` holds (its cache and length), as `Rows.remove` needs."""

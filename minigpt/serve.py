@@ -139,7 +139,6 @@ class Choice:
     text: str = ""
     sent: int = 0  # characters of `text` handed out; the rest may yet begin a stop string
     tokens: int = 0
-    last_token_at: float = 0.0
     finish_reason: str | None = None
 
 
@@ -172,6 +171,11 @@ class Job:
         return sum(choice.tokens for choice in self.choices)
 
 
+def _hand_out(events: list[tuple[Job, list]]) -> None:
+    for job, batch in events:
+        job.events.put_nowait(batch)
+
+
 class Scheduler:
     """Owns the engine; runs continuous batching on its own thread (see the module's docstring)."""
 
@@ -182,6 +186,7 @@ class Scheduler:
         self.waiting: deque[Job] = deque()
         self.wake = threading.Condition()
         self.stopping = False
+        self.last_step_at: float | None = None  # None: no step ran since the batch was last empty
         self.thread = threading.Thread(target=self._run, name="minigpt-scheduler", daemon=True)
 
     def start(self) -> None:
@@ -227,6 +232,8 @@ class Scheduler:
                 self._deliver(ids)
                 ids = self._free_finished_rows(ids)
                 logits = self.rows.decode(ids) if self.running else logits[:0]
+            if not self.running:
+                self.last_step_at = None
             logits = self._admit(logits)
             self.metrics.rows_in_use.set(len(self.running))
             if self.running:
@@ -235,18 +242,22 @@ class Scheduler:
             job.cancel()
 
     def _sample(self, logits: np.ndarray) -> np.ndarray:
-        """One token per row, each request's rows with its own sampler and each row with its own stream."""
+        """One token per row, each row from its own stream; rows sampled alike are sampled as one batch."""
         ids = np.empty(len(self.running), dtype=np.int64)
-        rows_of: dict[int, list[int]] = {}
+        rows_alike: dict[tuple, list[int]] = {}
         for row, (job, _) in enumerate(self.running):
-            rows_of.setdefault(id(job), []).append(row)
-        for rows in rows_of.values():
-            job = self.running[rows[0]][0]
-            ids[rows] = job.request.sampler(logits[rows], [self.running[row][1].stream for row in rows])
+            sampler = job.request.sampler
+            rows_alike.setdefault((sampler.temperature, sampler.top_k, sampler.top_p), []).append(row)
+        for rows in rows_alike.values():
+            sampler = self.running[rows[0]][0].request.sampler
+            ids[rows] = sampler(logits[rows], [self.running[row][1].stream for row in rows])
         return ids
 
     def _deliver(self, ids: np.ndarray) -> None:
         now = time.perf_counter()
+        if self.last_step_at is not None:  # every row that was in the last step waited this long for its token
+            self.metrics.inter_token_latency.observe(now - self.last_step_at)
+        self.last_step_at = now
         events: dict[int, tuple[Job, list]] = {}
         for (job, choice), token in zip(self.running, ids):
             if job.cancelled:
@@ -254,17 +265,17 @@ class Scheduler:
             if job.first_token_at is None:
                 job.first_token_at = now
                 self.metrics.time_to_first_token.observe(now - job.arrived)
-            elif choice.tokens:
-                self.metrics.inter_token_latency.observe(now - choice.last_token_at)
-            choice.last_token_at = now
             choice.tokens += 1
             choice.text += self.tokenizer.chars[token]
             piece = self._release(choice, job.request)
             if piece or choice.finish_reason:
                 events.setdefault(id(job), (job, []))[1].append((choice.index, piece, choice.finish_reason))
         self.metrics.tokens.inc(len(ids))
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for job, batch in events.values():
-            job.loop.call_soon_threadsafe(job.events.put_nowait, batch)
+            by_loop.setdefault(job.loop, []).append((job, batch))
+        for loop, batches in by_loop.items():  # one wake-up of the event loop a step, not one per request
+            loop.call_soon_threadsafe(_hand_out, batches)
 
     @staticmethod
     def _release(choice: Choice, request: CompletionRequest) -> str:
@@ -305,12 +316,13 @@ class Scheduler:
                     jobs.append(job)
                     free -= len(job.choices)
             self.metrics.queue_depth.set(len(self.waiting))
-        parts = [logits.copy()] if len(logits) and jobs else [logits] if len(logits) else []  # the prefill may
-        # reuse the buffer the decode's logits are in
-        for job in jobs:
-            parts.append(self.rows.add([choice.prompt for choice in job.choices]))
-            self.running += [(job, choice) for choice in job.choices]
-        return np.concatenate(parts) if len(parts) > 1 else parts[0] if parts else logits
+        if not jobs:
+            return logits
+        # One prefill for every new row, sorted by length so that prompts of one length run as one batch.
+        joining = sorted(((job, choice) for job in jobs for choice in job.choices), key=lambda j: len(j[1].prompt))
+        new_logits = self.rows.add([choice.prompt for _, choice in joining])
+        self.running += joining
+        return np.concatenate([logits, new_logits]) if len(logits) else new_logits
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -334,7 +346,9 @@ class Metrics:
                                     buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.time_to_first_token = Histogram("minigpt_time_to_first_token_seconds", "From arrival to first token",
                                              buckets=latency, registry=self.registry)
-        self.inter_token_latency = Histogram("minigpt_inter_token_latency_seconds", "Between a row's tokens",
+        self.inter_token_latency = Histogram("minigpt_inter_token_latency_seconds",
+                                             "Between decode steps: the wait of every row in the batch for its "
+                                             "next token",
                                              buckets=latency, registry=self.registry)
 
     def text(self) -> bytes:
@@ -432,22 +446,29 @@ def create_app(engine: Engine, tokenizer: CharTokenizer, *, model_id: str, max_b
                 for i, (text, reason) in enumerate(zip(texts, reasons))]
 
     async def sse_events(job: Job, completion_id: str):
-        def chunk(choices, **extra) -> str:
-            return "data: " + json.dumps({"id": completion_id, "object": "text_completion", "created": created,
-                                          "model": model_id, "choices": choices, **extra}) + "\n\n"
+        head = "data: " + json.dumps({"id": completion_id, "object": "text_completion", "created": created,
+                                      "model": model_id})[:-1] + ', "choices": ['  # each event: head, choices, tail
+
+        def event(events) -> str:
+            return head + ", ".join(f'{{"text": {json.dumps(piece)}, "index": {index}, "logprobs": null, '
+                                    f'"finish_reason": {json.dumps(reason)}}}' for index, piece, reason in events) + "]}\n\n"
 
         metrics.requests.labels("200").inc()
         unfinished = len(job.choices)
         while unfinished:
-            events = await job.events.get()
-            if isinstance(events, Exception):
-                yield "data: " + json.dumps(error_body(str(events), kind="server_error")) + "\n\n"
-                return
-            yield chunk([{"text": piece, "index": index, "logprobs": None, "finish_reason": reason}
-                         for index, piece, reason in events])
-            unfinished -= sum(reason is not None for _, _, reason in events)
+            steps = [await job.events.get()]
+            while not job.events.empty():  # a client that fell behind gets what piled up in one write
+                steps.append(job.events.get_nowait())
+            text = []
+            for events in steps:
+                if isinstance(events, Exception):
+                    yield "".join(text) + "data: " + json.dumps(error_body(str(events), kind="server_error")) + "\n\n"
+                    return
+                text.append(event(events))
+                unfinished -= sum(reason is not None for _, _, reason in events)
+            yield "".join(text)
         if job.request.include_usage:
-            yield chunk([], usage=usage(job))
+            yield head + '], "usage": ' + json.dumps(usage(job)) + "}\n\n"
         yield "data: [DONE]\n\n"
 
     def usage(job: Job) -> dict:

@@ -128,7 +128,6 @@ def test_sequences_joining_and_leaving_a_running_batch_each_decode_as_if_alone(m
     into the gap), and each still gets exactly the greedy tokens it gets alone, across restarts past the block."""
     from minigpt.decoding import Rows
 
-    engine = make_engine(engine_name)
     # (prompt length, step it joins, tokens it wants): joins mid-run, leaves early, outlives the others.
     plan = [(5, 0, 40), (BLOCK + 3, 0, 9), (1, 2, 25), (9, 7, 30), (3, 9, 5), (12, 20, 12)]
     sequences = prompts([length for length, _, _ in plan], seed=3)

@@ -1,0 +1,169 @@
+"""What continuous batching buys: `minigpt serve` under 1, 8 and 32 concurrent streaming clients.
+
+The default model (random weights, exported to ONNX) is served by `minigpt
+serve` in its own process, as a user runs it. Each client streams requests of
+200 tokens back to back; the same requests are also sent one at a time. For
+each load: aggregate tokens/s, and p50/p95 time to first token and
+inter-token latency as the clients see them (in `extra_info` and the
+summary). A second benchmark sends 1,000 requests one after another and
+records the server's resident memory before and after.
+"""
+
+import asyncio
+import contextlib
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from minigpt.config import GPTConfig
+from minigpt.model import MiniGPT
+
+pytest.importorskip("uvicorn", reason="minigpt serve needs the serve extra: pip install 'minigpt[serve]'")
+
+NEW_TOKENS = 200
+PER_CLIENT = 2  # requests each client sends, one after another
+CLIENTS = [1, 8, 32]
+PROMPTS = ["THE ", "A ", "IN ", "IT "]  # the vocabulary is chr(32) .. chr(96): capitals
+
+
+@pytest.fixture(scope="module")
+def served_model(tmp_path_factory):
+    """The default config with random weights and a vocabulary of 65 printable characters, exported to ONNX."""
+    import torch
+
+    from minigpt.checkpoint import save_checkpoint
+    from minigpt.export.onnx_export import export_onnx
+    from minigpt.tokenizer import CharTokenizer
+
+    torch.manual_seed(0)
+    model = MiniGPT(GPTConfig(vocab_size=65)).eval()
+    folder = tmp_path_factory.mktemp("serve")
+    save_checkpoint(folder / "model.safetensors", model, CharTokenizer(map(chr, range(32, 97))))
+    export_onnx(folder / "model.safetensors", folder / "model.onnx", verify=False)
+    return folder / "model.onnx"
+
+
+@contextlib.contextmanager
+def serving(model, *flags):
+    """`minigpt serve` in its own process on a free localhost port; yields the port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "minigpt", "serve", "--model", str(model), "--port", str(port),
+                                *flags], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not _healthy(port):
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+            time.sleep(0.1)
+        yield port, process.pid
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)
+
+
+def _healthy(port) -> bool:
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        connection.request("GET", "/health")
+        return connection.getresponse().status == 200
+    except OSError:
+        return False
+
+
+async def stream_once(port, body) -> list[float]:
+    """Send one streaming request; return the arrival time of each token's chunk, the send time first."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    payload = json.dumps({"model": "model", "stream": True, **body}).encode()
+    times = [time.perf_counter()]
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(payload), payload))
+    status = await reader.readline()
+    assert b" 200 " in status, status + await reader.read()
+    async for line in reader:  # chunked transfer: size lines, then the events' lines
+        if line.startswith(b"data: {"):
+            times.append(time.perf_counter())
+    writer.close()
+    assert len(times) == 1 + NEW_TOKENS, "a truncated stream"
+    return times
+
+
+def run_load(port, requests_per_client: list[list[dict]]) -> dict:
+    """Each client sends its requests back to back; all clients start together. One asyncio loop plays every
+    client, so no client waits on another for a thread's turn and the times are when the bytes arrived."""
+    async def client(requests):
+        return [await stream_once(port, body) for body in requests]
+
+    async def all_clients():
+        return await asyncio.gather(*(client(requests) for requests in requests_per_client))
+
+    start = time.perf_counter()
+    timings = [times for client_timings in asyncio.run(all_clients()) for times in client_timings]
+    wall = time.perf_counter() - start
+    first_token = [times[1] - times[0] for times in timings]
+    between = np.concatenate([np.diff(times[1:]) for times in timings])
+    return {"tokens_per_s": len(timings) * NEW_TOKENS / wall, "wall_s": wall,
+            "ttft_p50_ms": 1e3 * float(np.percentile(first_token, 50)),
+            "ttft_p95_ms": 1e3 * float(np.percentile(first_token, 95)),
+            "itl_p50_ms": 1e3 * float(np.percentile(between, 50)),
+            "itl_p95_ms": 1e3 * float(np.percentile(between, 95))}
+
+
+def requests_for(clients: int) -> list[list[dict]]:
+    return [[{"prompt": PROMPTS[(c + r) % len(PROMPTS)], "max_tokens": NEW_TOKENS, "temperature": 0.8,
+              "seed": 100 * c + r} for r in range(PER_CLIENT)] for c in range(clients)]
+
+
+@pytest.mark.parametrize("load", [f"clients-{c}" for c in CLIENTS] + [f"one-at-a-time-{CLIENTS[-1]}"])
+def test_serving_throughput_and_latency(benchmark, served_model, record_throughput, load):
+    """Concurrent clients against the same requests sent one at a time (`one-at-a-time-32`: the 32 clients'
+    requests, sequentially, from one client)."""
+    clients = int(load.rsplit("-", 1)[1])
+    requests = requests_for(clients)
+    if load.startswith("one-at-a-time"):
+        requests = [[body for client in requests for body in client]]
+    benchmark.group = "serve default (onnx)"
+    with serving(served_model, "--max-batch", str(max(CLIENTS))) as (port, _):
+        run_load(port, requests_for(1))  # warm-up: sessions, bindings, first connections
+        result = benchmark.pedantic(run_load, args=(port, requests), rounds=1, iterations=1)
+    benchmark.extra_info.update(result)
+    total = sum(len(client) for client in requests) * NEW_TOKENS
+    record_throughput(benchmark, load, total)
+    print(f"\n{load}: {result['tokens_per_s']:,.0f} tokens/s; time to first token p50 {result['ttft_p50_ms']:.1f} ms, "
+          f"p95 {result['ttft_p95_ms']:.1f} ms; between tokens p50 {result['itl_p50_ms']:.2f} ms, "
+          f"p95 {result['itl_p95_ms']:.2f} ms")
+
+
+def resident_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads resident memory from /proc")
+def test_memory_over_1000_sequential_requests(benchmark, served_model):
+    """RSS of the server after 50 warm-up requests and after 1,000 more (in `extra_info`)."""
+    benchmark.group = "serve memory"
+    body = json.dumps({"model": "model", "prompt": "THE ", "max_tokens": 20, "seed": 1}).encode()
+
+    def send(port, count):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        for _ in range(count):
+            connection.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+            response = connection.getresponse()
+            assert response.status == 200 and len(json.loads(response.read())["choices"][0]["text"]) == 20
+
+    with serving(served_model) as (port, pid):
+        send(port, 50)
+        before = resident_mb(pid)
+        benchmark.pedantic(send, args=(port, 1000), rounds=1, iterations=1)
+        after = resident_mb(pid)
+    benchmark.extra_info.update(rss_before_mb=before, rss_after_mb=after)
+    print(f"\nserver RSS: {before:.1f} MB after 50 requests, {after:.1f} MB after 1,000 more")
