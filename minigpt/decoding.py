@@ -133,11 +133,14 @@ class Rows:
         return self.engine.decode(ids)
 
     def _restart_full_rows(self, ids: np.ndarray) -> None:
-        for row in np.flatnonzero(self.lengths[:self.count] == self.block):
-            kept = self.tokens[row, self.block - self.keep + 1:].copy()  # the newest token comes with the decode
-            self.engine.prefill(kept[None], row)
-            self.tokens[row, :len(kept)] = kept
-            self.lengths[row] = len(kept)
+        full = np.flatnonzero(self.lengths[:self.count] == self.block)
+        # Neighbouring full rows (the samples of one prompt, say) restart in one prefill.
+        for first, count in runs_of_equal(full - np.arange(len(full))):
+            rows = slice(full[first], full[first] + count)
+            kept = self.tokens[rows, self.block - self.keep + 1:].copy()  # the newest token comes with the decode
+            self.engine.prefill(kept, rows.start)
+            self.tokens[rows, :kept.shape[1]] = kept
+            self.lengths[rows] = kept.shape[1]
         self.room = self.block - int(self.lengths[:self.count].max(initial=0))
 
 
