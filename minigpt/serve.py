@@ -450,8 +450,9 @@ def create_app(engine: Engine, tokenizer: CharTokenizer, *, model_id: str, max_b
                                       "model": model_id})[:-1] + ', "choices": ['  # each event: head, choices, tail
 
         def event(events) -> str:
-            return head + ", ".join(f'{{"text": {json.dumps(piece)}, "index": {index}, "logprobs": null, '
-                                    f'"finish_reason": {json.dumps(reason)}}}' for index, piece, reason in events) + "]}\n\n"
+            choices = (f'{{"text": {json.dumps(piece)}, "index": {index}, "logprobs": null, '
+                       f'"finish_reason": {json.dumps(reason)}}}' for index, piece, reason in events)
+            return head + ", ".join(choices) + "]}\n\n"
 
         metrics.requests.labels("200").inc()
         unfinished = len(job.choices)

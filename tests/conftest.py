@@ -63,6 +63,22 @@ def cli_error(capsys):
 
 
 @pytest.fixture
+def wait_for():
+    """wait_for(predicate, timeout=60): poll until predicate() is true; False if the time runs out."""
+    import time
+
+    def wait(predicate, timeout=60.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            time.sleep(0.02)
+        return False
+
+    return wait
+
+
+@pytest.fixture
 def cli_without():
     """Run `minigpt` with argv in a fresh Python where importing `package` fails, as on a machine without it."""
     import subprocess

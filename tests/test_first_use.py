@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -71,14 +70,13 @@ def test_resume_writes_back_to_the_checkpoint_it_resumes(workdir):
     assert [json.loads(r)["step"] for r in records] == [step + 1, step + 2]
 
 
-def test_an_interrupted_run_resumes_with_its_own_settings_from_the_printed_command(tmp_path, tiny_text_file):
+def test_an_interrupted_run_resumes_with_its_own_settings_from_the_printed_command(tmp_path, tiny_text_file,
+                                                                                 wait_for):
     flags = ["--data", tiny_text_file, "--learning-rate", "2e-3", "--warmup", "3", "--eval-interval", "7", *TINY]
     process = subprocess.Popen([sys.executable, "-m", "minigpt", "train", *map(str, flags), "--steps", "100000",
                                 "--quiet"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "minigpt.metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not (log.exists() and len(log.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    assert wait_for(lambda: log.exists() and len(log.read_text().splitlines()) >= 3, timeout=120)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err

@@ -242,23 +242,14 @@ def stream_lines(server, body):
     return connection, lines()
 
 
-def wait_until(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
-
-
-def test_a_full_queue_gets_429_and_a_client_that_leaves_frees_its_row(onnx_model):
+def test_a_full_queue_gets_429_and_a_client_that_leaves_frees_its_row(onnx_model, wait_for):
     server = Server(onnx_model, "--max-batch", "1", "--max-queue", "1", "--max-tokens", "1000000")
     try:
         first, events = stream_lines(server, {"prompt": "a", "max_tokens": 1_000_000})
         next(events)  # the first request holds the only row
         second = concurrent.futures.ThreadPoolExecutor(1).submit(
             server.post, {"model": MODEL_ID, "prompt": "b", "max_tokens": 3})
-        assert wait_until(lambda: server.metric("minigpt_queue_depth") == 1)
+        assert wait_for(lambda: server.metric("minigpt_queue_depth") == 1, timeout=10)
         status, body, response = server.post({"model": MODEL_ID, "prompt": "c", "max_tokens": 3})
         assert status == 429 and response.getheader("Retry-After") == "1", body
         assert body["error"]["type"] == "rate_limit_error"
@@ -267,7 +258,7 @@ def test_a_full_queue_gets_429_and_a_client_that_leaves_frees_its_row(onnx_model
         first.close()
         status, body, _ = second.result(timeout=30)  # its row went to the waiting request
         assert status == 200 and len(body["choices"][0]["text"]) == 3
-        assert wait_until(lambda: server.metric("minigpt_rows_in_use") == 0)
+        assert wait_for(lambda: server.metric("minigpt_rows_in_use") == 0, timeout=10)
         generated = server.metric("minigpt_generated_tokens_total")
         time.sleep(0.3)
         assert server.metric("minigpt_generated_tokens_total") == generated  # nothing decodes for nobody

@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 import torch
@@ -124,17 +123,8 @@ def test_an_existing_checkpoint_is_never_replaced_unless_forced(tiny_text_file, 
     assert load_checkpoint(out).model.config.embed_dim == 64
 
 
-def wait_for(predicate, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_cli_saves_and_exits_on_a_signal(tiny_text_file, tmp_path, signum, code):
+def test_cli_saves_and_exits_on_a_signal(tiny_text_file, tmp_path, signum, code, wait_for):
     out = tmp_path / "m.safetensors"
     process = subprocess.Popen(
         [sys.executable, "-m", "minigpt", "train", "--data", str(tiny_text_file), "--out", str(out),
@@ -151,7 +141,7 @@ def test_cli_saves_and_exits_on_a_signal(tiny_text_file, tmp_path, signum, code)
     assert saved.step >= 1 and saved.optimizer_state() is not None
 
 
-def test_a_writer_killed_mid_write_leaves_the_old_file(tmp_path):
+def test_a_writer_killed_mid_write_leaves_the_old_file(tmp_path, wait_for):
     target = tmp_path / "m.safetensors"
     target.write_bytes(b"the good old checkpoint")
     writer = textwrap.dedent(f"""
