@@ -19,7 +19,8 @@ def record_throughput():
     def record(benchmark, engine: str, amount: float, unit: str = "tokens/s") -> None:
         if benchmark.stats:
             rate = amount / benchmark.stats["median"]
-            benchmark.extra_info[unit] = rate
+            benchmark.extra_info.update({unit: rate, "unit": unit, "engine": engine})  # what `minigpt plot --bench`
+            # draws
             _RATES[benchmark.group][engine] = (rate, unit)
 
     return record

@@ -56,14 +56,23 @@ def torch_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(tq, tk, q.device))
 
 
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        key_lengths: torch.Tensor | None = None) -> torch.Tensor:
-    """The definition, written out in float64: what every kernel is tested against."""
-    q, k, v = q.double(), k.double(), v.double()
+def attention_weights(q: torch.Tensor, k: torch.Tensor, key_lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """The definition: softmax(q kᵀ / √D) under the causal mask, (B, H, Tq, Tk), each row summing to 1.
+
+    The kernels compute the same without ever holding the whole matrix; this
+    writes it out, for the reference below and for pictures of what the model
+    attends to (`MiniGPT.attention_maps`).
+    """
     tq, tk = q.shape[-2], k.shape[-2]
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     visible = causal_mask(tq, tk, q.device) if key_lengths is None else ragged_causal_mask(tq, tk, key_lengths)
-    return scores.masked_fill(~visible, float("-inf")).softmax(dim=-1) @ v
+    return scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        key_lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """The definition, in float64: what every kernel is tested against."""
+    return attention_weights(q.double(), k.double(), key_lengths) @ v.double()
 
 
 def causal_mask(tq: int, tk: int, device: torch.device | str | None = None) -> torch.Tensor:

@@ -11,12 +11,14 @@ import dataclasses
 import os
 import signal
 import sys
+from pathlib import Path
 import time
 
 from minigpt.errors import MiniGPTError
 
 EXIT_USAGE = 2
 DEFAULT_CHECKPOINT = "minigpt.safetensors"
+DEFAULT_METRICS = "minigpt.metrics.jsonl"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -134,6 +136,28 @@ def _build_parser() -> argparse.ArgumentParser:
             help="on SIGTERM or Ctrl-C, how long requests in flight may take to finish before they are "
                  "cancelled (default 10)")
 
+    plot = commands.add_parser("plot", help="draw training curves, or a benchmark chart",
+                               description="Draw loss (nats and bits per character) and learning rate against "
+                                           "step from one or more NAME.metrics.jsonl, or tokens/s per engine from "
+                                           "pytest-benchmark JSON (--bench).")
+    _option(plot, "metrics", nargs="+", default=None, metavar="PATH",
+            help=f"metrics logs of runs to draw together (default {DEFAULT_METRICS})")
+    _option(plot, "bench", default=None, metavar="JSON",
+            help="draw this pytest-benchmark JSON (pytest bench/ --benchmark-json=FILE) instead")
+    _option(plot, "out", default=None, metavar="PATH",
+            help="the picture, .png or .svg (default curves.png, or bench.png with --bench)")
+
+    attention = commands.add_parser("attention", help="draw what the model's attention heads look at",
+                                    description="Draw the model's attention weights for a prompt: every layer and "
+                                                "head, one layer (--layer), one head (--head), or one map (both).")
+    _option(attention, "checkpoint", default=DEFAULT_CHECKPOINT, metavar="PATH",
+            help=f"a checkpoint or an export --hf directory (default {DEFAULT_CHECKPOINT})")
+    _option(attention, "prompt", required=True, help="the text whose attention to draw")
+    _option(attention, "layer", type=int, default=None, metavar="L", help="only this layer (from 0)")
+    _option(attention, "head", type=int, default=None, metavar="H", help="only this head (from 0)")
+    _option(attention, "out", default="attention.png", metavar="PATH",
+            help="the picture, .png or .svg (default attention.png)")
+
     evaluate = commands.add_parser("eval", help="loss and bits per character on a whole split",
                                    description="Evaluate a checkpoint on every character of one split.")
     _option(evaluate, "checkpoint", default=DEFAULT_CHECKPOINT,
@@ -162,7 +186,6 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from minigpt.checkpoint import load_checkpoint
     from minigpt.config import GPTConfig, TrainConfig
@@ -285,7 +308,6 @@ def _generate(args: argparse.Namespace) -> None:
 
 def _serve(args: argparse.Namespace) -> None:
     import socket
-    from pathlib import Path
 
     for name, value, low in (("max_batch", args.max_batch, 1), ("max_queue", args.max_queue, 1),
                              ("max_tokens", args.max_tokens, 1), ("port", args.port, 0)):
@@ -314,6 +336,40 @@ def _serve(args: argparse.Namespace) -> None:
     serve(engine, tokenizer, model_id=model_id, host=args.host, port=args.port, max_batch=args.max_batch,
           max_queue=args.max_queue, api_key=args.api_key or os.environ.get("MINIGPT_API_KEY") or None,
           max_tokens_limit=args.max_tokens, shutdown_timeout=args.shutdown_timeout)
+
+
+def _plot(args: argparse.Namespace) -> None:
+    from minigpt import plot
+
+    if args.bench and args.metrics:
+        raise MiniGPTError("--bench draws a benchmark, --metrics training curves: give one of them")
+    out = plot.check_output(args.out or ("bench.png" if args.bench else "curves.png"))
+    plot.pyplot()  # a missing matplotlib is reported before any file is read
+    if args.bench:
+        figure = plot.bench_chart(plot.read_bench(args.bench))
+    else:
+        runs = {}
+        for path in args.metrics or [DEFAULT_METRICS]:
+            records, note = plot.read_metrics(path)
+            if note:
+                print(f"minigpt: {note}", file=sys.stderr)
+            runs[Path(path).name.removesuffix(".metrics.jsonl").removesuffix(".jsonl")] = records
+        figure = plot.training_curves(runs)
+    print(f"minigpt: wrote {plot.save(figure, out)}", file=sys.stderr)
+
+
+def _attention(args: argparse.Namespace) -> None:
+    from minigpt import plot
+    from minigpt.checkpoint import load_checkpoint
+
+    out = plot.check_output(args.out)
+    plot.pyplot()
+    checkpoint = load_checkpoint(args.checkpoint)
+    figure, note = plot.attention_of(checkpoint.model, checkpoint.tokenizer, args.prompt, layer=args.layer,
+                                     head=args.head)
+    if note:
+        print(f"minigpt: drawing {note}", file=sys.stderr)
+    print(f"minigpt: wrote {plot.save(figure, out)}", file=sys.stderr)
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -349,7 +405,8 @@ def _evaluate(args: argparse.Namespace) -> None:
           f"over {len(ids) - 1:,} characters of {corpus.source}")
 
 
-COMMANDS = {"train": _train, "generate": _generate, "serve": _serve, "eval": _evaluate, "export": _export}
+COMMANDS = {"train": _train, "generate": _generate, "serve": _serve, "eval": _evaluate, "export": _export,
+            "plot": _plot, "attention": _attention}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,6 +57,10 @@ def join(device_name: str) -> tuple[ProcessGroup, str]:
     return ProcessGroup(rank, world_size, local_rank), device_name
 
 
-def leave(group: ProcessGroup) -> None:
+def leave(group: ProcessGroup, together: bool = True) -> None:
+    """Leave the process group; `together` waits for every process first (when all are known to get here),
+    since one tearing down its connections while another still holds its own can abort either at exit."""
     if group.enabled and dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from minigpt.config import GPTConfig
 from minigpt.kernels import causal_attention
-from minigpt.kernels.attention import check_backend
+from minigpt.kernels.attention import attention_weights, check_backend
 
 
 def dropout_layer(p: float) -> nn.Module:
@@ -109,6 +109,8 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.embed_dim, config.embed_dim)
         self.resid_dropout = dropout_layer(config.dropout)
         self.attention_backend = "auto"  # see minigpt.kernels.causal_attention
+        self.keep_weights = False  # set by MiniGPT.attention_maps
+        self.weights: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, step: CacheStep | None = None, layer: int = 0) -> torch.Tensor:
         batch, seq, embed = x.shape
@@ -119,7 +121,11 @@ class CausalSelfAttention(nn.Module):
         if step is not None:  # attend to every earlier position, not only this call's
             kv, key_lengths = step.update(layer, kv), step.key_lengths
         k, v = kv
-        y = causal_attention(q, k, v, key_lengths=key_lengths, backend=self.attention_backend)
+        if self.keep_weights:  # attention written out, so the weights that made y can be shown
+            self.weights = attention_weights(q, k, key_lengths)
+            y = self.weights @ v
+        else:
+            y = causal_attention(q, k, v, key_lengths=key_lengths, backend=self.attention_backend)
         y = y.transpose(1, 2).reshape(batch, seq, embed)  # heads side by side again
         return self.resid_dropout(self.proj(y))
 
@@ -190,6 +196,20 @@ class MiniGPT(nn.Module):
         for block in self.blocks:
             block.attn.attention_backend = backend
         return self
+
+    @torch.no_grad()
+    def attention_maps(self, idx: torch.Tensor) -> torch.Tensor:
+        """Every layer's attention weights for (B, T) ids: (layers, B, heads, T, T), row i of a map the
+        distribution query i spreads over positions 0 .. i. The forward pass is this model's own, with each
+        layer's attention written out (`minigpt.kernels.attention_weights`) instead of fused."""
+        for block in self.blocks:
+            block.attn.keep_weights = True
+        try:
+            self(idx)
+            return torch.stack([block.attn.weights for block in self.blocks])
+        finally:
+            for block in self.blocks:
+                block.attn.keep_weights, block.attn.weights = False, None
 
     def make_cache(self, batch_size: int) -> KVCache:
         """An empty KVCache for `batch_size` rows, in the model's dtype and on its device."""

@@ -220,10 +220,16 @@ def train(corpus: Corpus, config: TrainConfig, out: str | Path, *, progress: boo
     check_out_path(out, force=force, resume=resume)
     group, device_name = distributed.join(config.device)
     try:
-        return _train(corpus, config, out, group, resolve_device(device_name), progress=progress,
-                      resume=resume, on_step=on_step, model_fields=model_fields)
-    finally:
+        result = _train(corpus, config, out, group, resolve_device(device_name), progress=progress,
+                        resume=resume, on_step=on_step, model_fields=model_fields)
+    except (TrainingInterrupted, NonFiniteLoss):  # every process stops at the same step
         distributed.leave(group)
+        raise
+    except BaseException:  # maybe in this process alone: waiting for the others could wait forever
+        distributed.leave(group, together=False)
+        raise
+    distributed.leave(group)
+    return result
 
 
 def _train(corpus: Corpus, config: TrainConfig, out: Path, group: distributed.ProcessGroup,
@@ -296,7 +302,7 @@ def _train(corpus: Corpus, config: TrainConfig, out: Path, group: distributed.Pr
                 raise NonFiniteLoss(f"the loss became {loss_value} at step {step}; the last checkpoint on disk "
                                     "is left as it was: lower --learning_rate or --grad_clip and try again")
             elapsed = time.perf_counter() - start
-            record = {"step": step, "loss": loss_value, "lr": lr,
+            record = {"step": step, "tokens": step * tokens_per_step, "loss": loss_value, "lr": lr,
                       "tokens_per_s": (step - first_step + 1) * tokens_per_step / elapsed}
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
             if group.is_main and (step % config.eval_interval == 0 or step == config.steps):
