@@ -80,7 +80,8 @@ def read_metrics(path: str | os.PathLike) -> tuple[list[dict], str | None]:
                 raise ValueError("not a training record")
         except ValueError as exc:
             if number == len(lines):  # a run stopped mid-write: keep what was whole
-                note = f"{path}: its last line is incomplete (an interrupted run?); plotting the {len(records)} before it"
+                note = (f"{path}: its last line is incomplete (an interrupted run?); "
+                        f"plotting the {len(records)} records before it")
                 break
             raise MiniGPTError(f"{path} line {number} is not a training record ({exc}); pass a NAME.metrics.jsonl "
                                "written by minigpt train") from None
@@ -189,7 +190,7 @@ def attention_of(model, tokenizer, prompt: str, *, layer: int | None = None, hea
     maps = model.attention_maps(torch.tensor([ids], device=device))[:, 0].float().cpu().numpy()  # (L, H, T, T)
     layers = [layer] if layer is not None else list(range(config.num_layers))
     heads = [head] if head is not None else list(range(config.num_heads))
-    weights = [[maps[l][h] for h in heads] for l in layers]
+    weights = [[maps[row][column] for column in heads] for row in layers]
     return attention_figure(weights, prompt, layers, heads, note), note
 
 
