@@ -308,3 +308,16 @@ def test_32_concurrent_streams_each_equal_the_same_request_alone(server):
     assert all(reason == "length" and len(text) == 200 for text, reason in together)
     alone = [stream(body) for body in requests]
     assert together == alone
+
+
+def test_bad_serve_flags_are_one_line_errors(onnx_model, cli_error, cli_without):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cli_error(["serve", "--model", str(onnx_model), "--port", str(port)], f"cannot listen on 127.0.0.1:{port}")
+    cli_error(["serve", "--model", str(onnx_model), "--max-batch", "0"], "--max-batch must be at least 1")
+    cli_error(["serve", "--model", str(onnx_model), "--shutdown-timeout", "-1"], "--shutdown-timeout")
+    cli_error(["serve", "--model", str(onnx_model), "--device", "cuda"], "the onnx engine runs on the CPU")
+    result = cli_without("uvicorn", ["serve", "--model", str(onnx_model)])
+    assert result.returncode == 2 and "pip install 'minigpt[serve]'" in result.stderr, result.stderr
