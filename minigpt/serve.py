@@ -200,9 +200,16 @@ class Scheduler:
             self.wake.notify()
         self.thread.join(timeout=30)
 
+    @property
+    def healthy(self) -> bool:
+        return self.thread.is_alive() and not self.stopping
+
     def submit(self, job: Job) -> bool:
         """Queue a job; False when the queue is full."""
         with self.wake:
+            if self.stopping:
+                raise RequestError("the engine has stopped (see the server's log); restart the server",
+                                   status=503, code="engine_stopped")
             if len(self.waiting) >= self.max_queue:
                 return False
             self.waiting.append(job)
@@ -387,9 +394,9 @@ def create_app(engine: Engine, tokenizer: CharTokenizer, *, model_id: str, max_b
     def fail(error: RequestError) -> JSONResponse:
         metrics.requests.labels(str(error.status)).inc()
         headers = {"Retry-After": "1"} if error.status == 429 else None
-        return JSONResponse(error_body(str(error), error.param, error.code,
-                                       "rate_limit_error" if error.status == 429 else "invalid_request_error"),
-                            status_code=error.status, headers=headers)
+        kind = {429: "rate_limit_error", 503: "server_error"}.get(error.status, "invalid_request_error")
+        return JSONResponse(error_body(str(error), error.param, error.code, kind), status_code=error.status,
+                            headers=headers)
 
     def check_key(request: Request) -> None:
         if api_key is not None and request.headers.get("authorization", "") != f"Bearer {api_key}":
@@ -489,8 +496,8 @@ def create_app(engine: Engine, tokenizer: CharTokenizer, *, model_id: str, max_b
                                                          "owned_by": "minigpt"}]})
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok"} if scheduler.thread.is_alive() else {"status": "engine stopped"},
-                            status_code=200 if scheduler.thread.is_alive() else 503)
+        healthy = scheduler.healthy
+        return JSONResponse({"status": "ok" if healthy else "engine stopped"}, status_code=200 if healthy else 503)
 
     async def prometheus(request: Request) -> Response:
         return Response(metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -28,24 +28,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Server:
-    """`minigpt serve` in a subprocess, ready once /health answers."""
+class Client:
+    """Raw HTTP and the openai client against a server on a localhost port."""
 
-    def __init__(self, model, *flags, env=None):
-        self.port = free_port()
-        self.process = subprocess.Popen([sys.executable, "-m", "minigpt", "serve", "--model", str(model),
-                                         "--port", str(self.port), *map(str, flags)],
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                        env={**os.environ, **(env or {})})
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if self.get("/health")[0] == 200:
-                    return
-            except OSError:
-                assert self.process.poll() is None, self.process.communicate()[1]
-                time.sleep(0.1)
-        raise AssertionError("the server never became healthy")
+    def __init__(self, port):
+        self.port = port
+
+    def healthy(self) -> bool:
+        try:
+            return self.get("/health")[0] == 200
+        except OSError:
+            return False
 
     def request(self, method, path, body=None, headers=None):
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
@@ -67,6 +60,22 @@ class Server:
     def metric(self, name) -> float:
         text = self.get("/metrics")[1]
         return float(re.search(rf"^{name} (\S+)$", text, flags=re.M).group(1))
+
+
+class Server(Client):
+    """`minigpt serve` in a subprocess, ready once /health answers."""
+
+    def __init__(self, model, *flags, env=None):
+        super().__init__(free_port())
+        self.process = subprocess.Popen([sys.executable, "-m", "minigpt", "serve", "--model", str(model),
+                                         "--port", str(self.port), *map(str, flags)],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        env={**os.environ, **(env or {})})
+        deadline = time.monotonic() + 60
+        while not self.healthy():
+            assert self.process.poll() is None, self.process.communicate()[1]
+            assert time.monotonic() < deadline, "the server never became healthy"
+            time.sleep(0.1)
 
     def stop(self, timeout=60):
         if self.process.poll() is None:
@@ -321,3 +330,41 @@ def test_bad_serve_flags_are_one_line_errors(onnx_model, cli_error, cli_without)
     cli_error(["serve", "--model", str(onnx_model), "--device", "cuda"], "the onnx engine runs on the CPU")
     result = cli_without("uvicorn", ["serve", "--model", str(onnx_model)])
     assert result.returncode == 2 and "pip install 'minigpt[serve]'" in result.stderr, result.stderr
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the failure, as logged
+def test_an_engine_that_fails_ends_its_requests_with_500_and_later_ones_with_503(onnx_model, wait_for):
+    """In process: the app around an engine whose decode breaks on its third step."""
+    import threading
+
+    import uvicorn
+
+    from minigpt.export.onnx_engine import OnnxEngine
+    from minigpt.serve import create_app
+
+    class Breaking(OnnxEngine):
+        steps = 0
+
+        def decode(self, ids):
+            Breaking.steps += 1
+            if Breaking.steps == 3:
+                raise RuntimeError("a broken engine")
+            return super().decode(ids)
+
+    engine = Breaking(onnx_model)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, engine.tokenizer, model_id=MODEL_ID), port=port,
+                                           log_level="critical", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        probe = Client(port)
+        assert wait_for(probe.healthy, timeout=30)
+        status, body, _ = probe.post({"model": MODEL_ID, "prompt": "a", "max_tokens": 10})
+        assert status == 500 and "the engine failed" in body["error"]["message"], body
+        status, body, _ = probe.post({"model": MODEL_ID, "prompt": "a", "max_tokens": 10})
+        assert status == 503 and body["error"]["code"] == "engine_stopped", body
+        assert probe.get("/health")[0] == 503
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
