@@ -37,6 +37,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x · log2 e), and exp2 is the fast one
 MAX_HEAD_DIM = 128
 DECODE_MAX_QUERIES = 8  # up to this many queries take the split-KV decode path
+MERGE_MAX_SPLITS = 256  # the most key slices one decode splits into
 
 
 def supports(q: torch.Tensor) -> bool:
@@ -108,12 +109,33 @@ def _prefill_kernel(Q, K, V, O, KeyLengths,
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < tq) & d_mask[None, :])
 
 
-_PREFILL_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-                    for m, n, w, s in [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3),
-                                       (64, 64, 4, 4), (64, 32, 4, 4), (128, 32, 4, 4)]]
+# (BLOCK_M, BLOCK_N, warps, stages) by (fp32 inputs, head_dim over 64): the configs that compile for both
+# sm_80 and sm_90 with no register spills, as `python -m minigpt.kernels.resources` measures them (the table
+# is in bench/README.md, and tests/test_kernel_resources.py holds every one to it). Everything else tried
+# spills on one of them or both: 128x64 with 4 warps, 128x128 and 64x64 tiles at any head size; every
+# tile over 64x32 at head 128; in fp32 (no tensor cores: the products are FMAs) all but the small tiles.
+PREFILL_CONFIGS = {(False, False): [(128, 64, 8, 3), (64, 32, 4, 4)],
+                   (False, True): [(64, 32, 8, 3), (64, 16, 4, 3)],
+                   (True, False): [(64, 32, 8, 3), (32, 16, 4, 3), (16, 16, 4, 2)],
+                   (True, True): [(16, 16, 4, 2)]}
+
+
+def prefill_configs(fp32: bool, head_dim: int) -> list[tuple[int, int, int, int]]:
+    return PREFILL_CONFIGS[fp32, _block_d(head_dim) > 64]
+
+
+def _keep_configs_that_fit(configs, named_args, **meta):
+    meta = {**named_args, **meta}
+    fitting = prefill_configs(meta["PRECISION"] == "ieee", meta["HEAD_DIM"])
+    return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in fitting]
+
+
 # Tuned once per power-of-two length, not per length: prompts come in every size.
-_prefill_autotuned = triton.autotune(_PREFILL_CONFIGS, key=["seq_bucket", "HEAD_DIM", "PRECISION", "RAGGED"])(
-    _prefill_kernel)
+_prefill_autotuned = triton.autotune(
+    [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+     for m, n, w, s in dict.fromkeys(c for configs in PREFILL_CONFIGS.values() for c in configs)],
+    key=["seq_bucket", "HEAD_DIM", "PRECISION", "RAGGED"],
+    prune_configs_by={"early_config_prune": _keep_configs_that_fit})(_prefill_kernel)
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengths: torch.Tensor | None = None,
@@ -215,7 +237,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_leng
     batch, heads, tq, head_dim = q.shape
     tk = k.shape[2]
     rows = batch * heads * tq
-    block_n = block_n or (16 if INTERPRET else 64)
+    default_block_n, warps = decode_config(head_dim)
+    block_n = block_n or (16 if INTERPRET else default_block_n)
     if num_splits is None:
         num_splits = _decode_splits(rows, tk, block_n, q.device)
     keys_per_split = triton.cdiv(triton.cdiv(tk, num_splits), block_n) * block_n
@@ -228,11 +251,23 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_leng
     _decode_partial_kernel[(rows, num_splits)](
         q, k, v, _lengths_arg(key_lengths, q), partial_o, partial_m, partial_l, *q.stride(), *k.stride(),
         *v.stride(), heads, tq, tk, LOG2E / math.sqrt(head_dim), keys_per_split, num_splits,
-        HEAD_DIM=head_dim, BLOCK_N=block_n, BLOCK_D=block_d, RAGGED=key_lengths is not None, num_warps=4)
+        HEAD_DIM=head_dim, BLOCK_N=block_n, BLOCK_D=block_d, RAGGED=key_lengths is not None, num_warps=warps)
     _decode_merge_kernel[(rows,)](
         partial_o, partial_m, partial_l, out, *out.stride(), heads, tq, num_splits,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits))
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
+        num_warps=merge_warps(head_dim))
     return out
+
+
+def decode_config(head_dim: int) -> tuple[int, int]:
+    """(keys a decode program reads per step, its warps): 64 keys and 4 warps spill at head 128 (672 bytes on
+    sm_80 and sm_90); 16 keys and 4 warps fit in 125 registers there, 25% occupancy."""
+    return (64, 4) if _block_d(head_dim) <= 64 else (16, 4)
+
+
+def merge_warps(head_dim: int) -> int:
+    """A merge of MERGE_MAX_SPLITS partial outputs of 128 values spills with 4 warps; 8 share it."""
+    return 4 if _block_d(head_dim) <= 64 else 8
 
 
 def _decode_splits(rows: int, tk: int, block_n: int, device: torch.device) -> int:
@@ -241,7 +276,7 @@ def _decode_splits(rows: int, tk: int, block_n: int, device: torch.device) -> in
         return triton.cdiv(tk, 4 * block_n)
     sm_count = torch.cuda.get_device_properties(device).multi_processor_count
     wanted = triton.cdiv(4 * sm_count, rows)  # a few waves of programs
-    return max(1, min(wanted, triton.cdiv(tk, 4 * block_n), 256))
+    return max(1, min(wanted, triton.cdiv(tk, 4 * block_n), MERGE_MAX_SPLITS))
 
 
 # ---------------------------------------------------------------------------------------------- helpers
