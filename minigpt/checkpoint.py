@@ -151,6 +151,53 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     return Checkpoint(model.to(device).eval(), tokenizer, metadata, optimizer_tensors)
 
 
+@dataclass
+class WarmStart:
+    """What `warm_start` copied into a new model, and what it left and why."""
+
+    source: str
+    checkpoint_tensors: int
+    model_tensors: int
+    copied: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # name -> why
+    characters: str = ""  # "60 of 65 characters" when embedding rows were copied by character
+
+    def __str__(self) -> str:
+        embedding = f" (token embedding: {self.characters})" if self.characters else ""
+        shown = "; ".join(f"{name} ({why})" for name, why in list(self.skipped.items())[:4])
+        more = f" and {len(self.skipped) - 4} more" if len(self.skipped) > 4 else ""
+        skipped = f", skipped {len(self.skipped)}: {shown}{more}" if self.skipped else ""
+        return (f"--init-from {self.source}: {self.checkpoint_tensors} tensors in the checkpoint, "
+                f"{self.model_tensors} in the model; copied {len(self.copied)}{embedding}{skipped}")
+
+
+@torch.no_grad()
+def warm_start(model: MiniGPT, tokenizer: CharTokenizer, source: Checkpoint, name: str = "") -> WarmStart:
+    """Copy into `model` every tensor of `source` whose name and shape match; the token embedding row by
+    row for the characters both vocabularies have (when its width matches). The rest keeps its fresh
+    initialisation. Reuses a checkpoint after the architecture or the corpus changed."""
+    theirs = {k: v for k, v in source.model.state_dict().items() if k not in TIED_KEYS}
+    ours = {k: v for k, v in model.state_dict().items() if k not in TIED_KEYS}
+    report = WarmStart(name, len(theirs), len(ours))
+    for key, tensor in ours.items():
+        if key not in theirs:
+            report.skipped[key] = "not in the checkpoint"
+        elif key == "tok_emb.weight" and source.tokenizer.chars != tokenizer.chars \
+                and theirs[key].shape[1] == tensor.shape[1]:
+            shared = [c for c in tokenizer.chars if c in source.tokenizer._index]
+            rows = torch.tensor([tokenizer._index[c] for c in shared], dtype=torch.long)
+            from_rows = torch.tensor([source.tokenizer._index[c] for c in shared], dtype=torch.long)
+            tensor[rows] = theirs[key][from_rows].to(tensor.dtype)
+            report.copied.append(key)
+            report.characters = f"{len(shared)} of {tokenizer.vocab_size} characters"
+        elif theirs[key].shape != tensor.shape:
+            report.skipped[key] = f"shape {tuple(theirs[key].shape)} in the checkpoint, {tuple(tensor.shape)} here"
+        else:
+            tensor.copy_(theirs[key])
+            report.copied.append(key)
+    return report
+
+
 def _unwrap(model: torch.nn.Module) -> MiniGPT:
     """The MiniGPT inside a DDP or torch.compile wrapper."""
     while not isinstance(model, MiniGPT):

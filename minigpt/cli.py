@@ -93,6 +93,9 @@ def _build_parser() -> argparse.ArgumentParser:
     _option(train, "resume", default=None, metavar="CKPT",
             help="continue a checkpoint written by minigpt train: model, optimizer, step and training settings "
                  "come back; training flags given with it override them")
+    _option(train, "init_from", default=None, metavar="CKPT",
+            help="start a new run from a checkpoint's tensors wherever name and shape match (token embedding "
+                 "rows by character): a deeper model, another corpus")
     _option(train, "force", action="store_true",
             help="replace an existing --out (a trained model is never replaced without it)")
     _option(train, "sample_tokens", type=int, default=300, metavar="N",
@@ -190,12 +193,15 @@ def _train(args: argparse.Namespace) -> int:
     from minigpt.checkpoint import load_checkpoint
     from minigpt.config import GPTConfig, TrainConfig
     from minigpt.data import corpus_from_source, load_corpus
-    from minigpt.train import (TrainingInterrupted, check_out_path, check_resumable, resolve_device,
-                               sample_after_training, train)
+    from minigpt.train import (TrainingInterrupted, check_one_start, check_out_path, check_resumable,
+                               resolve_device, sample_after_training, train)
 
     # Everything that can be checked without the data is checked first, cheapest first.
     model_flags = _given(args, GPTConfig, skip=("vocab_size",))
     training_flags = _given(args, TrainConfig)
+    check_one_start(args.resume, args.init_from)
+    if args.init_from:
+        load_checkpoint(args.init_from)  # vetted before the data loads
     resumed = load_checkpoint(args.resume) if args.resume else None
     if resumed is None:
         GPTConfig(vocab_size=1, **model_flags)  # an impossible shape fails here
@@ -216,7 +222,7 @@ def _train(args: argparse.Namespace) -> int:
     is_main = int(os.environ.get("RANK", "0")) == 0
     try:
         result = train(corpus, config, out, progress=not args.quiet, resume=args.resume, force=args.force,
-                       **model_flags)
+                       init_from=args.init_from, **model_flags)
     except TrainingInterrupted as stop:
         if is_main:  # settings, data and the steps to reach all come back from the checkpoint
             print(f"minigpt: {stop}; saved {stop.path}. Resume with: minigpt train --resume {stop.path}",

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from minigpt import distributed
-from minigpt.checkpoint import Checkpoint, load_checkpoint, read_metadata, save_checkpoint
+from minigpt.checkpoint import Checkpoint, load_checkpoint, read_metadata, save_checkpoint, warm_start
 from minigpt.config import GPTConfig, TrainConfig
 from minigpt.data import Corpus
 from minigpt.errors import ConfigError, DataError, MiniGPTError
@@ -195,6 +195,12 @@ def check_out_path(out: Path, *, force: bool, resume: Path | None) -> None:
                        "training it, or choose another --out")
 
 
+def check_one_start(resume, init_from) -> None:
+    if resume is not None and init_from is not None:
+        raise MiniGPTError("--resume continues a run, --init-from starts a new one from a checkpoint's tensors: "
+                           "give one of them")
+
+
 def check_resumable(checkpoint: Checkpoint, path: Path, steps: int) -> None:
     if checkpoint.optimizer_state() is None:
         raise MiniGPTError(f"{path} has no optimizer state to resume from; "
@@ -205,23 +211,26 @@ def check_resumable(checkpoint: Checkpoint, path: Path, steps: int) -> None:
 
 
 def train(corpus: Corpus, config: TrainConfig, out: str | Path, *, progress: bool = True,
-          resume: str | Path | None = None, force: bool = False,
+          resume: str | Path | None = None, force: bool = False, init_from: str | Path | None = None,
           on_step: Callable[[dict], None] | None = None, **model_fields) -> TrainResult:
     """Train a MiniGPT on `corpus` and save it to `out` (a .safetensors checkpoint).
 
     `model_fields` are GPTConfig fields other than vocab_size, which the corpus
     decides. With `resume`, model, optimizer and step come from that
     checkpoint (its architecture wins over `model_fields`) and training
-    continues to `config.steps`. Under torchrun, each process trains on its
+    continues to `config.steps`. With `init_from`, a new run (step 1, a fresh
+    optimizer) starts from that checkpoint's tensors where they fit
+    (`minigpt.checkpoint.warm_start`). Under torchrun, each process trains on its
     own batches and rank 0 alone logs, evaluates and saves. `on_step` is
     called with each step's record.
     """
     out, resume = Path(out), (Path(resume) if resume is not None else None)
+    check_one_start(resume, init_from)
     check_out_path(out, force=force, resume=resume)
     group, device_name = distributed.join(config.device)
     try:
         result = _train(corpus, config, out, group, resolve_device(device_name), progress=progress,
-                        resume=resume, on_step=on_step, model_fields=model_fields)
+                        resume=resume, init_from=init_from, on_step=on_step, model_fields=model_fields)
     except (TrainingInterrupted, NonFiniteLoss):  # every process stops at the same step
         distributed.leave(group)
         raise
@@ -233,7 +242,7 @@ def train(corpus: Corpus, config: TrainConfig, out: str | Path, *, progress: boo
 
 
 def _train(corpus: Corpus, config: TrainConfig, out: Path, group: distributed.ProcessGroup,
-           device: torch.device, *, progress: bool, resume: Path | None,
+           device: torch.device, *, progress: bool, resume: Path | None, init_from: str | Path | None,
            on_step: Callable[[dict], None] | None, model_fields: dict) -> TrainResult:
     if resume is not None:
         checkpoint = load_checkpoint(resume)
@@ -245,6 +254,10 @@ def _train(corpus: Corpus, config: TrainConfig, out: Path, group: distributed.Pr
         tokenizer = CharTokenizer.from_text(*corpus.all_text())
         torch.manual_seed(config.seed)
         model, first_step, optimizer_state = MiniGPT(GPTConfig(tokenizer.vocab_size, **model_fields)), 1, None
+        if init_from is not None:
+            report = warm_start(model, tokenizer, load_checkpoint(init_from), str(init_from))
+            if group.is_main:
+                print(f"minigpt: {report}", file=sys.stderr)
     model_config = model.config
     train_ids = encode_split(tokenizer, corpus.split("train"), "train", model_config.block_size)
     valid_ids = encode_split(tokenizer, corpus.split("valid"), "valid", model_config.block_size)

@@ -222,3 +222,59 @@ def test_resume_says_which_architecture_flags_it_ignores(tiny_checkpoint, tmp_pa
     assert f"training settings, except --steps {step + 2}, --eval-iters 1\n" in err  # --device cpu: as stored
     continued = load_checkpoint(out)
     assert continued.step == step + 2 and continued.model.config.embed_dim == 32
+
+
+def test_init_from_grows_a_deeper_model_from_a_shallower_one(tiny_text_file, tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "deeper.safetensors"
+    assert main(["train", "--data", str(tiny_text_file), "--out", str(out), "--init-from", str(tiny_checkpoint),
+                 "--block-size", "16", "--embed-dim", "32", "--num-heads", "2", "--num-layers", "3", "--steps", "1",
+                 "--learning-rate", "1e-9", "--warmup", "0", "--eval-iters", "1", "--quiet", "--sample-tokens", "0",
+                 "--device", "cpu"]) == 0
+    line = next(line for line in capsys.readouterr().err.splitlines() if "--init-from" in line)
+    assert "blocks.2.attn.qkv.weight (not in the checkpoint)" in line and "skipped 12" in line
+    source, grown = load_checkpoint(tiny_checkpoint).model.state_dict(), load_checkpoint(out).model.state_dict()
+    for name in ("tok_emb.weight", "blocks.0.attn.qkv.weight", "blocks.1.mlp.fc.weight", "ln_final.weight"):
+        assert torch.allclose(grown[name], source[name], atol=1e-6), name  # one step at lr 1e-9 moves nothing
+    assert load_checkpoint(out).step == 1  # a new run, not a resumed one
+
+
+def test_init_from_refuses_a_wider_model_tensor_by_tensor(tiny_text_file, tiny_checkpoint, tmp_path):
+    from minigpt.checkpoint import warm_start
+    from minigpt.config import GPTConfig
+    from minigpt.model import MiniGPT
+
+    source = load_checkpoint(tiny_checkpoint)
+    wider = MiniGPT(GPTConfig(source.tokenizer.vocab_size, block_size=16, embed_dim=64, num_heads=2, num_layers=2))
+    report = warm_start(wider, source.tokenizer, source, "tiny")
+    assert report.copied == [] and len(report.skipped) == report.model_tensors
+    assert report.skipped["tok_emb.weight"] == "shape (29, 32) in the checkpoint, (29, 64) here"
+    assert "copied 0, skipped" in str(report)
+
+
+def test_init_from_a_corpus_with_another_vocabulary_copies_embedding_rows_by_character(tiny_checkpoint, tmp_path):
+    from minigpt.checkpoint import warm_start
+    from minigpt.config import GPTConfig
+    from minigpt.model import MiniGPT
+    from minigpt.tokenizer import CharTokenizer
+
+    source = load_checkpoint(tiny_checkpoint)
+    tokenizer = CharTokenizer("the quick brown fox!?ZQ")  # some characters old, some new
+    model = MiniGPT(GPTConfig(tokenizer.vocab_size, block_size=16, embed_dim=32, num_heads=2, num_layers=2))
+    fresh = model.tok_emb.weight.detach().clone()
+    report = warm_start(model, tokenizer, source, "tiny")
+    shared = [c for c in tokenizer.chars if c in source.tokenizer.chars]
+    assert report.characters == f"{len(shared)} of {tokenizer.vocab_size} characters" and "tok_emb.weight" in report.copied
+    for char in tokenizer.chars:
+        row = model.tok_emb.weight[tokenizer.encode(char)[0]]
+        if char in shared:
+            assert torch.equal(row, source.model.tok_emb.weight[source.tokenizer.encode(char)[0]]), char
+        else:
+            assert torch.equal(row, fresh[tokenizer.encode(char)[0]]), char  # a new character keeps its init
+    assert torch.equal(model.lm_head.weight, model.tok_emb.weight)  # the tied head follows
+
+
+def test_init_from_and_resume_are_one_or_the_other(tiny_checkpoint, tmp_path, cli_error):
+    cli_error(["train", "--resume", str(tiny_checkpoint), "--init-from", str(tiny_checkpoint),
+               "--out", str(tmp_path / "x.safetensors")], "give one of them")
+    cli_error(["train", "--init-from", str(tmp_path / "absent.safetensors"), "--out", str(tmp_path / "x.safetensors")],
+              "checkpoint not found")
