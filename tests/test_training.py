@@ -263,7 +263,8 @@ def test_init_from_a_corpus_with_another_vocabulary_copies_embedding_rows_by_cha
     fresh = model.tok_emb.weight.detach().clone()
     report = warm_start(model, tokenizer, source, "tiny")
     shared = [c for c in tokenizer.chars if c in source.tokenizer.chars]
-    assert report.characters == f"{len(shared)} of {tokenizer.vocab_size} characters" and "tok_emb.weight" in report.copied
+    assert report.characters == f"{len(shared)} of {tokenizer.vocab_size} characters"
+    assert "tok_emb.weight" in report.copied
     for char in tokenizer.chars:
         row = model.tok_emb.weight[tokenizer.encode(char)[0]]
         if char in shared:
