@@ -9,7 +9,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 
 _RATES = defaultdict(dict)  # group -> {engine: (rate, unit)}
-BASELINES = ("ct2-fp32", "kv-cache", "torch-sdpa", "sdpa-flash", "clients-1")  # what targets are stated against
+BASELINES = ("ct2-fp32", "kv-cache", "torch-sdpa", "sdpa-flash", "clients-1", "eager")  # what targets are stated against
 
 
 @pytest.fixture

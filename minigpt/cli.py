@@ -96,6 +96,9 @@ def _build_parser() -> argparse.ArgumentParser:
     _option(train, "init_from", default=None, metavar="CKPT",
             help="start a new run from a checkpoint's tensors wherever name and shape match (token embedding "
                  "rows by character): a deeper model, another corpus")
+    _option(train, "compile", action="store_true",
+            help="run the training step through torch.compile (on a CPU it needs a C++ compiler; see bench/README.md "
+                 "for what it buys)")
     _option(train, "force", action="store_true",
             help="replace an existing --out (a trained model is never replaced without it)")
     _option(train, "sample_tokens", type=int, default=300, metavar="N",
@@ -193,8 +196,8 @@ def _train(args: argparse.Namespace) -> int:
     from minigpt.checkpoint import load_checkpoint
     from minigpt.config import GPTConfig, TrainConfig
     from minigpt.data import corpus_from_source, load_corpus
-    from minigpt.train import (TrainingInterrupted, check_one_start, check_out_path, check_resumable,
-                               resolve_device, sample_after_training, train)
+    from minigpt.train import (TrainingInterrupted, check_compiler, check_one_start, check_out_path,
+                               check_resumable, resolve_device, sample_after_training, train)
 
     # Everything that can be checked without the data is checked first, cheapest first.
     model_flags = _given(args, GPTConfig, skip=("vocab_size",))
@@ -211,7 +214,9 @@ def _train(args: argparse.Namespace) -> int:
         if model_flags:
             print(f"minigpt: --resume keeps the checkpoint's architecture; ignoring "
                   f"{_flag_list(model_flags)}", file=sys.stderr)
-    resolve_device(config.device)
+    device = resolve_device(config.device)
+    if args.compile:
+        check_compiler(device)
     out = Path(args.out or args.resume or DEFAULT_CHECKPOINT)
     check_out_path(out, force=args.force, resume=Path(args.resume) if args.resume else None)
     if resumed is not None:
@@ -222,7 +227,7 @@ def _train(args: argparse.Namespace) -> int:
     is_main = int(os.environ.get("RANK", "0")) == 0
     try:
         result = train(corpus, config, out, progress=not args.quiet, resume=args.resume, force=args.force,
-                       init_from=args.init_from, **model_flags)
+                       init_from=args.init_from, compile=args.compile, **model_flags)
     except TrainingInterrupted as stop:
         if is_main:  # settings, data and the steps to reach all come back from the checkpoint
             print(f"minigpt: {stop}; saved {stop.path}. Resume with: minigpt train --resume {stop.path}",

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -65,6 +66,29 @@ def sample_batch(ids: torch.Tensor, batch_size: int, block_size: int, generator:
     starts = torch.randint(len(ids) - block_size, (batch_size,), generator=generator)
     windows = ids.unfold(0, block_size + 1, 1)[starts].long().to(device, non_blocking=True)
     return windows[:, :-1], windows[:, 1:]
+
+
+def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                  grad_clip: float, device: torch.device) -> float:
+    """One optimizer step on a batch (model may be wrapped: DDP, torch.compile); returns the loss."""
+    with autocast_for(device):
+        _, loss = model(x, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.item()
+
+
+def check_compiler(device: torch.device) -> None:
+    """torch.compile on a CPU builds C++ kernels: fail before any work when no compiler is there."""
+    import shutil
+
+    if device.type == "cpu" and not any(shutil.which(name) for name in (os.environ.get("CXX", "g++"), "c++",
+                                                                       "clang++")):
+        raise MiniGPTError("--compile on a CPU needs a C++ compiler (torch.compile builds its kernels with one): "
+                           "install g++, or train without --compile")
 
 
 def learning_rate_at(step: int, config: TrainConfig) -> float:
@@ -212,6 +236,7 @@ def check_resumable(checkpoint: Checkpoint, path: Path, steps: int) -> None:
 
 def train(corpus: Corpus, config: TrainConfig, out: str | Path, *, progress: bool = True,
           resume: str | Path | None = None, force: bool = False, init_from: str | Path | None = None,
+          compile: bool = False,
           on_step: Callable[[dict], None] | None = None, **model_fields) -> TrainResult:
     """Train a MiniGPT on `corpus` and save it to `out` (a .safetensors checkpoint).
 
@@ -220,7 +245,8 @@ def train(corpus: Corpus, config: TrainConfig, out: str | Path, *, progress: boo
     checkpoint (its architecture wins over `model_fields`) and training
     continues to `config.steps`. With `init_from`, a new run (step 1, a fresh
     optimizer) starts from that checkpoint's tensors where they fit
-    (`minigpt.checkpoint.warm_start`). Under torchrun, each process trains on its
+    (`minigpt.checkpoint.warm_start`). With `compile`, the training step runs
+    through torch.compile (checkpoints are saved from the model itself). Under torchrun, each process trains on its
     own batches and rank 0 alone logs, evaluates and saves. `on_step` is
     called with each step's record.
     """
@@ -229,8 +255,11 @@ def train(corpus: Corpus, config: TrainConfig, out: str | Path, *, progress: boo
     check_out_path(out, force=force, resume=resume)
     group, device_name = distributed.join(config.device)
     try:
-        result = _train(corpus, config, out, group, resolve_device(device_name), progress=progress,
-                        resume=resume, init_from=init_from, on_step=on_step, model_fields=model_fields)
+        device = resolve_device(device_name)
+        if compile:
+            check_compiler(device)
+        result = _train(corpus, config, out, group, device, progress=progress, resume=resume,
+                        init_from=init_from, compile=compile, on_step=on_step, model_fields=model_fields)
     except (TrainingInterrupted, NonFiniteLoss):  # every process stops at the same step
         distributed.leave(group)
         raise
@@ -243,7 +272,7 @@ def train(corpus: Corpus, config: TrainConfig, out: str | Path, *, progress: boo
 
 def _train(corpus: Corpus, config: TrainConfig, out: Path, group: distributed.ProcessGroup,
            device: torch.device, *, progress: bool, resume: Path | None, init_from: str | Path | None,
-           on_step: Callable[[dict], None] | None, model_fields: dict) -> TrainResult:
+           compile: bool, on_step: Callable[[dict], None] | None, model_fields: dict) -> TrainResult:
     if resume is not None:
         checkpoint = load_checkpoint(resume)
         check_resumable(checkpoint, resume, config.steps)
@@ -266,9 +295,11 @@ def _train(corpus: Corpus, config: TrainConfig, out: Path, group: distributed.Pr
     optimizer = make_optimizer(model, config, device)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-    trained = model  # what the loop steps: the model itself, or its DDP wrapper
+    trained = model  # what the loop steps: the model itself, or its DDP and torch.compile wrappers
     if group.enabled:
         trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile:
+        trained = torch.compile(trained)
 
     def save(step: int) -> None:
         if group.is_main:
@@ -301,15 +332,15 @@ def _train(corpus: Corpus, config: TrainConfig, out: Path, group: distributed.Pr
             generator.manual_seed(seed)
             torch.manual_seed(seed)  # dropout
             x, y = sample_batch(train_ids, config.batch_size, model_config.block_size, generator, device)
-            with autocast_for(device):
-                _, loss = trained(x, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-
-            loss_value = loss.item()
+            if compile and step == first_step:  # torch.compile builds on the first call: name a failure
+                try:
+                    loss_value = training_step(trained, optimizer, x, y, config.grad_clip, device)
+                except Exception as exc:
+                    reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                    raise MiniGPTError(f"--compile could not build the training step ({reason}); "
+                                       "train without --compile") from None
+            else:
+                loss_value = training_step(trained, optimizer, x, y, config.grad_clip, device)
             (non_finite,) = group.any(not math.isfinite(loss_value), device=device)
             if non_finite:
                 raise NonFiniteLoss(f"the loss became {loss_value} at step {step}; the last checkpoint on disk "

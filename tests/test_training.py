@@ -279,3 +279,26 @@ def test_init_from_and_resume_are_one_or_the_other(tiny_checkpoint, tmp_path, cl
                "--out", str(tmp_path / "x.safetensors")], "give one of them")
     cli_error(["train", "--init-from", str(tmp_path / "absent.safetensors"), "--out", str(tmp_path / "x.safetensors")],
               "checkpoint not found")
+
+
+def test_compile_trains_and_saves_a_checkpoint_that_loads_without_it(tiny_text_file, tmp_path, capsys):
+    from safetensors import safe_open
+
+    out = tmp_path / "compiled.safetensors"
+    assert main(["train", "--data", str(tiny_text_file), "--out", str(out), "--compile", "--block-size", "16",
+                 "--embed-dim", "32", "--num-heads", "2", "--num-layers", "1", "--batch-size", "8", "--steps", "3",
+                 "--eval-iters", "1", "--quiet", "--sample-tokens", "0", "--device", "cpu"]) == 0, \
+        capsys.readouterr().err
+    with safe_open(out, framework="pt") as saved:
+        assert not any(key.startswith(("_orig_mod.", "module.")) for key in saved.keys())
+    assert load_checkpoint(out).step == 3
+
+
+def test_compile_without_a_cpp_compiler_is_a_one_line_error(tiny_text_file, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "minigpt", "train", "--data", str(tiny_text_file), "--out",
+                             str(tmp_path / "m.safetensors"), "--compile", "--device", "cpu"],
+                            capture_output=True, text=True, timeout=120,
+                            env={"PATH": str(tmp_path), "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "needs a C++ compiler" in result.stderr and "without --compile" in result.stderr
+    assert not (tmp_path / "m.safetensors").exists()
