@@ -9,7 +9,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 
 _RATES = defaultdict(dict)  # group -> {engine: (rate, unit)}
-BASELINES = ("ct2-fp32", "kv-cache", "torch-sdpa", "sdpa-flash", "clients-1", "eager")  # what targets are stated against
+# What each family of targets is stated against.
+BASELINES = ("ct2-fp32", "kv-cache", "torch-sdpa", "sdpa-flash", "clients-1", "eager")
 
 
 @pytest.fixture
