@@ -32,7 +32,7 @@ def test_train_step(benchmark, record_throughput, config_name, compiled):
     device = torch.device("cpu")
     optimizer = make_optimizer(model, train_config, device)
     trained = torch.compile(model) if compiled else model
-    ids = torch.randint(0, config.vocab_size, (100_000,), dtype=torch.int32)
+    ids = torch.randint(0, config.vocab_size, (100_000,), dtype=torch.int32).numpy()
     generator = torch.Generator().manual_seed(0)
 
     def step():

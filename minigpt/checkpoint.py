@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from safetensors.torch import save as safetensors_bytes
 from minigpt.config import GPTConfig
 from minigpt.errors import CheckpointError, MiniGPTError
 from minigpt.model import MiniGPT
-from minigpt.paths import checkpoint_kind
+from minigpt.paths import atomic_write_bytes, checkpoint_kind
 from minigpt.tokenizer import CharTokenizer
 
 OPTIMIZER_PREFIX = "optimizer."
@@ -55,42 +54,6 @@ class Checkpoint:
             index, name = key[len(OPTIMIZER_PREFIX):].split(".", 1)
             state.setdefault(int(index), {})[name] = tensor
         return {"state": state, "param_groups": json.loads(self.metadata["optimizer"])}
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Replace `path` with `data` all at once: readers see the old file or the new, never half.
-
-    Written to a temporary file in the same folder (so the rename cannot cross
-    file systems), flushed to disk, then renamed over the target.
-    """
-    path = Path(path)
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise MiniGPTError(f"cannot write to {path.parent}: {exc.strerror}; "
-                           "choose a folder that exists and is writable") from None
-    try:
-        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes it private; a checkpoint is an ordinary file
-        with os.fdopen(fd, "wb") as tmp:
-            tmp.write(data)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, tokenizer: CharTokenizer, *,

@@ -93,6 +93,8 @@ def _build_parser() -> argparse.ArgumentParser:
     _option(train, "resume", default=None, metavar="CKPT",
             help="continue a checkpoint written by minigpt train: model, optimizer, step and training settings "
                  "come back; training flags given with it override them")
+    _option(train, "cache_dir", default=None, metavar="DIR",
+            help="where encoded data is kept (default $XDG_CACHE_HOME/minigpt or ~/.cache/minigpt)")
     _option(train, "init_from", default=None, metavar="CKPT",
             help="start a new run from a checkpoint's tensors wherever name and shape match (token embedding "
                  "rows by character): a deeper model, another corpus")
@@ -171,6 +173,8 @@ def _build_parser() -> argparse.ArgumentParser:
     _option(evaluate, "data", default=None, help="text file or folder (default: the data it was trained on)")
     _option(evaluate, "split", choices=("valid", "test"), default="valid",
             help="which split to measure, every character of it (default valid)")
+    _option(evaluate, "cache_dir", default=None, metavar="DIR",
+            help="where encoded data is kept (default $XDG_CACHE_HOME/minigpt or ~/.cache/minigpt)")
     _option(evaluate, "batch_size", type=int, default=64, help="windows per forward pass (default 64)")
     _option(evaluate, "device", default="auto", help="auto, cpu or cuda (default auto)")
     export = commands.add_parser("export", help="export a checkpoint to ONNX or a HuggingFace directory",
@@ -195,7 +199,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from minigpt.checkpoint import load_checkpoint
     from minigpt.config import GPTConfig, TrainConfig
-    from minigpt.data import corpus_from_source, load_corpus
+    from minigpt.data import encoded_from_source, load_encoded
     from minigpt.train import (TrainingInterrupted, check_compiler, check_one_start, check_out_path,
                                check_resumable, resolve_device, sample_after_training, train)
 
@@ -221,9 +225,10 @@ def _train(args: argparse.Namespace) -> int:
     check_out_path(out, force=args.force, resume=Path(args.resume) if args.resume else None)
     if resumed is not None:
         check_resumable(resumed, args.resume, config.steps)
-        corpus = load_corpus(args.data) if args.data else corpus_from_source(resumed.metadata.get("data", ""))
+        corpus = (load_encoded(args.data, args.cache_dir) if args.data
+                  else encoded_from_source(resumed.metadata.get("data", ""), args.cache_dir))
     else:
-        corpus = load_corpus(args.data)
+        corpus = load_encoded(args.data, args.cache_dir)
     is_main = int(os.environ.get("RANK", "0")) == 0
     try:
         result = train(corpus, config, out, progress=not args.quiet, resume=args.resume, force=args.force,
@@ -405,12 +410,13 @@ def _evaluate(args: argparse.Namespace) -> None:
     import math
 
     from minigpt.checkpoint import load_checkpoint
-    from minigpt.data import corpus_from_source, load_corpus
-    from minigpt.train import encode_split, evaluate_split, resolve_device
+    from minigpt.data import encoded_from_source, load_encoded
+    from minigpt.train import evaluate_split, resolve_device, split_ids
 
     checkpoint = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
-    corpus = load_corpus(args.data) if args.data else corpus_from_source(checkpoint.metadata.get("data", ""))
-    ids = encode_split(checkpoint.tokenizer, corpus.split(args.split), args.split, 1)
+    corpus = (load_encoded(args.data, args.cache_dir) if args.data
+              else encoded_from_source(checkpoint.metadata.get("data", ""), args.cache_dir))
+    ids = split_ids(corpus, "".join(checkpoint.tokenizer.chars), args.split, 1)
     loss = evaluate_split(checkpoint.model, ids, args.batch_size)
     print(f"{args.split}: loss {loss:.4f} nats, {loss / math.log(2):.4f} bits/char "
           f"over {len(ids) - 1:,} characters of {corpus.source}")

@@ -39,6 +39,12 @@ class Corpus:
     def all_text(self) -> list[str]:
         return [text for text in (self.train, self.valid, self.test) if text]
 
+    def encode(self):
+        """These splits as ids (`minigpt.encoded.EncodedCorpus`), in memory; the vocabulary spans every split."""
+        from minigpt.encoded import encode_texts
+
+        return encode_texts(self.source, {split: getattr(self, split) for split in SPLITS if getattr(self, split)})
+
 
 def log(message: str) -> None:
     print(f"minigpt: {message}", file=sys.stderr, flush=True)
@@ -89,19 +95,48 @@ def _load_local(path: Path) -> Corpus:
 
 
 def _load_folder(folder: Path) -> Corpus:
+    present = split_files(folder)
+    texts = {split: read_text(file) for split, file in present.items()}
+    for split, text in texts.items():
+        if not text:
+            raise DataError(f"{present[split]} is empty; give it some text to learn from")
+    return Corpus(**{split: texts.get(split) for split in SPLITS}, source=str(folder))
+
+
+def split_files(folder: Path) -> dict[str, Path]:
+    """The split files of a data folder, by the first naming pattern it uses."""
     for pattern in SPLIT_FILE_PATTERNS:
         files = {split: folder / pattern.format(split) for split in SPLITS}
         present = {split: file for split, file in files.items() if file.is_file()}
         if present:
-            texts = {split: read_text(file) for split, file in present.items()}
-            for split, text in texts.items():
-                if not text:
-                    raise DataError(f"{present[split]} is empty; give it some text to learn from")
-            return Corpus(**{split: texts.get(split) for split in SPLITS}, source=str(folder))
+            return present
     expected = ", ".join(p.format("{train,valid,test}") for p in SPLIT_FILE_PATTERNS)
     if not folder.exists():
         raise DataError(f"data folder not found: {folder}")
     raise DataError(f"{folder} holds no split files; expected one of: {expected}")
+
+
+def load_encoded(path: str | os.PathLike | None = None, cache: str | os.PathLike | None = None):
+    """`load_corpus`'s corpus as ids (`minigpt.encoded.EncodedCorpus`): a file or folder is encoded once into
+    the cache and memory-mapped after that, so its size is no concern; WikiText-2 and the fallback are
+    encoded in memory."""
+    from minigpt.encoded import encode_files
+
+    if path is None:
+        return load_corpus(None).encode()
+    path = Path(path)
+    if path.is_dir():
+        return encode_files(str(path), split_files(path), cache=cache)
+    if not path.exists():
+        raise DataError(f"data file not found: {path}; pass an existing file or folder with --data")
+    return encode_files(str(path), {"train": path}, valid_fraction=VALID_FRACTION, cache=cache)
+
+
+def encoded_from_source(source: str, cache: str | os.PathLike | None = None):
+    """`corpus_from_source` as ids."""
+    if source in (FALLBACK_SOURCE, "/".join(WIKITEXT)) or not source:
+        return corpus_from_source(source).encode()
+    return load_encoded(source, cache)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

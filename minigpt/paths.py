@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import struct
+import tempfile
 from pathlib import Path
 
 from minigpt.errors import CheckpointError, MiniGPTError
@@ -90,3 +91,39 @@ def check_output_folder(path: str | os.PathLike, flag: str = "--out") -> None:
 def _check_folder_writable(folder: Path) -> None:
     if not folder.is_dir() or not os.access(folder, os.W_OK):
         raise MiniGPTError(f"cannot write to {folder}; choose a folder that exists and is writable")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Replace `path` with `data` all at once: readers see the old file or the new, never half.
+
+    Written to a temporary file in the same folder (so the rename cannot cross
+    file systems), flushed to disk, then renamed over the target.
+    """
+    path = Path(path)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise MiniGPTError(f"cannot write to {path.parent}: {exc.strerror}; "
+                           "choose a folder that exists and is writable") from None
+    try:
+        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes it private; a checkpoint is an ordinary file
+        with os.fdopen(fd, "wb") as tmp:
+            tmp.write(data)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
@@ -24,6 +25,7 @@ from minigpt import distributed
 from minigpt.checkpoint import Checkpoint, load_checkpoint, read_metadata, save_checkpoint, warm_start
 from minigpt.config import GPTConfig, TrainConfig
 from minigpt.data import Corpus
+from minigpt.encoded import EncodedCorpus
 from minigpt.errors import ConfigError, DataError, MiniGPTError
 from minigpt.generation import generate
 from minigpt.model import MiniGPT
@@ -52,19 +54,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def encode_split(tokenizer: CharTokenizer, text: str, name: str, block_size: int) -> torch.Tensor:
-    ids = torch.tensor(tokenizer.encode(text), dtype=torch.int32)
+def split_ids(corpus: EncodedCorpus, chars: str, name: str, block_size: int) -> np.ndarray:
+    """A split's ids in the vocabulary `chars`, long enough for one window."""
+    ids = corpus.ids(chars, name)
     if len(ids) < block_size + 1:
         raise DataError(f"the {name} split has {len(ids)} characters but block_size {block_size} needs at least "
                         f"{block_size + 1}; use more data or a smaller --block_size")
     return ids
 
 
-def sample_batch(ids: torch.Tensor, batch_size: int, block_size: int, generator: torch.Generator,
+def sample_batch(ids: np.ndarray, batch_size: int, block_size: int, generator: torch.Generator,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random windows of block_size + 1 tokens: inputs and the same shifted by one as targets."""
-    starts = torch.randint(len(ids) - block_size, (batch_size,), generator=generator)
-    windows = ids.unfold(0, block_size + 1, 1)[starts].long().to(device, non_blocking=True)
+    """Random windows of block_size + 1 tokens (read straight from a memmap): inputs, and the same shifted
+    by one as targets."""
+    starts = torch.randint(len(ids) - block_size, (batch_size,), generator=generator).numpy()
+    windows = torch.from_numpy(ids[starts[:, None] + np.arange(block_size + 1)].astype(np.int64))
+    windows = windows.to(device, non_blocking=True)
     return windows[:, :-1], windows[:, 1:]
 
 
@@ -117,7 +122,7 @@ def autocast_for(device: torch.device):
 
 
 @torch.no_grad()
-def estimate_loss(model: MiniGPT, ids: torch.Tensor, config: TrainConfig, device: torch.device) -> float:
+def estimate_loss(model: MiniGPT, ids: np.ndarray, config: TrainConfig, device: torch.device) -> float:
     """Mean loss over eval_iters random batches; the same batches at every evaluation."""
     generator = torch.Generator().manual_seed(config.seed + 1)
     was_training = model.training
@@ -132,22 +137,23 @@ def estimate_loss(model: MiniGPT, ids: torch.Tensor, config: TrainConfig, device
 
 
 @torch.no_grad()
-def evaluate_split(model: MiniGPT, ids: torch.Tensor, batch_size: int = 64) -> float:
+def evaluate_split(model: MiniGPT, ids: np.ndarray, batch_size: int = 64) -> float:
     """Mean next-token loss (nats) over a whole split, read in consecutive block_size windows."""
     block = model.config.block_size
     device = next(model.parameters()).device
     model.eval()
     num_full = (len(ids) - 1) // block
-    inputs = ids[:num_full * block].view(num_full, block)
-    targets = ids[1:num_full * block + 1].view(num_full, block)
+    inputs = ids[:num_full * block].reshape(num_full, block)
+    targets = ids[1:num_full * block + 1].reshape(num_full, block)
     batches = [(inputs[i:i + batch_size], targets[i:i + batch_size]) for i in range(0, num_full, batch_size)]
     if len(ids) - 1 > num_full * block:  # the short last window
         batches.append((ids[num_full * block:-1][None], ids[num_full * block + 1:][None]))
     total = 0.0
     for x, y in batches:
+        x, y = (torch.from_numpy(a.astype(np.int64)).to(device) for a in (x, y))
         with autocast_for(device):
-            logits, _ = model(x.long().to(device))
-        total += F.cross_entropy(logits.float().flatten(0, 1), y.long().to(device).flatten(), reduction="sum").item()
+            logits, _ = model(x)
+        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
     return total / (len(ids) - 1)
 
 
@@ -234,7 +240,7 @@ def check_resumable(checkpoint: Checkpoint, path: Path, steps: int) -> None:
                            f"pass --steps greater than {checkpoint.step} to train further")
 
 
-def train(corpus: Corpus, config: TrainConfig, out: str | Path, *, progress: bool = True,
+def train(corpus: Corpus | EncodedCorpus, config: TrainConfig, out: str | Path, *, progress: bool = True,
           resume: str | Path | None = None, force: bool = False, init_from: str | Path | None = None,
           compile: bool = False,
           on_step: Callable[[dict], None] | None = None, **model_fields) -> TrainResult:
@@ -270,9 +276,11 @@ def train(corpus: Corpus, config: TrainConfig, out: str | Path, *, progress: boo
     return result
 
 
-def _train(corpus: Corpus, config: TrainConfig, out: Path, group: distributed.ProcessGroup,
+def _train(corpus: Corpus | EncodedCorpus, config: TrainConfig, out: Path, group: distributed.ProcessGroup,
            device: torch.device, *, progress: bool, resume: Path | None, init_from: str | Path | None,
            compile: bool, on_step: Callable[[dict], None] | None, model_fields: dict) -> TrainResult:
+    # Text in memory is encoded here; a file or folder comes encoded and memory-mapped (`minigpt.encoded`).
+    encoded = corpus if isinstance(corpus, EncodedCorpus) else corpus.encode()
     if resume is not None:
         checkpoint = load_checkpoint(resume)
         check_resumable(checkpoint, resume, config.steps)
@@ -280,7 +288,7 @@ def _train(corpus: Corpus, config: TrainConfig, out: Path, group: distributed.Pr
         optimizer_state = checkpoint.optimizer_state()
     else:
         GPTConfig(vocab_size=1, **model_fields)  # fail on an impossible shape before touching data
-        tokenizer = CharTokenizer.from_text(*corpus.all_text())
+        tokenizer = CharTokenizer(encoded.chars)
         torch.manual_seed(config.seed)
         model, first_step, optimizer_state = MiniGPT(GPTConfig(tokenizer.vocab_size, **model_fields)), 1, None
         if init_from is not None:
@@ -288,8 +296,9 @@ def _train(corpus: Corpus, config: TrainConfig, out: Path, group: distributed.Pr
             if group.is_main:
                 print(f"minigpt: {report}", file=sys.stderr)
     model_config = model.config
-    train_ids = encode_split(tokenizer, corpus.split("train"), "train", model_config.block_size)
-    valid_ids = encode_split(tokenizer, corpus.split("valid"), "valid", model_config.block_size)
+    chars = "".join(tokenizer.chars)
+    train_ids = split_ids(encoded, chars, "train", model_config.block_size)
+    valid_ids = split_ids(encoded, chars, "valid", model_config.block_size)
 
     model = model.to(device).train()
     optimizer = make_optimizer(model, config, device)

@@ -7,6 +7,8 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 # Triton reads this when a kernel is defined: set before anything imports
 # minigpt.kernels.triton_attention, so the kernels run on CPU tensors here.
 os.environ["TRITON_INTERPRET"] = "1"
+# Encoded data goes to a cache folder of this run's own, not the user's.
+os.environ["XDG_CACHE_HOME"] = __import__("tempfile").mkdtemp(prefix="minigpt-test-cache-")
 
 import pytest  # noqa: E402
 

@@ -1,0 +1,191 @@
+"""Encode once, map always: a text corpus as character ids in a binary file, read through numpy.memmap.
+
+The first use of a text file (or a folder of split files) streams it in
+chunks: a first pass flags every character that occurs (one flag per code
+point), which fixes the sorted vocabulary; a second writes each chunk's ids through
+one lookup table, as uint8 when the vocabulary fits, else uint16 or int32.
+Memory stays bounded by the chunk size whatever the corpus size. The cache
+lives in `$XDG_CACHE_HOME/minigpt` (or `~/.cache/minigpt`), keyed by the
+source's path, size and modification time, so a changed source is encoded
+again. Its JSON header is written last, atomically, and is checked against
+the ids file's size on every use: a half-written or damaged cache is rebuilt,
+never trusted.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from minigpt.errors import DataError
+
+FORMAT = 1
+CHUNK_BYTES = 1 << 24  # 16 MiB of text at a time
+UNICODE = 0x110000
+
+
+def cache_dir(explicit: str | os.PathLike | None = None) -> Path:
+    if explicit is not None:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "minigpt"
+
+
+@dataclass
+class EncodedCorpus:
+    """A corpus as ids: each split a read-only array (a memmap view when it comes from the cache)."""
+
+    source: str
+    chars: str  # the vocabulary, sorted: id i is chars[i]
+    splits: dict[str, np.ndarray]
+
+    def split(self, name: str) -> np.ndarray:
+        if name not in self.splits:
+            present = ", ".join(self.splits)
+            raise DataError(f"{self.source} has no {name} split (it has: {present}); "
+                            f"use a split it has, or data with a {name} split")
+        return self.splits[name]
+
+    def ids(self, chars: str, name: str) -> np.ndarray:
+        """Split `name` in the ids of vocabulary `chars` (a checkpoint's): the cached array itself when the
+        vocabularies agree, else remapped; a character `chars` lacks is an error naming it."""
+        ids = self.split(name)
+        if chars == self.chars:
+            return ids
+        index = {c: i for i, c in enumerate(chars)}
+        table = np.array([index.get(c, -1) for c in self.chars], dtype=np.int64)
+        present = np.bincount(ids, minlength=len(self.chars)) > 0
+        unknown = [c for c, seen, i in zip(self.chars, present, table) if seen and i < 0]
+        if unknown:
+            shown = ", ".join(repr(c) for c in unknown[:20])
+            raise DataError(f"the {name} split has {len(unknown)} character(s) the model never saw: {shown}; "
+                            "evaluate on data written in the model's characters")
+        return table[ids]
+
+
+def encode_texts(source: str, texts: dict[str, str]) -> EncodedCorpus:
+    """Text already in memory: the same ids as through the cache, kept in memory."""
+    points = {name: code_points(text) for name, text in texts.items()}
+    seen = np.zeros(UNICODE, dtype=bool)
+    for values in points.values():
+        seen[values] = True
+    chars, table = vocabulary(seen)
+    return EncodedCorpus(source, chars, {name: table[values] for name, values in points.items()})
+
+
+def vocabulary(seen: np.ndarray) -> tuple[str, np.ndarray]:
+    """The sorted characters flagged in `seen`, and the code point -> id table in the smallest dtype."""
+    present = np.flatnonzero(seen)
+    table = np.zeros(UNICODE, dtype=ids_dtype(len(present)))
+    table[present] = np.arange(len(present))
+    return "".join(map(chr, present)), table
+
+
+def ids_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint8 if vocab_size <= 256 else np.uint16 if vocab_size <= 65536 else np.int32)
+
+
+def encode_files(source: str, files: dict[str, Path], *, valid_fraction: float | None = None,
+                 cache: str | os.PathLike | None = None) -> EncodedCorpus:
+    """Files (one per split; or one file whose last `valid_fraction` is the valid split) through the cache."""
+    folder = cache_dir(cache)
+    keys = {name: _file_key(path) for name, path in files.items()}
+    stem = hashlib.sha256(json.dumps([source, keys, valid_fraction]).encode()).hexdigest()[:24]
+    header_path, ids_path = folder / f"{stem}.json", folder / f"{stem}.ids"
+    header = _valid_header(header_path, ids_path, keys)
+    if header is None:
+        header = _encode_to_cache(files, keys, valid_fraction, header_path, ids_path)
+    data = np.memmap(ids_path, dtype=header["dtype"], mode="r", shape=(header["length"],))
+    splits = {name: data[start:end] for name, (start, end) in header["splits"].items()}
+    return EncodedCorpus(source, header["chars"], splits)
+
+
+def _file_key(path: Path) -> dict:
+    stat = path.stat()
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _valid_header(header_path: Path, ids_path: Path, keys: dict) -> dict | None:
+    """The cache's header when it belongs to these very files and its ids file is whole; else None."""
+    try:
+        header = json.loads(header_path.read_text(encoding="utf-8"))
+        itemsize = np.dtype(header["dtype"]).itemsize
+        whole = ids_path.stat().st_size == header["length"] * itemsize
+        if header["format"] == FORMAT and header["keys"] == keys and whole:
+            return header
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def text_chunks(path: Path) -> Iterator[str]:
+    """A UTF-8 file as strings of about CHUNK_BYTES, never splitting a character."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with path.open("rb") as f:
+        while block := f.read(CHUNK_BYTES):
+            try:
+                yield decoder.decode(block)
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path} is not UTF-8 text (bad byte at offset {offset + exc.start}); "
+                                "convert it with e.g. `iconv -t UTF-8`") from None
+            offset += len(block)
+        try:
+            yield decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise DataError(f"{path} is not UTF-8 text (it ends inside a character); "
+                            "convert it with e.g. `iconv -t UTF-8`") from None
+
+
+def code_points(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+
+
+def _encode_to_cache(files: dict[str, Path], keys: dict, valid_fraction: float | None, header_path: Path,
+                     ids_path: Path) -> dict:
+    from minigpt.paths import atomic_write_bytes
+
+    # Pass 1: which characters occur (one flag per code point), and how many characters each file has.
+    seen, lengths = np.zeros(UNICODE, dtype=bool), {}
+    for name, path in files.items():
+        lengths[name] = 0
+        for text in text_chunks(path):
+            points = code_points(text)
+            seen[points] = True
+            lengths[name] += len(points)
+        if lengths[name] == 0:
+            raise DataError(f"{path} is empty; give it some text to learn from")
+    chars, table = vocabulary(seen)
+    dtype = table.dtype
+    # Pass 2: ids through the table, chunk by chunk, into a temporary file renamed into place.
+    ids_path.parent.mkdir(parents=True, exist_ok=True)
+    splits, start = {}, 0
+    tmp = ids_path.with_name(f".{ids_path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("wb") as out:
+            for name, path in files.items():
+                for text in text_chunks(path):
+                    out.write(table[code_points(text)].tobytes())
+                splits[name] = [start, start + lengths[name]]
+                start += lengths[name]
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, ids_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if valid_fraction is not None:  # one file: its end is the valid split
+        (name,) = files
+        split_at = int(lengths[name] * (1 - valid_fraction))
+        splits = {"train": [0, split_at], "valid": [split_at, lengths[name]]}
+    header = {"format": FORMAT, "keys": keys, "chars": chars, "dtype": dtype.name, "length": start,
+              "splits": splits}
+    atomic_write_bytes(header_path, json.dumps(header, ensure_ascii=False).encode("utf-8"))  # last: the commit
+    return header
+
