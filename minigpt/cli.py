@@ -80,9 +80,9 @@ def _build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a model and save a checkpoint",
                                 description="Train a MiniGPT, save it, then print a sample.")
     _option(train, "data", default=None, metavar="PATH",
-            help="a text file (its last 10%% is validation) or a folder with wiki.{train,valid,test}.raw, "
-                 "wiki.{train,valid,test}.tokens or {train,valid,test}.txt (default WikiText-2 from the hub, "
-                 "or an offline fallback corpus)")
+            help="a text file (its last 10%% is validation), a folder with wiki.{train,valid,test}.raw, "
+                 "wiki.{train,valid,test}.tokens or {train,valid,test}.txt, or hf:NAME[:CONFIG], a HuggingFace "
+                 "text dataset (default WikiText-2 from the hub, or an offline fallback corpus)")
     _option(train, "out", default=None, metavar="PATH",
             help="the checkpoint to write; its log NAME.metrics.jsonl goes beside it "
                  f"(default {DEFAULT_CHECKPOINT}, or with --resume the checkpoint resumed)")
@@ -93,6 +93,8 @@ def _build_parser() -> argparse.ArgumentParser:
     _option(train, "resume", default=None, metavar="CKPT",
             help="continue a checkpoint written by minigpt train: model, optimizer, step and training settings "
                  "come back; training flags given with it override them")
+    _option(train, "text_column", default="text", metavar="NAME",
+            help="with --data hf:NAME[:CONFIG], the dataset's column of text (default text)")
     _option(train, "cache_dir", default=None, metavar="DIR",
             help="where encoded data is kept (default $XDG_CACHE_HOME/minigpt or ~/.cache/minigpt)")
     _option(train, "init_from", default=None, metavar="CKPT",
@@ -225,10 +227,10 @@ def _train(args: argparse.Namespace) -> int:
     check_out_path(out, force=args.force, resume=Path(args.resume) if args.resume else None)
     if resumed is not None:
         check_resumable(resumed, args.resume, config.steps)
-        corpus = (load_encoded(args.data, args.cache_dir) if args.data
+        corpus = (load_encoded(args.data, args.cache_dir, args.text_column) if args.data
                   else encoded_from_source(resumed.metadata.get("data", ""), args.cache_dir))
     else:
-        corpus = load_encoded(args.data, args.cache_dir)
+        corpus = load_encoded(args.data, args.cache_dir, args.text_column)
     is_main = int(os.environ.get("RANK", "0")) == 0
     try:
         result = train(corpus, config, out, progress=not args.quiet, resume=args.resume, force=args.force,

@@ -78,10 +78,14 @@ def load_corpus(path: str | os.PathLike | None = None) -> Corpus:
         return _load_local(Path(path))
     corpus = _load_wikitext()
     if corpus is None:
-        log(f"WikiText-2 is unreachable (offline?); training on the offline fallback corpus "
-            f"{FALLBACK_SOURCE} (the Python language reference) instead")
+        _say_fallback()
         corpus = _load_fallback()
     return corpus
+
+
+def _say_fallback() -> None:
+    log(f"WikiText-2 is unreachable (offline?); training on the offline fallback corpus "
+        f"{FALLBACK_SOURCE} (the Python language reference) instead")
 
 
 def _load_local(path: Path) -> Corpus:
@@ -116,14 +120,27 @@ def split_files(folder: Path) -> dict[str, Path]:
     raise DataError(f"{folder} holds no split files; expected one of: {expected}")
 
 
-def load_encoded(path: str | os.PathLike | None = None, cache: str | os.PathLike | None = None):
+HF_PREFIX = "hf:"
+WIKITEXT_SOURCE = HF_PREFIX + ":".join(WIKITEXT)
+HF_SPLITS = {"train": ("train",), "valid": ("validation", "valid", "dev"), "test": ("test",)}
+ROWS_PER_CHUNK = 4096
+
+
+def load_encoded(path: str | os.PathLike | None = None, cache: str | os.PathLike | None = None,
+                 text_column: str = "text"):
     """`load_corpus`'s corpus as ids (`minigpt.encoded.EncodedCorpus`): a file or folder is encoded once into
-    the cache and memory-mapped after that, so its size is no concern; WikiText-2 and the fallback are
-    encoded in memory."""
+    the cache and memory-mapped after that, so its size is no concern; so is `hf:NAME[:CONFIG]`, any
+    HuggingFace text dataset (its `text_column`); WikiText-2 and the fallback are encoded in memory."""
     from minigpt.encoded import encode_files
 
-    if path is None:
-        return load_corpus(None).encode()
+    if path is None:  # WikiText-2 is one HuggingFace dataset among others
+        try:
+            return _load_hf(WIKITEXT_SOURCE, cache, "text")
+        except DataError:
+            _say_fallback()
+            return _load_fallback().encode()
+    if str(path).startswith(HF_PREFIX):
+        return _load_hf(str(path), cache, text_column)
     path = Path(path)
     if path.is_dir():
         return encode_files(str(path), split_files(path), cache=cache)
@@ -132,11 +149,65 @@ def load_encoded(path: str | os.PathLike | None = None, cache: str | os.PathLike
     return encode_files(str(path), {"train": path}, valid_fraction=VALID_FRACTION, cache=cache)
 
 
-def encoded_from_source(source: str, cache: str | os.PathLike | None = None):
+def _load_hf(source: str, cache: str | os.PathLike | None, text_column: str):
+    """`hf:NAME[:CONFIG]` through `datasets` (the hub, its cache, or a local folder of data files), each split
+    streamed row by row into the encoded cache. Rows are joined by newlines (a row already ending in one, or
+    empty, adds none, so WikiText's lines come out as they are)."""
+    from minigpt.encoded import encode_streams
+
+    source, _, column = source.partition("#")  # a column other than the default is kept in the source
+    text_column = column or text_column
+    name, _, config = source[len(HF_PREFIX):].partition(":")
+    if not name:
+        raise DataError("--data hf:NAME[:CONFIG] needs a dataset name, e.g. hf:wikitext:wikitext-2-raw-v1")
+    _offline_unless_reachable()
+    try:
+        import datasets
+
+        datasets.logging.set_verbosity_error()
+        datasets.disable_progress_bars()  # one line per problem, not bars, on stderr
+        loaded = datasets.load_dataset(name, config or None)
+    except Exception as exc:  # not found, offline and not cached, a broken config: all one answer
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"cannot load the dataset {name!r}{f' ({config})' if config else ''}: {reason}") from None
+    splits = {ours: loaded[next(t for t in theirs if t in loaded)] for ours, theirs in HF_SPLITS.items()
+              if any(t in loaded for t in theirs)}
+    if "train" not in splits:
+        raise DataError(f"the dataset {name!r} has no train split (it has: {', '.join(loaded)})")
+    for split in splits.values():
+        if text_column not in split.column_names:
+            raise DataError(f"the dataset {name!r} has no column {text_column!r} (it has: "
+                            f"{', '.join(split.column_names)}); choose one with --text-column")
+
+    def rows_as_text(split):
+        def stream():
+            for start in range(0, len(split), ROWS_PER_CHUNK):
+                rows = split[start:start + ROWS_PER_CHUNK][text_column]
+                yield "".join(row if not row or row.endswith("\n") else row + "\n" for row in rows if row is not None)
+        return stream
+
+    keys = {ours: {"dataset": name, "config": config, "column": text_column, "fingerprint": split._fingerprint}
+            for ours, split in splits.items()}
+    if text_column != "text":
+        source = f"{source}#{text_column}"  # what the checkpoint records: resume and eval find the column again
+    return encode_streams(source, {ours: rows_as_text(split) for ours, split in splits.items()}, keys,
+                          valid_fraction=None if "valid" in splits else VALID_FRACTION, cache=cache)
+
+
+def _offline_unless_reachable() -> None:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+    if not offline and not _hub_reachable():
+        # Offline flags make `datasets` consult its cache and fail in under a
+        # second instead of retrying the network for ~20 s. They must be set
+        # before `datasets` is first imported, which reads them once.
+        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+
+def encoded_from_source(source: str, cache: str | os.PathLike | None = None, text_column: str = "text"):
     """`corpus_from_source` as ids."""
     if source in (FALLBACK_SOURCE, "/".join(WIKITEXT)) or not source:
         return corpus_from_source(source).encode()
-    return load_encoded(source, cache)
+    return load_encoded(source, cache, text_column)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -152,16 +223,12 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def _load_wikitext() -> Corpus | None:
     """WikiText-2 raw through `datasets` (the hub or its local cache), or None."""
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
-    if not offline and not _hub_reachable():
-        # Offline flags make `datasets` consult its cache and fail in under a
-        # second instead of retrying the network for ~20 s. They must be set
-        # before `datasets` is first imported, which reads them once.
-        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    _offline_unless_reachable()
     try:
         import datasets
 
         datasets.logging.set_verbosity_error()
+        datasets.disable_progress_bars()  # one line per problem, not bars, on stderr
         splits = datasets.load_dataset(*WIKITEXT)
     except Exception:  # no network and no cache: every failure means "not available"
         return None
@@ -185,6 +252,8 @@ def corpus_from_source(source: str) -> Corpus:
         raise DataError("the checkpoint does not record the data it was trained on; pass it with --data")
     if source == FALLBACK_SOURCE:
         return _load_fallback()
+    if source.startswith(HF_PREFIX):
+        raise DataError(f"{source} is a HuggingFace dataset: read it as ids with load_encoded")
     if source == "/".join(WIKITEXT):
         corpus = _load_wikitext()
         if corpus is None:

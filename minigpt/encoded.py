@@ -18,7 +18,7 @@ import codecs
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,13 +95,23 @@ def ids_dtype(vocab_size: int) -> np.dtype:
 def encode_files(source: str, files: dict[str, Path], *, valid_fraction: float | None = None,
                  cache: str | os.PathLike | None = None) -> EncodedCorpus:
     """Files (one per split; or one file whose last `valid_fraction` is the valid split) through the cache."""
+    streams = {name: (lambda path=path: text_chunks(path)) for name, path in files.items()}
+    empty = {name: f"{path} is empty; give it some text to learn from" for name, path in files.items()}
+    return encode_streams(source, streams, {name: _file_key(path) for name, path in files.items()},
+                          valid_fraction=valid_fraction, cache=cache, empty=empty)
+
+
+def encode_streams(source: str, streams: dict[str, Callable[[], Iterator[str]]], keys: dict, *,
+                   valid_fraction: float | None = None, cache: str | os.PathLike | None = None,
+                   empty: dict[str, str] | None = None) -> EncodedCorpus:
+    """Splits given as functions that yield their text in chunks (each called once per pass) through the
+    cache, under `keys` (what identifies the source's present state)."""
     folder = cache_dir(cache)
-    keys = {name: _file_key(path) for name, path in files.items()}
     stem = hashlib.sha256(json.dumps([source, keys, valid_fraction]).encode()).hexdigest()[:24]
     header_path, ids_path = folder / f"{stem}.json", folder / f"{stem}.ids"
     header = _valid_header(header_path, ids_path, keys)
     if header is None:
-        header = _encode_to_cache(files, keys, valid_fraction, header_path, ids_path)
+        header = _encode_to_cache(streams, keys, valid_fraction, header_path, ids_path, empty or {})
     data = np.memmap(ids_path, dtype=header["dtype"], mode="r", shape=(header["length"],))
     splits = {name: data[start:end] for name, (start, end) in header["splits"].items()}
     return EncodedCorpus(source, header["chars"], splits)
@@ -148,20 +158,20 @@ def code_points(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
 
 
-def _encode_to_cache(files: dict[str, Path], keys: dict, valid_fraction: float | None, header_path: Path,
-                     ids_path: Path) -> dict:
+def _encode_to_cache(streams: dict[str, Callable[[], Iterator[str]]], keys: dict, valid_fraction: float | None,
+                     header_path: Path, ids_path: Path, empty: dict[str, str]) -> dict:
     from minigpt.paths import atomic_write_bytes
 
     # Pass 1: which characters occur (one flag per code point), and how many characters each file has.
     seen, lengths = np.zeros(UNICODE, dtype=bool), {}
-    for name, path in files.items():
+    for name, stream in streams.items():
         lengths[name] = 0
-        for text in text_chunks(path):
+        for text in stream():
             points = code_points(text)
             seen[points] = True
             lengths[name] += len(points)
         if lengths[name] == 0:
-            raise DataError(f"{path} is empty; give it some text to learn from")
+            raise DataError(empty.get(name, f"the {name} split is empty; give it some text to learn from"))
     chars, table = vocabulary(seen)
     dtype = table.dtype
     # Pass 2: ids through the table, chunk by chunk, into a temporary file renamed into place.
@@ -170,8 +180,8 @@ def _encode_to_cache(files: dict[str, Path], keys: dict, valid_fraction: float |
     tmp = ids_path.with_name(f".{ids_path.name}.{os.getpid()}.tmp")
     try:
         with tmp.open("wb") as out:
-            for name, path in files.items():
-                for text in text_chunks(path):
+            for name, stream in streams.items():
+                for text in stream():
                     out.write(table[code_points(text)].tobytes())
                 splits[name] = [start, start + lengths[name]]
                 start += lengths[name]
@@ -180,10 +190,10 @@ def _encode_to_cache(files: dict[str, Path], keys: dict, valid_fraction: float |
         os.replace(tmp, ids_path)
     finally:
         tmp.unlink(missing_ok=True)
-    if valid_fraction is not None:  # one file: its end is the valid split
-        (name,) = files
-        split_at = int(lengths[name] * (1 - valid_fraction))
-        splits = {"train": [0, split_at], "valid": [split_at, lengths[name]]}
+    if valid_fraction is not None:  # no valid split of its own: the end of train is one
+        first, end = splits["train"]
+        split_at = first + int((end - first) * (1 - valid_fraction))
+        splits["train"], splits["valid"] = [first, split_at], [split_at, end]
     header = {"format": FORMAT, "keys": keys, "chars": chars, "dtype": dtype.name, "length": start,
               "splits": splits}
     atomic_write_bytes(header_path, json.dumps(header, ensure_ascii=False).encode("utf-8"))  # last: the commit
