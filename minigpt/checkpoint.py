@@ -40,6 +40,7 @@ class Checkpoint:
     tokenizer: CharTokenizer
     metadata: dict[str, str] = field(default_factory=dict)
     optimizer_tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    path: str = ""  # what it was loaded from
 
     @property
     def step(self) -> int:
@@ -111,7 +112,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     model = MiniGPT(config)
     # Not strict: the tied LM head is filled through the token embedding.
     model.load_state_dict(weights, strict=False)
-    return Checkpoint(model.to(device).eval(), tokenizer, metadata, optimizer_tensors)
+    return Checkpoint(model.to(device).eval(), tokenizer, metadata, optimizer_tensors, str(path))
 
 
 @dataclass
@@ -135,13 +136,13 @@ class WarmStart:
 
 
 @torch.no_grad()
-def warm_start(model: MiniGPT, tokenizer: CharTokenizer, source: Checkpoint, name: str = "") -> WarmStart:
+def warm_start(model: MiniGPT, tokenizer: CharTokenizer, source: Checkpoint) -> WarmStart:
     """Copy into `model` every tensor of `source` whose name and shape match; the token embedding row by
     row for the characters both vocabularies have (when its width matches). The rest keeps its fresh
     initialisation. Reuses a checkpoint after the architecture or the corpus changed."""
     theirs = {k: v for k, v in source.model.state_dict().items() if k not in TIED_KEYS}
     ours = {k: v for k, v in model.state_dict().items() if k not in TIED_KEYS}
-    report = WarmStart(name, len(theirs), len(ours))
+    report = WarmStart(source.path, len(theirs), len(ours))
     for key, tensor in ours.items():
         if key not in theirs:
             report.skipped[key] = "not in the checkpoint"

@@ -209,8 +209,7 @@ def _train(args: argparse.Namespace) -> int:
     model_flags = _given(args, GPTConfig, skip=("vocab_size",))
     training_flags = _given(args, TrainConfig)
     check_one_start(args.resume, args.init_from)
-    if args.init_from:
-        load_checkpoint(args.init_from)  # vetted before the data loads
+    init_from = load_checkpoint(args.init_from) if args.init_from else None  # vetted before the data loads
     resumed = load_checkpoint(args.resume) if args.resume else None
     if resumed is None:
         GPTConfig(vocab_size=1, **model_flags)  # an impossible shape fails here
@@ -234,7 +233,7 @@ def _train(args: argparse.Namespace) -> int:
     is_main = int(os.environ.get("RANK", "0")) == 0
     try:
         result = train(corpus, config, out, progress=not args.quiet, resume=args.resume, force=args.force,
-                       init_from=args.init_from, compile=args.compile, **model_flags)
+                       init_from=init_from, compile=args.compile, **model_flags)
     except TrainingInterrupted as stop:
         if is_main:  # settings, data and the steps to reach all come back from the checkpoint
             print(f"minigpt: {stop}; saved {stop.path}. Resume with: minigpt train --resume {stop.path}",

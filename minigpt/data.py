@@ -36,9 +36,6 @@ class Corpus:
                             f"use a split it has, or data with a {name} split")
         return text
 
-    def all_text(self) -> list[str]:
-        return [text for text in (self.train, self.valid, self.test) if text]
-
     def encode(self):
         """These splits as ids (`minigpt.encoded.EncodedCorpus`), in memory; the vocabulary spans every split."""
         from minigpt.encoded import encode_texts

@@ -241,7 +241,8 @@ def check_resumable(checkpoint: Checkpoint, path: Path, steps: int) -> None:
 
 
 def train(corpus: Corpus | EncodedCorpus, config: TrainConfig, out: str | Path, *, progress: bool = True,
-          resume: str | Path | None = None, force: bool = False, init_from: str | Path | None = None,
+          resume: str | Path | None = None, force: bool = False,
+          init_from: str | Path | Checkpoint | None = None,
           compile: bool = False,
           on_step: Callable[[dict], None] | None = None, **model_fields) -> TrainResult:
     """Train a MiniGPT on `corpus` and save it to `out` (a .safetensors checkpoint).
@@ -249,9 +250,9 @@ def train(corpus: Corpus | EncodedCorpus, config: TrainConfig, out: str | Path, 
     `model_fields` are GPTConfig fields other than vocab_size, which the corpus
     decides. With `resume`, model, optimizer and step come from that
     checkpoint (its architecture wins over `model_fields`) and training
-    continues to `config.steps`. With `init_from`, a new run (step 1, a fresh
-    optimizer) starts from that checkpoint's tensors where they fit
-    (`minigpt.checkpoint.warm_start`). With `compile`, the training step runs
+    continues to `config.steps`. With `init_from` (a path, or a Checkpoint
+    already loaded), a new run (step 1, a fresh optimizer) starts from that
+    checkpoint's tensors where they fit (`minigpt.checkpoint.warm_start`). With `compile`, the training step runs
     through torch.compile (checkpoints are saved from the model itself). Under torchrun, each process trains on its
     own batches and rank 0 alone logs, evaluates and saves. `on_step` is
     called with each step's record.
@@ -277,7 +278,8 @@ def train(corpus: Corpus | EncodedCorpus, config: TrainConfig, out: str | Path, 
 
 
 def _train(corpus: Corpus | EncodedCorpus, config: TrainConfig, out: Path, group: distributed.ProcessGroup,
-           device: torch.device, *, progress: bool, resume: Path | None, init_from: str | Path | None,
+           device: torch.device, *, progress: bool, resume: Path | None,
+           init_from: str | Path | Checkpoint | None,
            compile: bool, on_step: Callable[[dict], None] | None, model_fields: dict) -> TrainResult:
     # Text in memory is encoded here; a file or folder comes encoded and memory-mapped (`minigpt.encoded`).
     encoded = corpus if isinstance(corpus, EncodedCorpus) else corpus.encode()
@@ -292,7 +294,8 @@ def _train(corpus: Corpus | EncodedCorpus, config: TrainConfig, out: Path, group
         torch.manual_seed(config.seed)
         model, first_step, optimizer_state = MiniGPT(GPTConfig(tokenizer.vocab_size, **model_fields)), 1, None
         if init_from is not None:
-            report = warm_start(model, tokenizer, load_checkpoint(init_from), str(init_from))
+            source = init_from if isinstance(init_from, Checkpoint) else load_checkpoint(init_from)
+            report = warm_start(model, tokenizer, source)
             if group.is_main:
                 print(f"minigpt: {report}", file=sys.stderr)
     model_config = model.config

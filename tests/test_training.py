@@ -245,7 +245,7 @@ def test_init_from_refuses_a_wider_model_tensor_by_tensor(tiny_text_file, tiny_c
 
     source = load_checkpoint(tiny_checkpoint)
     wider = MiniGPT(GPTConfig(source.tokenizer.vocab_size, block_size=16, embed_dim=64, num_heads=2, num_layers=2))
-    report = warm_start(wider, source.tokenizer, source, "tiny")
+    report = warm_start(wider, source.tokenizer, source)
     assert report.copied == [] and len(report.skipped) == report.model_tensors
     assert report.skipped["tok_emb.weight"] == "shape (29, 32) in the checkpoint, (29, 64) here"
     assert "copied 0, skipped" in str(report)
@@ -261,7 +261,7 @@ def test_init_from_a_corpus_with_another_vocabulary_copies_embedding_rows_by_cha
     tokenizer = CharTokenizer("the quick brown fox!?ZQ")  # some characters old, some new
     model = MiniGPT(GPTConfig(tokenizer.vocab_size, block_size=16, embed_dim=32, num_heads=2, num_layers=2))
     fresh = model.tok_emb.weight.detach().clone()
-    report = warm_start(model, tokenizer, source, "tiny")
+    report = warm_start(model, tokenizer, source)
     shared = [c for c in tokenizer.chars if c in source.tokenizer.chars]
     assert report.characters == f"{len(shared)} of {tokenizer.vocab_size} characters"
     assert "tok_emb.weight" in report.copied
