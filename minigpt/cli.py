@@ -339,6 +339,8 @@ def _serve(args: argparse.Namespace) -> None:
     except ImportError as exc:
         raise MiniGPTError(f"minigpt serve needs the serve extra ({exc}): pip install 'minigpt[serve]'") from None
     with socket.socket() as probe:  # a port in use is a one-line error, before the model loads
+        # As uvicorn binds: connections of a server just stopped (TIME_WAIT) do not hold the port.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((args.host, args.port))
         except OSError as exc:

@@ -65,8 +65,8 @@ class Client:
 class Server(Client):
     """`minigpt serve` in a subprocess, ready once /health answers."""
 
-    def __init__(self, model, *flags, env=None):
-        super().__init__(free_port())
+    def __init__(self, model, *flags, env=None, port=None):
+        super().__init__(port or free_port())
         self.process = subprocess.Popen([sys.executable, "-m", "minigpt", "serve", "--model", str(model),
                                          "--port", str(self.port), *map(str, flags)],
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -368,3 +368,15 @@ def test_an_engine_that_fails_ends_its_requests_with_500_and_later_ones_with_503
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def test_a_stopped_server_can_start_again_on_its_port_at_once(onnx_model):
+    first = Server(onnx_model)
+    # The server closes this connection first, so the port keeps it in TIME_WAIT after the server is gone.
+    assert first.post({"model": MODEL_ID, "prompt": "a", "max_tokens": 3}, headers={"Connection": "close"})[0] == 200
+    assert first.stop()[0] == 0
+    again = Server(onnx_model, port=first.port)
+    try:
+        assert again.post({"model": MODEL_ID, "prompt": "a", "max_tokens": 3})[0] == 200
+    finally:
+        assert again.stop()[0] == 0
