@@ -13,12 +13,13 @@ samples on its own.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from minigpt.config import GPTConfig
-from minigpt.decoding import check_prefill
+from minigpt.decoding import check_extend
 from minigpt.errors import CheckpointError, MiniGPTError
 from minigpt.export.onnx_graph import (INPUT_IDS, LOGITS, POSITION_IDS, SEQLENS_K, TOTAL_LENGTH, cache_names,
                                        padded_head_dim)
@@ -31,6 +32,7 @@ from minigpt.tokenizer import CharTokenizer
 # contexts and larger models are faster on every core (onnxruntime's default).
 SMALL_MODEL_BYTES = 4_000_000
 ALL_CORES = 0  # onnxruntime's own choice: one thread per physical core
+KEPT_STEP_TOKENS = 16  # bindings for up to this many new tokens from row 0 are kept (decode, drafts)
 
 
 def graph_metadata(config: GPTConfig, tokenizer: CharTokenizer) -> dict[str, str]:
@@ -103,6 +105,8 @@ class OnnxEngine:
         self.block_size = self.config.block_size
         self.past_names = cache_names("past", self.config.num_layers)
         self.present_names = cache_names("present", self.config.num_layers)
+        self._offsets = np.arange(self.block_size, dtype=np.int32)
+        self.cache = None
         self.start(1)
 
     def _session(self, batch_size: int):
@@ -112,82 +116,63 @@ class OnnxEngine:
         return self.sessions[threads]
 
     def start(self, batch_size: int) -> None:
-        """Empty cache buffers for `batch_size` rows, all at length 0 (reused when the size is unchanged)."""
-        if getattr(self, "lengths", None) is not None and len(self.lengths) == batch_size:
-            self.lengths[:] = 0
+        """Cache buffers for `batch_size` rows (reused when the size is unchanged)."""
+        if getattr(self, "cache", None) is not None and self.cache.shape[2] == batch_size:
             return
         self.session = self._session(batch_size)
         c = self.config
         # (layer, key/value, row, head, position, dim): any run of rows of one tensor is one contiguous block.
         self.cache = np.zeros((c.num_layers, 2, batch_size, c.num_heads, c.block_size,
                                padded_head_dim(c.head_dim)), dtype=np.float32)
-        self.lengths = np.zeros(batch_size, dtype=np.int32)
-        self._decoders: dict[int, tuple] = {}
+        self._steps: dict[tuple[int, int], _Step] = {}
 
-    def _bind_cache(self, binding, first_row: int, rows: int) -> None:
+    def extend(self, ids: np.ndarray, start_pos: np.ndarray, first_row: int = 0) -> np.ndarray:
+        """Write (n, k) ids into rows first_row .. first_row+n-1 at positions start_pos[i] onwards; return the
+        (n, k, V) logits of the new positions, a view of a buffer the next call of this shape overwrites."""
+        check_extend(ids, start_pos, first_row, self.cache.shape[2], self.block_size)
+        rows, new = ids.shape
+        step = self._step(first_row, rows, new)
+        step.ids[:] = ids
+        # GroupQueryAttention reads each row's old length from seqlens_k (its total after this run, minus
+        # one) and, once any row has a past, appends the new keys after it: a prefill, a decode step and a
+        # k-token extend are one call. Positions past a row's length are simply overwritten.
+        np.add(start_pos[:, None], self._offsets[:new], out=step.positions)
+        step.seqlens[:] = step.positions[:, -1]
+        step.total[()] = step.seqlens.max() + 1
+        self.session.run_with_iobinding(step.binding)
+        return step.logits
+
+    def _step(self, first_row: int, rows: int, new: int) -> "_Step":
+        """The binding for `new` tokens in rows first_row .. first_row+rows-1; the small shapes decoding
+        repeats (from row 0, a few tokens) are made once and only have their inputs rewritten."""
+        key = (first_row, rows, new)
+        if key in self._steps:
+            return self._steps[key]
+        step = _Step(self.session.io_binding(), np.zeros((rows, new), dtype=np.int32),
+                     np.zeros((rows, new), dtype=np.int32), np.zeros(rows, dtype=np.int32),
+                     np.zeros((), dtype=np.int32), np.zeros((rows, new, self.config.vocab_size), dtype=np.float32))
+        for name, array in ((INPUT_IDS, step.ids), (POSITION_IDS, step.positions), (SEQLENS_K, step.seqlens),
+                            (TOTAL_LENGTH, step.total)):
+            _bind(step.binding, name, array)
         for names, output in ((self.past_names, False), (self.present_names, True)):
             for name, layer_kind in zip(names, self.cache.reshape(-1, *self.cache.shape[2:])):
-                _bind(binding, name, layer_kind[first_row:first_row + rows], output)
+                _bind(step.binding, name, layer_kind[first_row:first_row + rows], output)
+        _bind(step.binding, LOGITS, step.logits, output=True)
+        if first_row == 0 and new <= KEPT_STEP_TOKENS:
+            self._steps[key] = step
+        return step
 
-    def prefill(self, ids: np.ndarray, first_row: int = 0) -> np.ndarray:
-        """Start rows first_row .. first_row + n - 1 afresh from (n, T) ids; return their (n, V) logits."""
-        check_prefill(ids, first_row, len(self.lengths), self.block_size)
-        rows, length = ids.shape
-        self.lengths[first_row:first_row + rows] = 0
-        if length == 0:
-            return np.zeros((rows, self.config.vocab_size), dtype=np.float32)
-        binding = self.session.io_binding()
-        feeds = {INPUT_IDS: np.ascontiguousarray(ids, dtype=np.int32),
-                 POSITION_IDS: np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)).copy(),
-                 SEQLENS_K: np.full(rows, length - 1, dtype=np.int32),
-                 TOTAL_LENGTH: np.array(length, dtype=np.int32)}
-        for name, array in feeds.items():
-            _bind(binding, name, array)
-        self._bind_cache(binding, first_row, rows)
-        logits = np.empty((rows, length, self.config.vocab_size), dtype=np.float32)
-        _bind(binding, LOGITS, logits, output=True)
-        self.session.run_with_iobinding(binding)
-        self.lengths[first_row:first_row + rows] = length
-        return logits[:, -1]
-
-    def _decoder(self, rows: int):
-        """The binding for decoding rows 0 .. rows-1, made once: later steps only rewrite its inputs."""
-        if rows not in self._decoders:
-            binding = self.session.io_binding()
-            ids = np.zeros((rows, 1), dtype=np.int32)
-            # A row's next position is its length so far, which is also GroupQueryAttention's
-            # seqlens_k (total length after this step, minus one): one array serves both.
-            positions = np.zeros((rows, 1), dtype=np.int32)
-            total = np.zeros((), dtype=np.int32)
-            logits = np.zeros((rows, 1, self.config.vocab_size), dtype=np.float32)
-            _bind(binding, INPUT_IDS, ids)
-            _bind(binding, POSITION_IDS, positions)
-            _bind(binding, SEQLENS_K, positions.reshape(rows))
-            _bind(binding, TOTAL_LENGTH, total)
-            self._bind_cache(binding, 0, rows)
-            _bind(binding, LOGITS, logits, output=True)
-            self._decoders[rows] = (binding, ids, positions, total, logits)
-        return self._decoders[rows]
-
-    def decode(self, ids: np.ndarray) -> np.ndarray:
-        """Append one id to each of rows 0 .. n-1, each at its own position; return their (n, V) logits.
-
-        The logits are a view of a buffer the next decode overwrites.
-        """
-        rows = len(ids)
-        binding, step_ids, positions, total, logits = self._decoder(rows)
-        lengths = self.lengths[:rows]
-        longest = lengths.max()
-        if longest >= self.block_size:
-            raise MiniGPTError(f"a row is full ({self.block_size} positions); prefill it again")
-        step_ids[:, 0] = ids
-        positions[:, 0] = lengths
-        total[()] = longest + 1
-        self.session.run_with_iobinding(binding)
-        lengths += 1
-        return logits[:, 0]
-
-    def move_row(self, source: int, target: int) -> None:
-        length = self.lengths[source]
+    def move_row(self, source: int, target: int, length: int) -> None:
         self.cache[:, :, target, :, :length] = self.cache[:, :, source, :, :length]
-        self.lengths[target] = length
+
+
+@dataclass
+class _Step:
+    """An IOBinding and the arrays bound to it (they must outlive it)."""
+
+    binding: object
+    ids: np.ndarray
+    positions: np.ndarray
+    seqlens: np.ndarray
+    total: np.ndarray
+    logits: np.ndarray

@@ -171,8 +171,9 @@ def max_logit_difference(model: MiniGPT, engine: OnnxEngine) -> float:
         torch_engine = KVCacheEngine(model)
         torch_engine.start(batch)
         engine.start(batch)
-        pairs = [(torch_engine.prefill(ids[:, :length]), engine.prefill(ids[:, :length]))]
-        pairs += [(torch_engine.decode(ids[:, t]), engine.decode(ids[:, t]).copy())
+        at_zero = np.zeros(batch, dtype=np.int64)
+        pairs = [(torch_engine.extend(ids[:, :length], at_zero), engine.extend(ids[:, :length], at_zero).copy())]
+        pairs += [(torch_engine.extend(ids[:, t:t + 1], at_zero + t), engine.extend(ids[:, t:t + 1], at_zero + t).copy())
                   for t in range(length, length + steps)]
         worst = max(worst, *(float(np.abs(a - b).max()) for a, b in pairs))
     return worst

@@ -1,13 +1,14 @@
 """The decoding loop every engine shares, in numpy alone (no torch import).
 
-An engine turns token ids into next-token logits in two steps, as inference
-servers do: `prefill` starts rows of a batch from their prompts, `decode`
-extends every row by one token. Rows are independent sequences, each at its
+An engine runs one kind of call, `extend`: write k token ids into rows of
+a batch at positions the caller gives, and return the logits of every new
+position. A prefill is an extend at position 0, a decode step an extend of
+one token at each row's length. Rows are independent sequences, each at its
 own length (a ragged batch): a row can be prefilled while the others keep
-their caches, which is how sequences join a running batch. The loop here
-(with its policy past the block size) and the `Sampler` are the same for
-every engine, so engines can only differ in the logits they compute, and
-they agree token for token.
+their caches, which is how sequences join a running batch. `Rows` is the one
+place that keeps those lengths; the loop here (with its policy past the
+block size) and the `Sampler` are the same for every engine, so engines can
+only differ in the logits they compute, and they agree token for token.
 
 Past the block size: learned positions stop at block_size, and a cache of
 keys computed at positions 0..block_size-1 cannot slide (every key would
@@ -20,7 +21,7 @@ instead of a full recompute every step.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -33,21 +34,33 @@ EMPTY_PROMPT = "\n"  # what an empty prompt starts from: the start of a new line
 
 
 class Engine(Protocol):
+    """What the loop needs of an engine: buffers for a batch of rows, and one forward pass over them.
+
+    An engine holds buffers, not bookkeeping: which sequence sits in which row
+    and how long it is lives in `Rows`, and every call says where its tokens go
+    (gpt-fast's `input_pos`). So a prefill is `extend` at position 0, a decode
+    step is `extend` of one token at each row's length, verifying k drafted
+    tokens is `extend` of k, and rolling a row back is calling the next
+    `extend` at a shorter length (what lies past it is overwritten).
+    """
+
     block_size: int
 
     def start(self, batch_size: int) -> None:
-        """Make room for `batch_size` rows, all empty."""
+        """Make room for `batch_size` rows."""
 
-    def prefill(self, ids: np.ndarray, first_row: int = 0) -> np.ndarray:
-        """Restart rows first_row .. first_row+n-1 from (n, T) ids, 0 <= T <= block_size; return (n, V)
-        next-token logits (T = 0 empties the rows and returns nothing useful)."""
+    def extend(self, ids: np.ndarray, start_pos: np.ndarray, first_row: int = 0) -> np.ndarray:
+        """Write (n, k) ids into rows first_row .. first_row+n-1, row i at positions start_pos[i] ..
+        start_pos[i]+k-1 after the start_pos[i] positions it already holds; return the (n, k, V) logits of
+        every new position (position j's predicts the token after it), valid until the next call."""
 
-    def decode(self, ids: np.ndarray) -> np.ndarray:
-        """Append (n,) ids to rows 0 .. n-1, each at its own position; return (n, V) next-token logits,
-        valid until the next decode."""
+    def move_row(self, source: int, target: int, length: int) -> None:
+        """Make row `target` hold the first `length` positions of row `source` (as `Rows.remove` needs)."""
 
-    def move_row(self, source: int, target: int) -> None:
-        """Make row `target` hold what row `source` holds (its cache and length), as `Rows.remove` needs."""
+
+def prefill(engine: Engine, ids: np.ndarray, first_row: int = 0) -> np.ndarray:
+    """Start rows first_row .. first_row+n-1 afresh from (n, T) ids; return their (n, V) next-token logits."""
+    return engine.extend(ids, np.zeros(len(ids), dtype=np.int64), first_row)[:, -1]
 
 
 def generate_tokens(engine: Engine, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler,
@@ -83,21 +96,25 @@ def _decode(engine: Engine, prompts: Sequence[Sequence[int]], max_new_tokens: in
 class Rows:
     """The sequences in an engine's batch, packed into rows 0 .. count-1, and the policy past the block size.
 
-    Sequences join (`add`) and leave (`remove`) between steps; `decode` extends
-    every one by a token. Continuous batching is this and nothing more.
+    The one place that knows which sequence is in which row (`payloads[row]`,
+    whatever the driver keeps per sequence) and how long it is (`lengths`).
+    Sequences join (`add`) and leave (`remove`) between steps; `decode`
+    extends every one by a token. Continuous batching is this and nothing more:
+    `minigpt generate` and the server's scheduler both drive it.
     """
 
     def __init__(self, engine: Engine, capacity: int):
         self.engine, self.capacity = engine, capacity
         self.block, self.keep = engine.block_size, max(1, engine.block_size // 2)
         self.count = 0
+        self.payloads: list = []  # payloads[row]: the driver's object for the sequence in that row
         self.lengths = np.zeros(capacity, dtype=np.int64)  # tokens in each row's cache
         self.tokens = np.zeros((capacity, self.block), dtype=np.int64)  # and which they are
         self.room = self.block  # decode steps before some row is full: rows are looked at only then
         self._all_rows = np.arange(capacity)
         engine.start(capacity)
 
-    def add(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+    def add(self, prompts: Sequence[Sequence[int]], payloads: Sequence | None = None) -> np.ndarray:
         """Prefill prompts into the next free rows; return their (n, V) next-token logits."""
         if self.count + len(prompts) > self.capacity:
             raise MiniGPTError(f"{self.count} rows are in use; {len(prompts)} more exceed the capacity of "
@@ -109,36 +126,50 @@ class Rows:
         for start, count in runs_of_equal(lengths):  # rows of one length prefill together
             rows = slice(first + start, first + start + count)
             self.tokens[rows, :lengths[start]] = np.stack(windows[start:start + count])
-            logits.append(self.engine.prefill(self.tokens[rows, :lengths[start]], rows.start))
+            logits.append(prefill(self.engine, self.tokens[rows, :lengths[start]], rows.start))
         self.lengths[first:first + len(prompts)] = lengths
+        self.payloads += list(payloads) if payloads is not None else [None] * len(prompts)
         self.count += len(prompts)
         self.room = min(self.room, self.block - int(lengths.max()))
         return np.concatenate(logits)
 
-    def remove(self, row: int) -> None:
-        """Free a row; the last row moves into it, so rows stay packed (any row index may change)."""
-        last = self.count - 1
-        if row != last:
-            self.engine.move_row(last, row)
-            self.lengths[row], self.tokens[row] = self.lengths[last], self.tokens[last]
-        self.count -= 1
+    def remove(self, rows: Iterable[int], carry: np.ndarray | None = None) -> np.ndarray | None:
+        """Free these rows; the last rows move into the gaps, so rows stay packed (any row index may change).
+
+        `carry`, one entry per row (the ids about to be decoded, say), is
+        moved the same way and returned cut to the rows that are left.
+        """
+        for row in sorted(rows, reverse=True):  # from the end: the last row is then never one being freed
+            last = self.count - 1
+            if row != last:
+                self.engine.move_row(last, row, int(self.lengths[last]))
+                self.lengths[row], self.tokens[row] = self.lengths[last], self.tokens[last]
+                self.payloads[row] = self.payloads[last]
+                if carry is not None:
+                    carry[row] = carry[last]
+            self.payloads.pop()
+            self.count -= 1
+        return None if carry is None else carry[:self.count]
 
     def decode(self, ids: np.ndarray) -> np.ndarray:
         """Append (count,) ids, one to each row; return the (count, V) next-token logits."""
         if self.room == 0:  # full rows restart (see the module's docstring)
-            self._restart_full_rows(ids)
-        self.tokens[self._all_rows[:self.count], self.lengths[:self.count]] = ids
-        self.lengths[:self.count] += 1
+            self._restart_full_rows()
+        lengths = self.lengths[:self.count]
+        logits = self.engine.extend(ids[:, None], lengths)
+        self.tokens[self._all_rows[:self.count], lengths] = ids
+        lengths += 1
         self.room -= 1
-        return self.engine.decode(ids)
+        return logits[:, 0]
 
-    def _restart_full_rows(self, ids: np.ndarray) -> None:
+    def _restart_full_rows(self) -> None:
         full = np.flatnonzero(self.lengths[:self.count] == self.block)
         # Neighbouring full rows (the samples of one prompt, say) restart in one prefill.
         for first, count in runs_of_equal(full - np.arange(len(full))):
             rows = slice(full[first], full[first] + count)
             kept = self.tokens[rows, self.block - self.keep + 1:].copy()  # the newest token comes with the decode
-            self.engine.prefill(kept, rows.start)
+            if kept.shape[1]:
+                prefill(self.engine, kept, rows.start)
             self.tokens[rows, :kept.shape[1]] = kept
             self.lengths[rows] = kept.shape[1]
         self.room = self.block - int(self.lengths[:self.count].max(initial=0))
@@ -153,14 +184,18 @@ def runs_of_equal(values: np.ndarray) -> Iterator[tuple[int, int]]:
             first = i
 
 
-def check_prefill(ids: np.ndarray, first_row: int, batch_size: int, block_size: int) -> None:
-    """The checks every engine's `prefill` makes: the rows exist and the prompt fits the block."""
+def check_extend(ids: np.ndarray, start_pos: np.ndarray, first_row: int, batch_size: int,
+                 block_size: int) -> None:
+    """The checks every engine's `extend` makes: the rows exist and every new position fits the block."""
     rows, length = ids.shape
     if not 0 <= first_row <= first_row + rows <= batch_size:
         raise MiniGPTError(f"rows {first_row}..{first_row + rows - 1} are outside the batch of {batch_size} "
                            "rows; call start() with a larger batch")
-    if length > block_size:
-        raise MiniGPTError(f"a prefill of {length} tokens exceeds block_size {block_size}; "
+    if len(start_pos) != rows:
+        raise MiniGPTError(f"{rows} rows of ids need {rows} start positions, got {len(start_pos)}")
+    end = int(np.max(start_pos, initial=0)) + length
+    if end > block_size or int(np.min(start_pos, initial=0)) < 0:
+        raise MiniGPTError(f"positions up to {end} exceed block_size {block_size}; "
                            "keep the last block_size tokens")
 
 

@@ -11,89 +11,62 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from minigpt.decoding import check_prefill, join_samples, runs_of_equal, stream_characters
+from minigpt.decoding import check_extend, join_samples, runs_of_equal, stream_characters
 from minigpt.model import KVCache, MiniGPT
 from minigpt.tokenizer import CharTokenizer
 
 
-def last_position(logits: torch.Tensor) -> np.ndarray:
-    """(B, T, V) logits -> the (B, V) numpy array the sampler reads."""
-    return logits[:, -1].float().cpu().numpy()
-
-
 class RecomputeEngine:
-    """The reference: every step runs the model over each row's whole context again."""
+    """The reference: every call runs the model over each row's whole context again."""
 
     def __init__(self, model: MiniGPT):
         self.model = model
         self.block_size = model.config.block_size
         self.device = model.tok_emb.weight.device
-        self.contexts: list[np.ndarray] = []
+        self.contexts: list[np.ndarray] = []  # each row's tokens: the only "cache" this engine has
 
     def start(self, batch_size: int) -> None:
         self.contexts = [np.zeros(0, dtype=np.int64)] * batch_size
 
-    def prefill(self, ids: np.ndarray, first_row: int = 0) -> np.ndarray:
-        check_prefill(ids, first_row, len(self.contexts), self.block_size)
-        self.contexts[first_row:first_row + len(ids)] = list(np.asarray(ids, dtype=np.int64))
-        return self._next_logits(range(first_row, first_row + len(ids)))
-
-    def decode(self, ids: np.ndarray) -> np.ndarray:
-        self.contexts[:len(ids)] = [np.append(context, i) for context, i in zip(self.contexts, ids)]
-        return self._next_logits(range(len(ids)))
-
-    def move_row(self, source: int, target: int) -> None:
-        self.contexts[target] = self.contexts[source]
-
     @torch.inference_mode()
-    def _next_logits(self, rows: range) -> np.ndarray:
-        lengths = np.array([len(self.contexts[row]) for row in rows])
-        out = np.zeros((len(rows), self.model.config.vocab_size), dtype=np.float32)
-        for first, count in runs_of_equal(lengths):  # rows of one length run as one batch
-            if lengths[first]:
-                batch = np.stack(self.contexts[rows[first]:rows[first] + count])
-                out[first:first + count] = last_position(self.model(torch.as_tensor(batch, device=self.device))[0])
+    def extend(self, ids: np.ndarray, start_pos: np.ndarray, first_row: int = 0) -> np.ndarray:
+        check_extend(ids, start_pos, first_row, len(self.contexts), self.block_size)
+        rows, new = ids.shape
+        for i, row in enumerate(range(first_row, first_row + rows)):
+            self.contexts[row] = np.concatenate([self.contexts[row][:start_pos[i]], ids[i]]).astype(np.int64)
+        out = np.zeros((rows, new, self.model.config.vocab_size), dtype=np.float32)
+        for first, count in runs_of_equal(np.asarray(start_pos)):  # rows of one length run as one batch
+            batch = np.stack(self.contexts[first_row + first:first_row + first + count])
+            logits, _ = self.model(torch.as_tensor(batch, device=self.device))
+            out[first:first + count] = logits[:, batch.shape[1] - new:].float().cpu().numpy()
         return out
+
+    def move_row(self, source: int, target: int, length: int) -> None:
+        self.contexts[target] = self.contexts[source][:length]
 
 
 class KVCacheEngine:
-    """Keys and values of earlier positions stay in a static cache: each step computes one position per row."""
+    """Keys and values of earlier positions stay in a static cache: each call computes only the new positions."""
 
     def __init__(self, model: MiniGPT):
         self.model = model
         self.block_size = model.config.block_size
         self.device = model.tok_emb.weight.device
         self.cache: KVCache | None = None
-        self.step_input: torch.Tensor | None = None  # reused (B, 1) buffer for decode
 
     def start(self, batch_size: int) -> None:
         if self.cache is None or self.cache.batch_size != batch_size:
             self.cache = self.model.make_cache(batch_size)
-            self.step_input = torch.zeros((batch_size, 1), dtype=torch.long, device=self.device)
-        self.cache.lengths[:] = 0
 
     @torch.inference_mode()
-    def prefill(self, ids: np.ndarray, first_row: int = 0) -> np.ndarray:
-        check_prefill(ids, first_row, self.cache.batch_size, self.block_size)
-        rows = self.cache.rows(first_row, len(ids))
-        rows.lengths[:] = 0
-        if ids.shape[1] == 0:
-            return np.zeros((len(ids), self.model.config.vocab_size), dtype=np.float32)
-        logits, _ = self.model(torch.as_tensor(ids, device=self.device), cache=rows)
-        return last_position(logits)
+    def extend(self, ids: np.ndarray, start_pos: np.ndarray, first_row: int = 0) -> np.ndarray:
+        check_extend(ids, start_pos, first_row, self.cache.batch_size, self.block_size)
+        logits, _ = self.model(torch.as_tensor(ids, device=self.device), start_pos=start_pos,
+                               cache=self.cache.rows(first_row, len(ids)))
+        return logits.float().cpu().numpy()
 
-    @torch.inference_mode()
-    def decode(self, ids: np.ndarray) -> np.ndarray:
-        rows = len(ids)
-        step_input = self.step_input if rows == len(self.step_input) else self.step_input[:rows]
-        step_input.copy_(torch.from_numpy(ids)[:, None])
-        logits, _ = self.model(step_input, cache=self.cache.rows(0, rows))
-        return last_position(logits)
-
-    def move_row(self, source: int, target: int) -> None:
-        length = int(self.cache.lengths[source])
+    def move_row(self, source: int, target: int, length: int) -> None:
         self.cache.kv[:, :, target, :, :length] = self.cache.kv[:, :, source, :, :length]
-        self.cache.lengths[target] = length
 
 
 def torch_engine(model: MiniGPT, kv_cache: bool = True) -> KVCacheEngine | RecomputeEngine:

@@ -25,26 +25,72 @@ def dropout_layer(p: float) -> nn.Module:
     return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
+class Positions:
+    """Where one forward pass's T new tokens sit: row b's at start_pos[b] .. start_pos[b] + T - 1.
+
+    When every row starts at the same position (training, a prefill, rows
+    that started together) the cache writes are one slice copy and attention
+    needs no mask; otherwise each row writes at its own positions and
+    attention is told each row's length.
+    """
+
+    def __init__(self, seq: int, start_pos: np.ndarray | None = None, device: torch.device | None = None):
+        self.seq = seq
+        first = 0 if start_pos is None or len(start_pos) == 0 else int(start_pos[0])
+        shared = start_pos is None or len(start_pos) <= 1 or bool((start_pos == first).all())
+        self.start = first if shared else None  # the shared start, if there is one
+        self.end = (first if shared else int(start_pos.max())) + seq  # keys attention reads: 0 .. end-1
+        # Only for ragged rows: each row's positions (B, T) and its key count after this pass.
+        self.index = self.key_lengths = None
+        if not shared:
+            starts = torch.from_numpy(np.asarray(start_pos, dtype=np.int64)).to(device)
+            self.index = starts[:, None] + torch.arange(seq, device=device)
+            self.key_lengths = starts + seq
+
+    def embed(self, table: nn.Embedding) -> torch.Tensor:
+        """The position embeddings of the new tokens: (T, E) when rows share a start, else (B, T, E)."""
+        if self.start is not None:  # a slice of the table, not a lookup: no index tensor to build each step
+            return table.weight[self.start:self.end]
+        return table(self.index)
+
+
+class LayerCache:
+    """One layer's keys and values for a batch of rows: kv is (2, B, H, block_size, D), a view of KVCache.kv.
+
+    Keys and values sit side by side, so one copy stores both; attention reads
+    a view of the filled prefix, so a decode step copies only the new token.
+    """
+
+    def __init__(self, kv: torch.Tensor):
+        self.kv = kv
+
+    def update(self, kv: torch.Tensor, where: Positions) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store kv (2, B, H, T, D) at the rows' new positions; return the keys and values 0 .. end-1."""
+        if where.start is not None:
+            self.kv.narrow(3, where.start, where.seq).copy_(kv)
+        else:
+            two, batch, heads, seq, head_dim = kv.shape
+            index = where.index.view(1, batch, 1, seq, 1).expand(two, batch, heads, seq, head_dim)
+            self.kv.scatter_(3, index, kv)
+        return self.kv.narrow(3, 0, where.end).unbind(0)
+
+
 class KVCache:
     """Every layer's keys and values for a batch of rows, preallocated for block_size positions.
 
-    kv is (layers, 2, batch, heads, block_size, head_dim); `lengths` (host
-    numpy) says how many positions each row holds, so rows may sit at
-    different lengths (a ragged batch). New entries are written in place and
-    attention reads a view of the filled prefix: a decode step allocates no
-    cache and copies only the new token. Keys and values sit side by side, so
-    one copy stores both.
+    kv is (layers, 2, batch, heads, block_size, head_dim). The cache is only
+    buffers: how many positions of a row are valid is for the caller to know
+    and to pass as positions (a ragged batch has rows at different lengths).
     """
 
-    def __init__(self, kv: torch.Tensor, lengths: np.ndarray):
-        self.kv, self.lengths = kv, lengths
-        self.layers = kv.unbind(0)  # views, made once: indexing kv every step costs more than the copy
+    def __init__(self, kv: torch.Tensor):
+        self.kv = kv
+        self.layers = [LayerCache(layer) for layer in kv.unbind(0)]  # views, made once
 
     @classmethod
     def empty(cls, config: GPTConfig, batch_size: int, dtype: torch.dtype, device: torch.device) -> "KVCache":
-        kv = torch.zeros((config.num_layers, 2, batch_size, config.num_heads, config.block_size, config.head_dim),
-                         dtype=dtype, device=device)
-        return cls(kv, np.zeros(batch_size, dtype=np.int64))
+        return cls(torch.zeros((config.num_layers, 2, batch_size, config.num_heads, config.block_size,
+                                config.head_dim), dtype=dtype, device=device))
 
     @property
     def batch_size(self) -> int:
@@ -54,49 +100,7 @@ class KVCache:
         """Rows first .. first+count-1 as a cache of their own (a view: writes land here)."""
         if first == 0 and count == self.batch_size:
             return self
-        return KVCache(self.kv.narrow(2, first, count), self.lengths[first:first + count])
-
-    def step(self, seq: int) -> "CacheStep":
-        return CacheStep(self, seq)
-
-
-class CacheStep:
-    """One forward pass's view of a KVCache: where each row writes its `seq` new positions.
-
-    When every row starts at the same position (always in training-style
-    prefill, and in batches that started together) the writes are one slice
-    copy and attention needs no mask; otherwise each row writes at its own
-    position and attention is told each row's length.
-    """
-
-    def __init__(self, cache: KVCache, seq: int):
-        self.cache, self.seq = cache, seq
-        lengths = cache.lengths
-        first = int(lengths[0])
-        shared = len(lengths) == 1 or bool((lengths == first).all())
-        self.start = first if shared else None  # the shared start, if there is one
-        self.end = (first if shared else int(lengths.max())) + seq  # keys attention reads: 0 .. end-1
-        # Only for ragged rows: each row's positions (B, T), its key count after this step, and
-        # the scatter index that writes its keys and values there.
-        self.positions = self.key_lengths = self.write_index = None
-        if self.start is None:
-            starts = torch.from_numpy(cache.lengths).to(cache.kv.device)
-            self.positions = starts[:, None] + torch.arange(seq, device=starts.device)
-            self.key_lengths = starts + seq
-            _, _, batch, heads, _, head_dim = cache.kv.shape
-            self.write_index = self.positions.view(1, batch, 1, seq, 1).expand(2, batch, heads, seq, head_dim)
-
-    def update(self, layer: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store kv (2, B, H, T, D) at each row's next positions; return keys and values 0 .. end-1."""
-        cache = self.cache.layers[layer]
-        if self.start is not None:
-            cache.narrow(3, self.start, self.seq).copy_(kv)
-        else:
-            cache.scatter_(3, self.write_index, kv)
-        return cache.narrow(3, 0, self.end).unbind(0)
-
-    def finish(self) -> None:
-        self.cache.lengths += self.seq
+        return KVCache(self.kv.narrow(2, first, count))
 
 
 class CausalSelfAttention(nn.Module):
@@ -112,15 +116,15 @@ class CausalSelfAttention(nn.Module):
         self.keep_weights = False  # set by MiniGPT.attention_maps
         self.weights: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, step: CacheStep | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, where: Positions, cache: LayerCache | None = None) -> torch.Tensor:
         batch, seq, embed = x.shape
         # (B, T, 3E) -> (3, B, H, T, D): each head attends in its own subspace.
         qkv = self.qkv(x).view(batch, seq, 3, self.num_heads, embed // self.num_heads).permute(2, 0, 3, 1, 4)
         q, kv = qkv[0], qkv[1:]
-        key_lengths = None
-        if step is not None:  # attend to every earlier position, not only this call's
-            kv, key_lengths = step.update(layer, kv), step.key_lengths
+        if cache is not None:  # attend to every earlier position, not only this call's
+            kv = cache.update(kv, where)
         k, v = kv
+        key_lengths = where.key_lengths
         if self.keep_weights:  # attention written out, so the weights that made y can be shown
             self.weights = attention_weights(q, k, key_lengths)
             y = self.weights @ v
@@ -154,8 +158,8 @@ class Block(nn.Module):
         self.ln_mlp = nn.LayerNorm(config.embed_dim)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, step: CacheStep | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_attn(x), step, layer)
+    def forward(self, x: torch.Tensor, where: Positions, cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_attn(x), where, cache)
         return x + self.mlp(self.ln_mlp(x))
 
 
@@ -216,32 +220,26 @@ class MiniGPT(nn.Module):
         weight = self.tok_emb.weight
         return KVCache.empty(self.config, batch_size, weight.dtype, weight.device)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache: KVCache | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                start_pos: np.ndarray | None = None, cache: KVCache | None = None):
         """idx: (B, T) token ids. Returns (logits (B, T, V), loss or None).
 
-        Without a cache every row starts at position 0. With one (from
-        `make_cache`), row b's ids sit at positions cache.lengths[b] onwards:
-        they attend to the keys and values the cache holds for that row, and
-        theirs are added to it. Prefill passes an empty cache (or rows of one)
-        and the prompt; decode passes one new token per row.
+        Row b's ids sit at positions start_pos[b] .. start_pos[b] + T - 1
+        (all at 0 when start_pos is None). With a cache (from `make_cache`)
+        they attend to the keys and values it holds at that row's earlier
+        positions, and theirs are written there: a prefill passes start 0 and
+        the prompt, a decode step one token per row at each row's length.
         With targets (B, T), the loss is the mean next-token cross-entropy in nats.
         """
-        seq = idx.shape[1]
-        step = cache.step(seq) if cache is not None else None
-        end = step.end if step is not None else seq
-        if end > self.config.block_size:
-            raise ValueError(f"positions up to {end} exceed block_size {self.config.block_size}")
-        if step is None or step.start is not None:
-            # A slice of the table, not a lookup: no index tensor to build each step.
-            start = step.start if step is not None else 0
-            positions = self.pos_emb.weight[start:start + seq]
-        else:
-            positions = self.pos_emb(step.positions)
-        x = self.dropout(self.tok_emb(idx) + positions)
-        for layer, block in enumerate(self.blocks):
-            x = block(x, step, layer)
-        if step is not None:
-            step.finish()
+        where = Positions(idx.shape[1], start_pos, idx.device)
+        if where.end > self.config.block_size:
+            raise ValueError(f"positions up to {where.end} exceed block_size {self.config.block_size}")
+        if cache is None and where.end != idx.shape[1]:
+            raise ValueError("ids past position 0 attend to earlier positions: pass the cache that holds them")
+        x = self.dropout(self.tok_emb(idx) + where.embed(self.pos_emb))
+        layers = cache.layers if cache is not None else [None] * len(self.blocks)
+        for block, layer_cache in zip(self.blocks, layers):
+            x = block(x, where, layer_cache)
         logits = self.lm_head(self.ln_final(x))
         loss = None
         if targets is not None:

@@ -183,8 +183,7 @@ class Scheduler:
 
     def __init__(self, engine: Engine, tokenizer: CharTokenizer, max_batch: int, max_queue: int, metrics):
         self.tokenizer, self.max_batch, self.max_queue, self.metrics = tokenizer, max_batch, max_queue, metrics
-        self.rows = Rows(engine, max_batch)
-        self.running: list[tuple[Job, Choice]] = []  # running[i] is in row i
+        self.rows = Rows(engine, max_batch)  # rows.payloads[i]: the (job, choice) in row i
         self.waiting: deque[Job] = deque()
         self.wake = threading.Condition()
         self.stopping = False
@@ -222,7 +221,7 @@ class Scheduler:
             self._loop()
         except BaseException as exc:  # a bug or an engine failure: every request in it ends with a 500
             with self.wake:
-                jobs = {id(job): job for job, _ in self.running} | {id(job): job for job in self.waiting}
+                jobs = {id(job): job for job, _ in self.rows.payloads} | {id(job): job for job in self.waiting}
                 self.stopping = True
             for job in jobs.values():
                 job.loop.call_soon_threadsafe(job.events.put_nowait, RuntimeError(f"the engine failed: {exc!r}"))
@@ -232,34 +231,36 @@ class Scheduler:
         logits = np.zeros((0, 1), dtype=np.float32)
         while True:
             with self.wake:
-                while not self.stopping and not self.waiting and not self.running:
+                while not self.stopping and not self.waiting and not self.rows.count:
                     self.wake.wait()
                 if self.stopping:
                     break
-            if self.running:
+            if self.rows.count:
                 ids = self._sample(logits)
                 self._deliver(ids)
-                ids = self._free_finished_rows(ids)
-                logits = self.rows.decode(ids) if self.running else logits[:0]
-            if not self.running:
+                ids = self.rows.remove([row for row, (job, choice) in enumerate(self.rows.payloads)
+                                        if choice.finish_reason or job.cancelled], carry=ids)
+                logits = self.rows.decode(ids) if self.rows.count else logits[:0]
+            if not self.rows.count:
                 self.last_step_at = None
             logits = self._admit(logits)
-            self.metrics.rows_in_use.set(len(self.running))
-            if self.running:
-                self.metrics.batch_rows.observe(len(self.running))
-        for job, _ in self.running:  # stopped with work in flight: its requests end
+            self.metrics.rows_in_use.set(self.rows.count)
+            if self.rows.count:
+                self.metrics.batch_rows.observe(self.rows.count)
+        for job, _ in self.rows.payloads:  # stopped with work in flight: its requests end
             job.cancel()
 
     def _sample(self, logits: np.ndarray) -> np.ndarray:
         """One token per row, each row from its own stream; rows sampled alike are sampled as one batch."""
-        ids = np.empty(len(self.running), dtype=np.int64)
+        running = self.rows.payloads
+        ids = np.empty(len(running), dtype=np.int64)
         rows_alike: dict[tuple, list[int]] = {}
-        for row, (job, _) in enumerate(self.running):
+        for row, (job, _) in enumerate(running):
             sampler = job.request.sampler
             rows_alike.setdefault((sampler.temperature, sampler.top_k, sampler.top_p), []).append(row)
         for rows in rows_alike.values():
-            sampler = self.running[rows[0]][0].request.sampler
-            ids[rows] = sampler(logits[rows], [self.running[row][1].stream for row in rows])
+            sampler = running[rows[0]][0].request.sampler
+            ids[rows] = sampler(logits[rows], [running[row][1].stream for row in rows])
         return ids
 
     def _deliver(self, ids: np.ndarray) -> None:
@@ -268,7 +269,7 @@ class Scheduler:
             self.metrics.inter_token_latency.observe(now - self.last_step_at)
         self.last_step_at = now
         events: dict[int, tuple[Job, list]] = {}
-        for (job, choice), token in zip(self.running, ids):
+        for (job, choice), token in zip(self.rows.payloads, ids):
             if job.cancelled:
                 continue
             if job.first_token_at is None:
@@ -304,20 +305,9 @@ class Scheduler:
         piece, choice.sent = choice.text[choice.sent:end], max(choice.sent, end)
         return piece
 
-    def _free_finished_rows(self, ids: np.ndarray) -> np.ndarray:
-        """Free the rows of finished or cancelled choices (rows stay packed: the last row moves into the gap)."""
-        for row in range(len(self.running) - 1, -1, -1):
-            job, choice = self.running[row]
-            if choice.finish_reason or job.cancelled:
-                self.rows.remove(row)
-                self.running[row] = self.running[-1]
-                ids[row] = ids[len(self.running) - 1]
-                self.running.pop()
-        return ids[:len(self.running)]
-
     def _admit(self, logits: np.ndarray) -> np.ndarray:
         """Prefill waiting jobs into free rows, oldest first; their rows' logits join the batch's."""
-        jobs, free = [], self.max_batch - len(self.running)
+        jobs, free = [], self.max_batch - self.rows.count
         with self.wake:  # taken off the queue under the lock, prefilled outside it
             while self.waiting and (self.waiting[0].cancelled or len(self.waiting[0].choices) <= free):
                 job = self.waiting.popleft()
@@ -329,8 +319,7 @@ class Scheduler:
             return logits
         # One prefill for every new row, sorted by length so that prompts of one length run as one batch.
         joining = sorted(((job, choice) for job in jobs for choice in job.choices), key=lambda j: len(j[1].prompt))
-        new_logits = self.rows.add([choice.prompt for _, choice in joining])
-        self.running += joining
+        new_logits = self.rows.add([choice.prompt for _, choice in joining], payloads=joining)
         return np.concatenate([logits, new_logits]) if len(logits) else new_logits
 
 

@@ -6,6 +6,7 @@ import torch
 
 from minigpt import GPTConfig, MiniGPT, load_checkpoint
 from minigpt.cli import main
+from minigpt.decoding import prefill
 from minigpt.errors import MiniGPTError
 from minigpt.generation import KVCacheEngine, RecomputeEngine, generate, generate_samples, stream
 
@@ -43,16 +44,18 @@ def test_batched_rows_decode_independently_and_match_recompute():
     cached, reference = KVCacheEngine(model), RecomputeEngine(model)
     cached.start(3)
     reference.start(3)
-    logits_c, logits_r = cached.prefill(rows), reference.prefill(rows)
-    for _ in range(12 - 5):
+    logits_c, logits_r = prefill(cached, rows), prefill(reference, rows)
+    for position in range(5, 12):
         np.testing.assert_allclose(logits_c, logits_r, atol=1e-4, rtol=1e-4)
         next_ids = logits_r.argmax(-1)
         assert np.array_equal(logits_c.argmax(-1), next_ids)
-        logits_c, logits_r = cached.decode(next_ids), reference.decode(next_ids)
+        at = np.full(3, position)
+        logits_c, logits_r = (cached.extend(next_ids[:, None], at)[:, 0],
+                              reference.extend(next_ids[:, None], at)[:, 0])
     # each row is its own sequence: row 1 run alone gives row 1's logits
     alone_engine = RecomputeEngine(model)
     alone_engine.start(1)
-    alone = alone_engine.prefill(reference.contexts[1][None])
+    alone = prefill(alone_engine, reference.contexts[1][None])
     np.testing.assert_allclose(alone[0], logits_r[1], atol=1e-4, rtol=1e-4)
 
 

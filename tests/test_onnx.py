@@ -6,7 +6,7 @@ import pytest
 
 from minigpt import load_checkpoint
 from minigpt.cli import main
-from minigpt.decoding import generate_tokens, join_samples, stream_characters
+from minigpt.decoding import generate_tokens, join_samples, prefill, stream_characters
 from minigpt.export.onnx_engine import OnnxEngine
 from minigpt.generation import KVCacheEngine
 from minigpt.sampling import Sampler
@@ -71,12 +71,11 @@ def test_graph_takes_any_batch_and_writes_the_cache_in_place(exported):
     for batch in (1, 2, 5):
         engine.start(batch)
         cache = engine.cache
-        logits = engine.prefill(np.zeros((batch, 1), dtype=np.int64))
+        logits = prefill(engine, np.zeros((batch, 1), dtype=np.int64))
         assert logits.shape == (batch, engine.config.vocab_size)
-        for _ in range(3):
-            logits = engine.decode(logits.argmax(-1))
+        for position in range(1, 4):
+            logits = engine.extend(logits.argmax(-1)[:, None], np.full(batch, position))[:, 0]
         assert engine.cache is cache  # the same buffers, written by onnxruntime
-        assert list(engine.lengths) == [4] * batch
         written = np.abs(cache).sum(axis=(0, 1, 3, 5))  # (rows, positions)
         assert (written[:, :4] > 0).all() and (written[:, 4:] == 0).all()
 

@@ -5,7 +5,7 @@ import pytest
 
 from minigpt import load_checkpoint
 from minigpt.cli import main
-from minigpt.decoding import generate_rows
+from minigpt.decoding import Rows, generate_rows, prefill
 from minigpt.errors import MiniGPTError
 from minigpt.export.onnx_engine import OnnxEngine
 from minigpt.generation import KVCacheEngine, RecomputeEngine
@@ -76,20 +76,24 @@ def test_a_row_joins_a_running_batch_and_rows_decode_as_a_prefix(make_engine, en
 
     engine.start(3)
     tokens = [[], [], []]
-    logits = engine.prefill(np.array(first))
+    lengths = np.array([5, 5])
+    logits = prefill(engine, np.array(first))
     for _ in range(5):  # only rows 0 and 1 decode: row 2 is empty
         ids = logits.argmax(-1)
         for row, token in enumerate(ids):
             tokens[row].append(int(token))
-        logits = engine.decode(ids)
+        logits = engine.extend(ids[:, None], lengths)[:, 0]
+        lengths += 1
     first_logits = logits.copy()
-    joined = engine.prefill(np.array([joiner]), first_row=2)
+    joined = prefill(engine, np.array([joiner]), first_row=2)
     logits = np.concatenate([first_logits, joined])
+    lengths = np.append(lengths, len(joiner))
     for _ in range(5):
         ids = logits.argmax(-1)
         for row, token in enumerate(ids):
             tokens[row].append(int(token))
-        logits = engine.decode(ids)
+        logits = engine.extend(ids[:, None], lengths)[:, 0]
+        lengths += 1
     assert tokens[:2] == expected_first
     assert tokens[2] == expected_joiner
 
@@ -99,9 +103,11 @@ def test_prefill_outside_the_batch_or_past_the_block_is_a_clear_error(make_engin
     engine = make_engine(engine_name)
     engine.start(2)
     with pytest.raises(MiniGPTError, match="outside the batch"):
-        engine.prefill(np.zeros((2, 3), dtype=np.int64), first_row=1)
-    with pytest.raises(MiniGPTError, match="exceeds block_size"):
-        engine.prefill(np.zeros((1, BLOCK + 1), dtype=np.int64))
+        prefill(engine, np.zeros((2, 3), dtype=np.int64), first_row=1)
+    with pytest.raises(MiniGPTError, match="exceed block_size"):
+        prefill(engine, np.zeros((1, BLOCK + 1), dtype=np.int64))
+    with pytest.raises(MiniGPTError, match="exceed block_size"):
+        engine.extend(np.zeros((1, 2), dtype=np.int64), np.array([BLOCK - 1]))
 
 
 def test_an_empty_prompt_in_a_batch_is_a_clear_error(model):
@@ -126,35 +132,29 @@ def test_cli_threads_flag(tiny_checkpoint, onnx_path, capsys):
 def test_sequences_joining_and_leaving_a_running_batch_each_decode_as_if_alone(make_engine, engine_name):
     """Continuous batching: sequences join between steps and leave whenever they are done (the last row moving
     into the gap), and each still gets exactly the greedy tokens it gets alone, across restarts past the block."""
-    from minigpt.decoding import Rows
-
     # (prompt length, step it joins, tokens it wants): joins mid-run, leaves early, outlives the others.
     plan = [(5, 0, 40), (BLOCK + 3, 0, 9), (1, 2, 25), (9, 7, 30), (3, 9, 5), (12, 20, 12)]
     sequences = prompts([length for length, _, _ in plan], seed=3)
     expected = [greedy(make_engine(engine_name), [prompt], wanted)[0]
                 for prompt, (_, _, wanted) in zip(sequences, plan)]
 
-    rows = Rows(make_engine(engine_name), capacity=4)
-    running, produced = [], [[] for _ in plan]  # running[i]: the sequence in row i
+    rows = Rows(make_engine(engine_name), capacity=4)  # rows.payloads[i]: the sequence in row i
+    produced = [[] for _ in plan]
     logits = np.zeros((0, 0), dtype=np.float32)
     waiting = list(range(len(plan)))
     step = 0
-    while waiting or running:
-        if running:
+    while waiting or rows.count:
+        if rows.count:
             ids = logits.argmax(-1)
-            for row, sequence in enumerate(running):
+            for row, sequence in enumerate(rows.payloads):
                 produced[sequence].append(int(ids[row]))
-            for row in reversed(range(len(running))):
-                if len(produced[running[row]]) == plan[running[row]][2]:  # done: its row is freed
-                    rows.remove(row)
-                    running[row], ids[row] = running[-1], ids[len(running) - 1]
-                    running.pop()
-            logits = rows.decode(ids[:len(running)]).copy() if running else logits[:0]
-        joining = [s for s in waiting if plan[s][1] <= step][:rows.capacity - len(running)]
+            done = [row for row, sequence in enumerate(rows.payloads) if len(produced[sequence]) == plan[sequence][2]]
+            ids = rows.remove(done, carry=ids)  # the last rows move into the gaps, and their ids with them
+            logits = rows.decode(ids).copy() if rows.count else logits[:0]
+        joining = [s for s in waiting if plan[s][1] <= step][:rows.capacity - rows.count]
         for sequence in joining:
-            new = rows.add([sequences[sequence]])
+            new = rows.add([sequences[sequence]], payloads=[sequence])
             logits = np.concatenate([logits, new]) if len(logits) else new.copy()
-            running.append(sequence)
             waiting.remove(sequence)
         step += 1
     assert produced == expected

@@ -345,11 +345,11 @@ def test_an_engine_that_fails_ends_its_requests_with_500_and_later_ones_with_503
     class Breaking(OnnxEngine):
         steps = 0
 
-        def decode(self, ids):
+        def extend(self, ids, start_pos, first_row=0):
             Breaking.steps += 1
-            if Breaking.steps == 3:
+            if Breaking.steps == 4:  # the prefill, then the third decode step
                 raise RuntimeError("a broken engine")
-            return super().decode(ids)
+            return super().extend(ids, start_pos, first_row)
 
     engine = Breaking(onnx_model)
     port = free_port()
