@@ -173,8 +173,9 @@ def max_logit_difference(model: MiniGPT, engine: OnnxEngine) -> float:
         engine.start(batch)
         at_zero = np.zeros(batch, dtype=np.int64)
         pairs = [(torch_engine.extend(ids[:, :length], at_zero), engine.extend(ids[:, :length], at_zero).copy())]
-        pairs += [(torch_engine.extend(ids[:, t:t + 1], at_zero + t), engine.extend(ids[:, t:t + 1], at_zero + t).copy())
-                  for t in range(length, length + steps)]
+        for t in range(length, length + steps):
+            step = ids[:, t:t + 1]
+            pairs.append((torch_engine.extend(step, at_zero + t), engine.extend(step, at_zero + t).copy()))
         worst = max(worst, *(float(np.abs(a - b).max()) for a, b in pairs))
     return worst
 

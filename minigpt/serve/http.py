@@ -1,0 +1,234 @@
+"""The HTTP layer of `minigpt serve`: routes, the JSON and event-stream responses, uvicorn.
+
+Starlette on uvicorn: Starlette is the ASGI toolkit FastAPI is built on, and
+this API is a few routes whose validation must answer in OpenAI's error
+shape with the CLI's own messages, which FastAPI's pydantic layer would have
+to be worked around for; uvicorn brings the graceful shutdown (stop
+accepting, finish in-flight requests within a deadline, then cancel them).
+Nothing here imports torch: with an ONNX model the server runs on
+onnxruntime and numpy alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import signal
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+from minigpt.decoding import Engine
+from minigpt.serve.metrics import Metrics
+from minigpt.serve.protocol import ChunkFormat, Limits, RequestError, completion_body, error_body, \
+    parse_completion, usage
+from minigpt.serve.scheduler import Job, Scheduler
+from minigpt.tokenizer import CharTokenizer
+
+MAX_BODY_BYTES = 1 << 20
+SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
+
+
+class CompletionsAPI:
+    """The route handlers, over one scheduler."""
+
+    def __init__(self, scheduler: Scheduler, metrics: Metrics, tokenizer: CharTokenizer, *, model_id: str,
+                 limits: Limits, max_queue: int, api_key: str | None):
+        self.scheduler, self.metrics, self.tokenizer = scheduler, metrics, tokenizer
+        self.model_id, self.limits, self.max_queue, self.api_key = model_id, limits, max_queue, api_key
+        self.created = int(time.time())
+        # Unique per server start and request; uuid4 cost 30 µs of the event loop a request.
+        self.completion_ids = (f"cmpl-{uuid.uuid4().hex[:16]}{number:08x}" for number in itertools.count())
+
+    def fail(self, error: RequestError):
+        from starlette.responses import JSONResponse
+
+        self.metrics.answered(error.status)
+        headers = {"Retry-After": "1"} if error.status == 429 else None
+        return JSONResponse(error_body(str(error), error.param, error.code, error.kind), status_code=error.status,
+                            headers=headers)
+
+    def check_key(self, request) -> None:
+        if self.api_key is not None and request.headers.get("authorization", "") != f"Bearer {self.api_key}":
+            raise RequestError("a valid API key is required: send the header 'Authorization: Bearer KEY'",
+                               status=401, code="invalid_api_key")
+
+    async def completions(self, request):
+        from starlette.responses import JSONResponse
+
+        try:
+            self.check_key(request)
+            parsed = parse_completion(await read_json(request), self.tokenizer, self.model_id, self.limits)
+            job = Job(parsed, asyncio.get_running_loop())
+            if not self.scheduler.submit(job):
+                raise RequestError(f"the server is busy ({self.max_queue} requests are waiting); retry shortly",
+                                   status=429, code="queue_full")
+        except RequestError as error:
+            return self.fail(error)
+        completion_id, created = next(self.completion_ids), int(time.time())
+        if parsed.stream:
+            self.metrics.answered(200)
+            return EventStream(stream_events(job, ChunkFormat(completion_id, created, self.model_id)),
+                               on_close=job.cancel)
+        try:
+            texts, reasons = await collect(job, request)
+        except RuntimeError as exc:  # the engine failed
+            return self.fail(RequestError(str(exc), status=500))
+        finally:
+            job.cancel()  # a no-op when it finished; frees its rows when the client went away
+        self.metrics.answered(200)
+        return JSONResponse(completion_body(completion_id, created, self.model_id, texts, reasons, job_usage(job)))
+
+    async def models(self, request):
+        from starlette.responses import JSONResponse
+
+        try:
+            self.check_key(request)
+        except RequestError as error:
+            return self.fail(error)
+        return JSONResponse({"object": "list", "data": [{"id": self.model_id, "object": "model",
+                                                         "created": self.created, "owned_by": "minigpt"}]})
+
+    async def health(self, request):
+        from starlette.responses import JSONResponse
+
+        healthy = self.scheduler.healthy
+        return JSONResponse({"status": "ok" if healthy else "engine stopped"}, status_code=200 if healthy else 503)
+
+    async def prometheus(self, request):
+        from starlette.responses import Response
+
+        return Response(self.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def read_json(request):
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise RequestError(f"the request body is over the {MAX_BODY_BYTES:,}-byte limit")
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RequestError(f"the request body is not valid JSON ({exc})") from None
+
+
+def job_usage(job: Job) -> dict:
+    return usage(job.request.prompt_tokens, job.completion_tokens)
+
+
+async def collect(job: Job, request) -> tuple[list[str], list[str]]:
+    """A whole completion's texts and finish reasons (empty when the client went away)."""
+    texts, reasons = [""] * len(job.choices), [None] * len(job.choices)
+    while None in reasons:
+        try:
+            events = await asyncio.wait_for(job.events.get(), timeout=0.25)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                return [], []
+            continue
+        if isinstance(events, Exception):
+            raise events
+        for index, piece, reason in events:
+            texts[index] += piece
+            reasons[index] = reason
+    return texts, reasons
+
+
+async def stream_events(job: Job, chunks: ChunkFormat):
+    """The text of a streamed completion's server-sent events, a step's worth (or more) at a time."""
+    unfinished = len(job.choices)
+    while unfinished:
+        steps = [await job.events.get()]
+        while not job.events.empty():  # a client that fell behind gets what piled up in one write
+            steps.append(job.events.get_nowait())
+        text = []
+        for events in steps:
+            if isinstance(events, Exception):
+                yield "".join(text) + chunks.error(str(events))
+                return
+            text.append(chunks.choices(events))
+            unfinished -= sum(reason is not None for _, _, reason in events)
+        yield "".join(text)
+    if job.request.include_usage:
+        yield chunks.usage(job_usage(job))
+    yield chunks.DONE
+
+
+class EventStream:
+    """Server-sent events written straight to the ASGI connection (a token an event: the fewer layers a send
+    passes through, the more clients one event loop keeps up with). However the response ends (done, the
+    client gone, the shutdown deadline) its request is cancelled, so its rows are freed at the scheduler's
+    next step."""
+
+    def __init__(self, events, on_close):
+        self.events, self.on_close = events, on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        watcher = asyncio.ensure_future(self._cancel_on_disconnect(receive, asyncio.current_task()))
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            async for text in self.events:
+                await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except (OSError, asyncio.CancelledError):  # the client went away, or the shutdown deadline passed
+            pass
+        finally:
+            watcher.cancel()
+            self.on_close()
+
+    @staticmethod
+    async def _cancel_on_disconnect(receive, stream: asyncio.Task) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        stream.cancel()
+
+
+def create_app(engine: Engine, tokenizer: CharTokenizer, *, model_id: str, max_batch: int = 32,
+               max_queue: int = 256, api_key: str | None = None, max_tokens_limit: int = 4096):
+    """The Starlette app; its lifespan starts and stops the scheduler."""
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    metrics = Metrics()
+    scheduler = Scheduler(engine, tokenizer, max_batch, max_queue, metrics)
+    api = CompletionsAPI(scheduler, metrics, tokenizer, model_id=model_id, limits=Limits(max_batch, max_tokens_limit),
+                         max_queue=max_queue, api_key=api_key)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        scheduler.start()
+        yield
+        scheduler.stop()
+
+    app = Starlette(routes=[Route("/v1/completions", api.completions, methods=["POST"]),
+                            Route("/v1/models", api.models, methods=["GET"]),
+                            Route("/health", api.health, methods=["GET"]),
+                            Route("/metrics", api.prometheus, methods=["GET"])], lifespan=lifespan)
+    app.state.scheduler, app.state.metrics = scheduler, metrics
+    return app
+
+
+def serve(engine: Engine, tokenizer: CharTokenizer, *, model_id: str, host: str = "127.0.0.1", port: int = 8000,
+          max_batch: int = 32, max_queue: int = 256, api_key: str | None = None, max_tokens_limit: int = 4096,
+          shutdown_timeout: float = 10.0) -> None:
+    """Serve until SIGTERM or Ctrl-C: then stop accepting, let requests in flight finish within
+    `shutdown_timeout` seconds, cancel the rest, and return."""
+    import uvicorn
+
+    app = create_app(engine, tokenizer, model_id=model_id, max_batch=max_batch, max_queue=max_queue,
+                     api_key=api_key, max_tokens_limit=max_tokens_limit)
+    # No access log: a line per request costs more than a decode step at these sizes.
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False,
+                            timeout_graceful_shutdown=shutdown_timeout, lifespan="on")
+    # uvicorn raises the signal it stopped on again once it is done; the graceful stop was the answer to that
+    # signal, so the raised copy meets a handler that does nothing, and `minigpt serve` exits 0.
+    handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in handled}
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

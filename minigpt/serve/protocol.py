@@ -1,0 +1,176 @@
+"""The request protocol of `minigpt serve`: OpenAI's /v1/completions bodies in, response shapes out.
+
+Pure functions and plain data: nothing here touches the engine, a thread or
+a socket, so every rule of the API can be read (and tested) on its own.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from minigpt.decoding import prompt_ids
+from minigpt.errors import MiniGPTError
+from minigpt.sampling import Sampler
+from minigpt.tokenizer import CharTokenizer
+
+MAX_STOP_STRINGS = 4  # as OpenAI's API
+UNSUPPORTED = {"logprobs": None, "echo": False, "suffix": None, "best_of": None, "frequency_penalty": 0,
+               "presence_penalty": 0, "logit_bias": None}  # fields accepted only at their neutral value
+
+
+class RequestError(Exception):
+    """A bad request: answered with `status` and OpenAI's error body naming `param`."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None):
+        super().__init__(message)
+        self.param, self.status, self.code = param, status, code
+
+    @property
+    def kind(self) -> str:
+        return {429: "rate_limit_error", 500: "server_error", 503: "server_error"}.get(self.status,
+                                                                                      "invalid_request_error")
+
+
+@dataclass
+class CompletionRequest:
+    """A validated /v1/completions body."""
+
+    prompts: list[str]
+    prompt_ids: list[list[int]]
+    max_tokens: int
+    n: int
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+    sampler: Sampler
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(ids) for ids in self.prompt_ids)
+
+
+@dataclass
+class Limits:
+    """What this server accepts beyond the API's own rules (its command-line flags)."""
+
+    max_batch: int = 32
+    max_tokens: int = 4096
+
+
+def _typed(body: dict, name: str, kinds: tuple, default, what: str):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        raise RequestError(f"{name} must be {what}, got {json.dumps(value)[:40]}", name)
+    return value
+
+
+def parse_completion(body, tokenizer: CharTokenizer, model_id: str, limits: Limits) -> CompletionRequest:
+    """Check a request body field by field; the first problem raises RequestError naming its field."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    _check_model(body, model_id)
+    prompts, ids = _parse_prompts(body, tokenizer)
+    max_tokens = _typed(body, "max_tokens", (int,), 16, "an integer")
+    if not 1 <= max_tokens <= limits.max_tokens:
+        raise RequestError(f"max_tokens must be from 1 to {limits.max_tokens}, got {max_tokens}", "max_tokens")
+    n = _typed(body, "n", (int,), 1, "an integer")
+    if not 1 <= n <= limits.max_batch or n * len(prompts) > limits.max_batch:
+        raise RequestError(f"n × prompts must be from 1 to {limits.max_batch} (this server's --max-batch), got "
+                           f"{n} × {len(prompts)}", "n")
+    stop = _parse_stop(body)
+    stream = _typed(body, "stream", (bool,), False, "true or false")
+    options = _typed(body, "stream_options", (dict,), {}, "an object")
+    for name, neutral in UNSUPPORTED.items():
+        if body.get(name, neutral) not in (neutral, None) and not (name == "best_of" and body[name] == n):
+            raise RequestError(f"{name} is not supported by this server; leave it out", name)
+    return CompletionRequest(prompts, ids, max_tokens, n, stop, stream, bool(options.get("include_usage")),
+                             _parse_sampler(body))
+
+
+def _check_model(body: dict, model_id: str) -> None:
+    model = body.get("model")
+    if not isinstance(model, str):
+        raise RequestError(f"model is required: the model served here is {model_id!r}", "model")
+    if model != model_id:
+        raise RequestError(f"the model {model!r} does not exist; this server serves {model_id!r}", "model", 404,
+                           "model_not_found")
+
+
+def _parse_prompts(body: dict, tokenizer: CharTokenizer) -> tuple[list[str], list[list[int]]]:
+    prompt = body.get("prompt", "")
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise RequestError("prompt must be a string or a non-empty list of strings", "prompt")
+    try:
+        return prompts, [prompt_ids(tokenizer, p) for p in prompts]
+    except MiniGPTError as exc:  # unknown characters: the CLI's message
+        raise RequestError(str(exc), "prompt") from None
+
+
+def _parse_stop(body: dict) -> list[str]:
+    stop = body.get("stop")
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if (not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS
+            or not all(isinstance(s, str) and s for s in stop)):
+        raise RequestError(f"stop must be a non-empty string or a list of up to {MAX_STOP_STRINGS} of them", "stop")
+    return stop
+
+
+def _parse_sampler(body: dict) -> Sampler:
+    sampling = {"temperature": _typed(body, "temperature", (int, float), 1.0, "a number"),
+                "top_k": _typed(body, "top_k", (int,), None, "an integer"),
+                "top_p": _typed(body, "top_p", (int, float), None, "a number"),
+                "seed": _typed(body, "seed", (int,), None, "an integer")}
+    try:
+        return Sampler(**sampling)
+    except MiniGPTError as exc:  # the CLI's checks and messages, which start with the field's name
+        raise RequestError(str(exc), str(exc).split()[0]) from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Responses
+
+
+def error_body(message: str, param: str | None = None, code: str | None = None,
+               kind: str = "invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_body(completion_id: str, created: int, model_id: str, texts: list[str], reasons: list[str],
+                    token_usage: dict) -> dict:
+    choices = [{"text": text, "index": i, "logprobs": None, "finish_reason": reason}
+               for i, (text, reason) in enumerate(zip(texts, reasons))]
+    return {"id": completion_id, "object": "text_completion", "created": created, "model": model_id,
+            "choices": choices, "usage": token_usage}
+
+
+class ChunkFormat:
+    """Server-sent events of a streamed completion: a fixed head, then each step's choices (formatted by hand:
+    json.dumps of the whole chunk for every token costs more than the decode step)."""
+
+    def __init__(self, completion_id: str, created: int, model_id: str):
+        self.head = "data: " + json.dumps({"id": completion_id, "object": "text_completion", "created": created,
+                                           "model": model_id})[:-1] + ', "choices": ['
+
+    def choices(self, events: list[tuple[int, str, str | None]]) -> str:
+        """One chunk of (index, text, finish_reason) events."""
+        choices = (f'{{"text": {json.dumps(piece)}, "index": {index}, "logprobs": null, '
+                   f'"finish_reason": {json.dumps(reason)}}}' for index, piece, reason in events)
+        return self.head + ", ".join(choices) + "]}\n\n"
+
+    def usage(self, token_usage: dict) -> str:
+        return self.head + '], "usage": ' + json.dumps(token_usage) + "}\n\n"
+
+    @staticmethod
+    def error(message: str) -> str:
+        return "data: " + json.dumps(error_body(message, kind="server_error")) + "\n\n"
+
+    DONE = "data: [DONE]\n\n"

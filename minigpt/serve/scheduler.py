@@ -1,0 +1,221 @@
+"""The scheduler of `minigpt serve`: continuous batching on one thread that owns the engine.
+
+Each step it samples a token for every row in the batch, hands each request
+its new text, frees the rows of requests that finished, stopped or were
+cancelled, runs one decode step for the rows left, and prefills waiting
+requests into the free rows: a request joins the running batch at the next
+step and leaves it the step it is done. `minigpt.decoding.Rows` keeps the
+rows packed (each row's payload is its request and choice) and applies the
+same policy past the block size as `minigpt generate`. Each row samples
+from its own seeded stream, so a request's text depends on its prompt,
+parameters and seed alone, never on what shares the batch.
+
+The scheduler only schedules: requests come parsed (`protocol`), events go
+to each request's asyncio queue for the HTTP layer to write, and what is
+worth counting goes to an observer (`metrics`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from minigpt.decoding import Engine, Rows
+from minigpt.serve.protocol import CompletionRequest, RequestError
+from minigpt.serve.stop_strings import StopMatcher
+from minigpt.tokenizer import CharTokenizer
+
+
+@dataclass
+class Choice:
+    """One sequence of a request: one row of the batch while it runs."""
+
+    index: int
+    prompt: list[int]
+    stream: np.random.Generator
+    stops: StopMatcher
+    text: str = ""
+    sent: int = 0  # characters of `text` handed out; the rest may yet begin a stop string
+    tokens: int = 0
+    finish_reason: str | None = None
+
+    def add(self, char: str, max_tokens: int) -> str:
+        """Take one generated character; return the new text that can be handed out now (setting
+        finish_reason when the choice is done)."""
+        self.tokens += 1
+        self.text += char
+        stop = self.stops.feed(char)
+        if stop is not None:
+            self.text, self.finish_reason = self.text[:-len(stop)], "stop"
+        elif self.tokens == max_tokens:
+            self.finish_reason = "length"
+        end = len(self.text) if self.finish_reason else len(self.text) - self.stops.held_back
+        piece, self.sent = self.text[self.sent:end], max(self.sent, end)
+        return piece
+
+
+@dataclass
+class Job:
+    """A request in the scheduler; events go to its asyncio queue as lists of (index, text, finish_reason)."""
+
+    request: CompletionRequest
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    arrived: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    first_token_at: float | None = None
+    choices: list[Choice] = field(default_factory=list)
+
+    def __post_init__(self):
+        request = self.request
+        streams = request.sampler.streams(request.n * len(request.prompt_ids))  # as `generate --num-samples`
+        self.choices = [Choice(i, request.prompt_ids[i // request.n], stream, StopMatcher(request.stop))
+                        for i, stream in enumerate(streams)]
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(choice.tokens for choice in self.choices)
+
+
+def _hand_out(events: list[tuple[Job, list]]) -> None:
+    for job, batch in events:
+        job.events.put_nowait(batch)
+
+
+class Scheduler:
+    """Owns the engine; runs continuous batching on its own thread (see the module's docstring)."""
+
+    def __init__(self, engine: Engine, tokenizer: CharTokenizer, max_batch: int, max_queue: int, observer):
+        self.tokenizer, self.max_batch, self.max_queue, self.observer = tokenizer, max_batch, max_queue, observer
+        self.rows = Rows(engine, max_batch)  # rows.payloads[i]: the (job, choice) in row i
+        self.waiting: deque[Job] = deque()
+        self.wake = threading.Condition()
+        self.stopping = False
+        self.last_step_at: float | None = None  # None: no step ran since the batch was last empty
+        self.thread = threading.Thread(target=self._run, name="minigpt-scheduler", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.wake:
+            self.stopping = True
+            self.wake.notify()
+        self.thread.join(timeout=30)
+
+    @property
+    def healthy(self) -> bool:
+        return self.thread.is_alive() and not self.stopping
+
+    def submit(self, job: Job) -> bool:
+        """Queue a job; False when the queue is full."""
+        with self.wake:
+            if self.stopping:
+                raise RequestError("the engine has stopped (see the server's log); restart the server",
+                                   status=503, code="engine_stopped")
+            if len(self.waiting) >= self.max_queue:
+                return False
+            self.waiting.append(job)
+            self.observer.queue_depth.set(len(self.waiting))
+            self.wake.notify()
+        return True
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # a bug or an engine failure: every request in it ends with a 500
+            with self.wake:
+                jobs = {id(job): job for job, _ in self.rows.payloads} | {id(job): job for job in self.waiting}
+                self.stopping = True
+            for job in jobs.values():
+                job.loop.call_soon_threadsafe(job.events.put_nowait, RuntimeError(f"the engine failed: {exc!r}"))
+            raise
+
+    def _loop(self) -> None:
+        logits = np.zeros((0, 1), dtype=np.float32)
+        while self._wait_for_work():
+            if self.rows.count:
+                logits = self._step(logits)
+            if not self.rows.count:
+                self.last_step_at = None
+            logits = self._admit(logits)
+            self.observer.rows_in_use.set(self.rows.count)
+            if self.rows.count:
+                self.observer.batch_rows.observe(self.rows.count)
+        for job, _ in self.rows.payloads:  # stopped with work in flight: its requests end
+            job.cancel()
+
+    def _wait_for_work(self) -> bool:
+        """Sleep while there is nothing to do; False once the scheduler is stopping."""
+        with self.wake:
+            while not self.stopping and not self.waiting and not self.rows.count:
+                self.wake.wait()
+            return not self.stopping
+
+    def _step(self, logits: np.ndarray) -> np.ndarray:
+        """Sample every row, deliver, free the rows that are done, decode the rest; return their logits."""
+        ids = self._sample(logits)
+        self._deliver(ids)
+        done = [row for row, (job, choice) in enumerate(self.rows.payloads) if choice.finish_reason or job.cancelled]
+        ids = self.rows.remove(done, carry=ids)
+        return self.rows.decode(ids) if self.rows.count else logits[:0]
+
+    def _sample(self, logits: np.ndarray) -> np.ndarray:
+        """One token per row, each row from its own stream; rows sampled alike are sampled as one batch."""
+        running = self.rows.payloads
+        ids = np.empty(len(running), dtype=np.int64)
+        rows_alike: dict[tuple, list[int]] = {}
+        for row, (job, _) in enumerate(running):
+            sampler = job.request.sampler
+            rows_alike.setdefault((sampler.temperature, sampler.top_k, sampler.top_p), []).append(row)
+        for rows in rows_alike.values():
+            sampler = running[rows[0]][0].request.sampler
+            ids[rows] = sampler(logits[rows], [running[row][1].stream for row in rows])
+        return ids
+
+    def _deliver(self, ids: np.ndarray) -> None:
+        now = time.perf_counter()
+        if self.last_step_at is not None:  # every row that was in the last step waited this long for its token
+            self.observer.inter_token_latency.observe(now - self.last_step_at)
+        self.last_step_at = now
+        events: dict[int, tuple[Job, list]] = {}
+        for (job, choice), token in zip(self.rows.payloads, ids):
+            if job.cancelled:
+                continue
+            if job.first_token_at is None:
+                job.first_token_at = now
+                self.observer.time_to_first_token.observe(now - job.arrived)
+            piece = choice.add(self.tokenizer.chars[token], job.request.max_tokens)
+            if piece or choice.finish_reason:
+                events.setdefault(id(job), (job, []))[1].append((choice.index, piece, choice.finish_reason))
+        self.observer.tokens.inc(len(ids))
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for job, batch in events.values():
+            by_loop.setdefault(job.loop, []).append((job, batch))
+        for loop, batches in by_loop.items():  # one wake-up of the event loop a step, not one per request
+            loop.call_soon_threadsafe(_hand_out, batches)
+
+    def _admit(self, logits: np.ndarray) -> np.ndarray:
+        """Prefill waiting jobs into free rows, oldest first; their rows' logits join the batch's."""
+        jobs, free = [], self.max_batch - self.rows.count
+        with self.wake:  # taken off the queue under the lock, prefilled outside it
+            while self.waiting and (self.waiting[0].cancelled or len(self.waiting[0].choices) <= free):
+                job = self.waiting.popleft()
+                if not job.cancelled:
+                    jobs.append(job)
+                    free -= len(job.choices)
+            self.observer.queue_depth.set(len(self.waiting))
+        if not jobs:
+            return logits
+        # One prefill for every new row, sorted by length so that prompts of one length run as one batch.
+        joining = sorted(((job, choice) for job in jobs for choice in job.choices), key=lambda j: len(j[1].prompt))
+        new_logits = self.rows.add([choice.prompt for _, choice in joining], payloads=joining)
+        return np.concatenate([logits, new_logits]) if len(logits) else new_logits
