@@ -2,6 +2,7 @@
 
 import os
 from collections import defaultdict
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -37,3 +38,11 @@ def pytest_terminal_summary(terminalreporter):
                  if rate < 100 else f"{engine} {rate:,.0f} {unit} ({rate / rates[base][0]:.2f}x)"
                  for engine, (rate, unit) in rates.items()]
         terminalreporter.write_line(f"{group}: " + " | ".join(cells))
+
+
+def pytest_collection_modifyitems(items):
+    """Every benchmark takes seconds: all of bench/ is left out of `pytest -m "not slow"`."""
+    bench = Path(__file__).parent
+    for item in items:
+        if bench in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.slow)

@@ -44,24 +44,73 @@ def tiny_checkpoint(tmp_path_factory, tiny_text_file):
     return out
 
 
+def _one_line_error(code: int, out: str, err: str, fragments) -> str:
+    """The contract for bad input: exit 2, nothing on stdout, one line on stderr (no traceback) that contains
+    every fragment. Returns that line."""
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, (code, err)
+    assert out == ""
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="session")
+def one_line_error():
+    """one_line_error(code, out, err, *fragments): the bad-input contract for what a command returned."""
+    return lambda code, out, err, *fragments: _one_line_error(code, out, err, fragments)
+
+
 @pytest.fixture
 def cli_error(capsys):
-    """Run the CLI on argv and hold it to the contract for bad input: exit 2, nothing on stdout, one line on
-    stderr (no traceback) that contains every fragment. Returns that line."""
+    """cli_error(argv, *fragments): run the CLI in this process and hold it to the bad-input contract."""
     from minigpt.cli import main
 
     def check(argv, *fragments):
         code = main(argv)
-        out, err = capsys.readouterr()
-        assert code == 2, err
-        assert out == ""
-        lines = err.strip().splitlines()
-        assert len(lines) == 1 and "Traceback" not in err, err
-        for fragment in fragments:
-            assert fragment in lines[0], lines[0]
-        return lines[0]
+        return _one_line_error(code, *capsys.readouterr(), fragments)
 
     return check
+
+
+@pytest.fixture(scope="session")
+def process_error():
+    """process_error(completed_process, *fragments): the bad-input contract for a command run in its own
+    process (a subprocess.CompletedProcess with text output)."""
+    def check(result, *fragments):
+        return _one_line_error(result.returncode, result.stdout, result.stderr, fragments)
+
+    return check
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """free_port(): a port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    def pick() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    return pick
+
+
+@pytest.fixture(scope="session")
+def tiny_flags():
+    """tiny_flags(**overrides): `minigpt train` flags for the tiny model (one layer, a few steps, no sample),
+    each override a flag name with underscores and its value (True for a switch, None to leave it out)."""
+    defaults = dict(TINY_MODEL, num_layers=1, batch_size=8, eval_iters=1, device="cpu", sample_tokens=0)
+
+    def flags(**overrides) -> list[str]:
+        argv = []
+        for name, value in {**defaults, **overrides}.items():
+            flag = f"--{name.replace('_', '-')}"
+            if value is not None:  # None leaves a default flag out
+                argv += [flag] if value is True else [flag, str(value)]  # True: a switch such as --quiet
+        return argv
+
+    return flags
 
 
 @pytest.fixture

@@ -14,27 +14,17 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test runs the installed command in fresh processes
+
 from minigpt import load_checkpoint
 from minigpt.config import TrainConfig
 from minigpt.train import learning_rate_at
 
-TINY = ["--block-size", "16", "--embed-dim", "32", "--num-heads", "2", "--num-layers", "1", "--batch-size", "8",
-        "--eval-iters", "1", "--device", "cpu", "--sample-tokens", "0"]
 
 
 def minigpt(*argv, cwd, **kwargs):
     return subprocess.run([sys.executable, "-m", "minigpt", *map(str, argv)], cwd=cwd, capture_output=True,
                           text=True, timeout=300, **kwargs)
-
-
-def one_line_error(result, *fragments):
-    """Exit 2, one line on stderr holding every fragment, nothing on stdout."""
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert result.stdout == ""
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture
@@ -50,9 +40,9 @@ def snapshot(folder):
     return {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()}
 
 
-def test_training_again_never_replaces_a_trained_model(workdir):
+def test_training_again_never_replaces_a_trained_model(workdir, process_error, tiny_flags):
     before = snapshot(workdir)
-    line = one_line_error(minigpt("train", "--data", "input.txt", "--steps", "3", *TINY, cwd=workdir),
+    line = process_error(minigpt("train", "--data", "input.txt", "--steps", "3", *tiny_flags(), cwd=workdir),
                           "minigpt.safetensors already holds a trained model", "--force",
                           "--resume minigpt.safetensors")
     assert "different model" not in line  # the same architecture is refused too
@@ -71,8 +61,9 @@ def test_resume_writes_back_to_the_checkpoint_it_resumes(workdir):
 
 
 def test_an_interrupted_run_resumes_with_its_own_settings_from_the_printed_command(tmp_path, tiny_text_file,
-                                                                                 wait_for):
-    flags = ["--data", tiny_text_file, "--learning-rate", "2e-3", "--warmup", "3", "--eval-interval", "7", *TINY]
+                                                                                 wait_for, tiny_flags):
+    flags = ["--data", tiny_text_file, "--learning-rate", "2e-3", "--warmup", "3", "--eval-interval", "7",
+             *tiny_flags()]
     process = subprocess.Popen([sys.executable, "-m", "minigpt", "train", *map(str, flags), "--steps", "100000",
                                 "--quiet"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "minigpt.metrics.jsonl"
@@ -97,19 +88,19 @@ def test_an_interrupted_run_resumes_with_its_own_settings_from_the_printed_comma
     assert evaluated == [s for s in range(stopped + 1, stopped + 15) if s % 7 == 0 or s == stopped + 14]
 
 
-def test_every_output_path_is_checked_before_any_work(workdir):
+def test_every_output_path_is_checked_before_any_work(workdir, process_error, tiny_flags):
     (workdir / "somedir").mkdir()
     before = snapshot(workdir)
-    one_line_error(minigpt("train", "--data", "input.txt", "--out", "somedir", "--force", *TINY, cwd=workdir),
+    process_error(minigpt("train", "--data", "input.txt", "--out", "somedir", "--force", *tiny_flags(), cwd=workdir),
                    "--out somedir is a folder")
-    one_line_error(minigpt("export", "--onnx", "--out", "somedir", "--force", cwd=workdir),
+    process_error(minigpt("export", "--onnx", "--out", "somedir", "--force", cwd=workdir),
                    "--out somedir is a folder")
-    one_line_error(minigpt("export", "--hf", "--out", "input.txt", "--force", cwd=workdir),
+    process_error(minigpt("export", "--hf", "--out", "input.txt", "--force", cwd=workdir),
                    "--out input.txt is a file")
-    one_line_error(minigpt("train", "--data", "input.txt", "--out", "no/such/folder/m.safetensors", *TINY,
+    process_error(minigpt("train", "--data", "input.txt", "--out", "no/such/folder/m.safetensors", *tiny_flags(),
                            cwd=workdir), "cannot write to no/such/folder")
     (workdir / "new.metrics.jsonl").mkdir()  # the log beside the checkpoint cannot be written either
-    one_line_error(minigpt("train", "--data", "input.txt", "--out", "new.safetensors", *TINY, cwd=workdir),
+    process_error(minigpt("train", "--data", "input.txt", "--out", "new.safetensors", *tiny_flags(), cwd=workdir),
                    "the metrics log new.metrics.jsonl (written beside new.safetensors) is a folder")
     assert snapshot(workdir) == before
 
@@ -124,8 +115,8 @@ def test_a_closed_stdout_ends_quietly_as_cat_does(workdir):
 
 @pytest.mark.parametrize("argv", [["generate", "--seed", "-1"], ["generate", "--seed", str(2**64)],
                                   ["train", "--data", "input.txt", "--out", "x.safetensors", "--seed", "-1"]])
-def test_seeds_are_checked_alike_in_every_command(workdir, argv):
-    one_line_error(minigpt(*argv, cwd=workdir), "seed must be an integer from 0 to 2**63-1")
+def test_seeds_are_checked_alike_in_every_command(workdir, argv, process_error):
+    process_error(minigpt(*argv, cwd=workdir), "seed must be an integer from 0 to 2**63-1")
 
 
 @pytest.fixture
@@ -139,8 +130,8 @@ def exported(workdir):
                                   ["export", "--onnx", "--checkpoint", "minigpt.onnx", "--out", "again.onnx"],
                                   ["generate", "--engine", "torch", "--model", "minigpt.onnx"],
                                   ["train", "--resume", "minigpt.onnx"]])
-def test_an_onnx_model_where_a_checkpoint_belongs_is_named(exported, argv):
-    one_line_error(minigpt(*argv, cwd=exported), "minigpt.onnx is an ONNX model",
+def test_an_onnx_model_where_a_checkpoint_belongs_is_named(exported, argv, process_error):
+    process_error(minigpt(*argv, cwd=exported), "minigpt.onnx is an ONNX model",
                    "minigpt generate --model minigpt.onnx")
 
 
@@ -154,34 +145,34 @@ def test_an_onnx_model_where_a_checkpoint_belongs_is_named(exported, argv):
     (["generate", "--model", "minigpt.onnx", "--device", "cuda"], ["onnx engine runs on the CPU",
                                                                    "drop --device cuda"]),
 ])
-def test_the_wrong_kind_of_file_or_flag_is_named(exported, argv, fragments):
-    one_line_error(minigpt(*argv, cwd=exported), *fragments)
+def test_the_wrong_kind_of_file_or_flag_is_named(exported, argv, fragments, process_error):
+    process_error(minigpt(*argv, cwd=exported), *fragments)
 
 
-def test_flags_device_and_paths_are_checked_before_the_data(workdir):
+def test_flags_device_and_paths_are_checked_before_the_data(workdir, process_error):
     # No --data: the default corpus would be loaded (and say so in a line of its own) if these came later.
-    one_line_error(minigpt("train", "--device", "cuda", "--out", "new.safetensors", cwd=workdir),
+    process_error(minigpt("train", "--device", "cuda", "--out", "new.safetensors", cwd=workdir),
                    "no CUDA GPU is available")
-    one_line_error(minigpt("train", "--block-size", "100000", cwd=workdir),
+    process_error(minigpt("train", "--block-size", "100000", cwd=workdir),
                    "minigpt.safetensors already holds a trained model")
-    one_line_error(minigpt("train", "--embed-dim", "30", "--num-heads", "4", "--device", "cuda", cwd=workdir),
+    process_error(minigpt("train", "--embed-dim", "30", "--num-heads", "4", "--device", "cuda", cwd=workdir),
                    "embed_dim (30) must be divisible by num_heads (4)")
 
 
-def test_each_checkpoint_has_its_own_log(workdir):
+def test_each_checkpoint_has_its_own_log(workdir, tiny_flags):
     for name in ("a", "b"):
         result = minigpt("train", "--data", "input.txt", "--out", f"{name}.safetensors", "--steps", "3", "--quiet",
-                         *TINY, cwd=workdir)
+                         *tiny_flags(), cwd=workdir)
         assert result.returncode == 0, result.stderr
     for name in ("a", "b"):
         assert len((workdir / f"{name}.metrics.jsonl").read_text().splitlines()) == 3
     assert (workdir / "minigpt.metrics.jsonl").read_text() == '{"step": 1, "loss": 3.0}\n'  # not touched
 
 
-def test_stderr_into_a_file_gets_no_progress_bar(workdir):
+def test_stderr_into_a_file_gets_no_progress_bar(workdir, tiny_flags):
     with open(workdir / "log", "w") as log:
         result = subprocess.run([sys.executable, "-m", "minigpt", "train", "--data", "input.txt", "--out",
-                                 "m.safetensors", "--steps", "40", "--eval-interval", "20", *TINY],
+                                 "m.safetensors", "--steps", "40", "--eval-interval", "20", *tiny_flags()],
                                 cwd=workdir, stdout=subprocess.DEVNULL, stderr=log, timeout=300)
     text = (workdir / "log").read_text()
     assert result.returncode == 0, text

@@ -123,6 +123,7 @@ def test_force_replaces_an_export(tiny_checkpoint, hf_dir, tmp_path, capsys):
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_without_transformers_the_flag_names_the_extra(tiny_checkpoint, tmp_path, cli_without):
     result = cli_without("transformers", ["export", "--hf", "--checkpoint", str(tiny_checkpoint),
                                           "--out", str(tmp_path / "d")])

@@ -12,6 +12,8 @@ import textwrap
 
 import pytest
 
+pytestmark = pytest.mark.slow  # compiles every kernel for two GPU architectures
+
 triton = pytest.importorskip("triton", reason="the Triton kernels need triton (the gpu extra)")
 
 from minigpt.kernels import resources  # noqa: E402

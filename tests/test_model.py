@@ -47,8 +47,13 @@ def test_changing_a_later_token_never_changes_earlier_logits():
 def test_lm_head_is_tied_to_token_embedding():
     model = MiniGPT(GPTConfig(vocab_size=20, block_size=8, embed_dim=16, num_heads=2, num_layers=1))
     assert model.lm_head.weight.data_ptr() == model.tok_emb.weight.data_ptr()
-    untied = sum(p.numel() for p in model.parameters()) + model.lm_head.weight.numel()
-    assert model.num_parameters() == untied - 20 * 16
+    vocab, block, embed, layers = 20, 8, 16, 1
+    per_layer = (2 * embed  # ln_attn
+                 + 3 * embed * embed + 3 * embed + embed * embed + embed  # qkv, proj
+                 + 2 * embed  # ln_mlp
+                 + 4 * embed * embed + 4 * embed + 4 * embed * embed + embed)  # fc, proj
+    expected = vocab * embed + block * embed + layers * per_layer + 2 * embed  # the tied head adds nothing
+    assert model.num_parameters() == expected
 
 
 def test_sequence_longer_than_block_is_refused():

@@ -27,6 +27,7 @@ def metrics(tiny_checkpoint, tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_training_curves_of_one_and_of_several_runs(metrics, tmp_path, cli_error, capsys):
     from minigpt.cli import main
 

@@ -53,6 +53,7 @@ def greedy(engine, rows, new_tokens=NEW_TOKENS):
     return np.stack(steps, axis=1).tolist()  # (rows, new_tokens)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine_name", ["recompute", "kv-cache", "kv-cache-triton", "onnx"])
 def test_each_row_of_a_ragged_batch_equals_that_row_alone(make_engine, engine_name):
     # The interpreter is slow: fewer rows and steps for Triton, still crossing a restart.

@@ -22,12 +22,6 @@ from minigpt.cli import main  # noqa: E402
 MODEL_ID = "tiny"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Client:
     """Raw HTTP and the openai client against a server on a localhost port."""
 
@@ -65,8 +59,8 @@ class Client:
 class Server(Client):
     """`minigpt serve` in a subprocess, ready once /health answers."""
 
-    def __init__(self, model, *flags, env=None, port=None):
-        super().__init__(port or free_port())
+    def __init__(self, model, *flags, port, env=None):
+        super().__init__(port)
         self.process = subprocess.Popen([sys.executable, "-m", "minigpt", "serve", "--model", str(model),
                                          "--port", str(self.port), *map(str, flags)],
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -92,8 +86,8 @@ def onnx_model(tiny_checkpoint, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(onnx_model):
-    server = Server(onnx_model, "--max-batch", "40")
+def server(onnx_model, free_port):
+    server = Server(onnx_model, "--max-batch", "40", port=free_port())
     yield server
     code, err = server.stop()
     assert code == 0, err
@@ -222,8 +216,8 @@ def test_models_health_and_metrics(server):
         assert name in text, name
 
 
-def test_an_api_key_is_required_when_set(onnx_model):
-    server = Server(onnx_model, env={"MINIGPT_API_KEY": "sesame"})
+def test_an_api_key_is_required_when_set(onnx_model, free_port):
+    server = Server(onnx_model, env={"MINIGPT_API_KEY": "sesame"}, port=free_port())
     try:
         with pytest.raises(openai.AuthenticationError):
             server.client("wrong").completions.create(model=MODEL_ID, prompt="a", max_tokens=3)
@@ -251,8 +245,8 @@ def stream_lines(server, body):
     return connection, lines()
 
 
-def test_a_full_queue_gets_429_and_a_client_that_leaves_frees_its_row(onnx_model, wait_for):
-    server = Server(onnx_model, "--max-batch", "1", "--max-queue", "1", "--max-tokens", "1000000")
+def test_a_full_queue_gets_429_and_a_client_that_leaves_frees_its_row(onnx_model, wait_for, free_port):
+    server = Server(onnx_model, "--max-batch", "1", "--max-queue", "1", "--max-tokens", "1000000", port=free_port())
     try:
         first, events = stream_lines(server, {"prompt": "a", "max_tokens": 1_000_000})
         next(events)  # the first request holds the only row
@@ -275,8 +269,8 @@ def test_a_full_queue_gets_429_and_a_client_that_leaves_frees_its_row(onnx_model
         assert server.stop()[0] == 0
 
 
-def test_sigterm_lets_requests_in_flight_finish_then_exits_0(onnx_model):
-    server = Server(onnx_model, "--shutdown-timeout", "30")
+def test_sigterm_lets_requests_in_flight_finish_then_exits_0(onnx_model, free_port):
+    server = Server(onnx_model, "--shutdown-timeout", "30", port=free_port())
     connection, events = stream_lines(server, {"prompt": "a", "max_tokens": 3000})
     next(events)
     server.process.send_signal(signal.SIGTERM)
@@ -290,8 +284,8 @@ def test_sigterm_lets_requests_in_flight_finish_then_exits_0(onnx_model):
         server.get("/health")
 
 
-def test_past_the_deadline_requests_are_cancelled_and_it_still_exits_0(onnx_model):
-    server = Server(onnx_model, "--shutdown-timeout", "0.5", "--max-tokens", "10000000")
+def test_past_the_deadline_requests_are_cancelled_and_it_still_exits_0(onnx_model, free_port):
+    server = Server(onnx_model, "--shutdown-timeout", "0.5", "--max-tokens", "10000000", port=free_port())
     connection, events = stream_lines(server, {"prompt": "a", "max_tokens": 10_000_000})
     next(events)
     started = time.monotonic()
@@ -300,6 +294,7 @@ def test_past_the_deadline_requests_are_cancelled_and_it_still_exits_0(onnx_mode
     assert time.monotonic() - started < 20
 
 
+@pytest.mark.slow
 def test_32_concurrent_streams_each_equal_the_same_request_alone(server):
     requests = [{"prompt": ["the ", "a ", "one ", "\n"][i % 4], "max_tokens": 200, "temperature": 0.9,
                  "seed": 1000 + i, **({"extra_body": {"top_k": 8}} if i % 3 == 0 else {})} for i in range(32)]
@@ -333,7 +328,7 @@ def test_bad_serve_flags_are_one_line_errors(onnx_model, cli_error, cli_without)
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the failure, as logged
-def test_an_engine_that_fails_ends_its_requests_with_500_and_later_ones_with_503(onnx_model, wait_for):
+def test_an_engine_that_fails_ends_its_requests_with_500_and_later_ones_with_503(onnx_model, wait_for, free_port):
     """In process: the app around an engine whose decode breaks on its third step."""
     import threading
 
@@ -370,8 +365,8 @@ def test_an_engine_that_fails_ends_its_requests_with_500_and_later_ones_with_503
         thread.join(timeout=30)
 
 
-def test_a_stopped_server_can_start_again_on_its_port_at_once(onnx_model):
-    first = Server(onnx_model)
+def test_a_stopped_server_can_start_again_on_its_port_at_once(onnx_model, free_port):
+    first = Server(onnx_model, port=free_port())
     # The server closes this connection first, so the port keeps it in TIME_WAIT after the server is gone.
     assert first.post({"model": MODEL_ID, "prompt": "a", "max_tokens": 3}, headers={"Connection": "close"})[0] == 200
     assert first.stop()[0] == 0

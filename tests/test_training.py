@@ -4,7 +4,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -65,7 +64,10 @@ def test_a_second_ctrl_c_during_the_save_is_ignored(tiny_text_file, tmp_path, mo
 
     real_write = checkpoint_module.atomic_write_bytes
 
+    writes = []
+
     def impatient_write(path, data):
+        writes.append(path)
         os.kill(os.getpid(), signal.SIGINT)  # pressed again while the checkpoint is being written
         real_write(path, data)
 
@@ -73,6 +75,7 @@ def test_a_second_ctrl_c_during_the_save_is_ignored(tiny_text_file, tmp_path, mo
     out = tmp_path / "m.safetensors"
     with pytest.raises(TrainingInterrupted):
         train(load_corpus(tiny_text_file), CONFIG, out, progress=False, on_step=interrupt_at(5), **tiny_model)
+    assert writes == [out]  # the save ran through the patched write, the signal in the middle of it
     assert load_checkpoint(out).step == 5
 
 
@@ -90,11 +93,10 @@ def test_resume_refuses_a_finished_or_stateless_checkpoint(tiny_text_file, tiny_
         train(corpus, CONFIG, tmp_path / "y.safetensors", resume=stateless)
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_text_file, tmp_path, capsys):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_text_file, tmp_path, capsys,
+                                                                  tiny_flags):
     out = tmp_path / "m.safetensors"
-    flags = ["--data", str(tiny_text_file), "--out", str(out), "--block_size", "16", "--embed_dim", "32",
-             "--num_heads", "2", "--num_layers", "2", "--batch_size", "8", "--eval_interval", "5",
-             "--eval_iters", "1", "--device", "cpu", "--quiet", "--sample_tokens", "0"]
+    flags = ["--data", str(tiny_text_file), "--out", str(out), *tiny_flags(num_layers=2, eval_interval=5, quiet=True)]
     assert main(["train", *flags, "--steps", "5"]) == 0
     good = out.read_bytes()
     capsys.readouterr()
@@ -108,12 +110,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_text_file
 
 
 def test_an_existing_checkpoint_is_never_replaced_unless_forced(tiny_text_file, tiny_checkpoint, tmp_path,
-                                                                capsys):
+                                                                capsys, tiny_flags):
     out = tmp_path / "other.safetensors"
     out.write_bytes(tiny_checkpoint.read_bytes())
-    flags = ["--data", str(tiny_text_file), "--out", str(out), "--block_size", "16", "--embed_dim", "32",
-             "--num_heads", "2", "--num_layers", "2", "--steps", "2", "--eval_iters", "1", "--quiet",
-             "--sample_tokens", "0", "--device", "cpu"]
+    flags = ["--data", str(tiny_text_file), "--out", str(out),
+             *tiny_flags(num_layers=2, batch_size=None, steps=2, quiet=True)]
     for architecture in ([], ["--embed_dim", "64"]):  # the same model or another: neither is overwritten
         assert main(["train", *flags, *architecture]) == 2
         line = capsys.readouterr().err.strip()
@@ -123,13 +124,14 @@ def test_an_existing_checkpoint_is_never_replaced_unless_forced(tiny_text_file, 
     assert load_checkpoint(out).model.config.embed_dim == 64
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_cli_saves_and_exits_on_a_signal(tiny_text_file, tmp_path, signum, code, wait_for):
+def test_cli_saves_and_exits_on_a_signal(tiny_text_file, tmp_path, signum, code, wait_for, tiny_flags):
     out = tmp_path / "m.safetensors"
     process = subprocess.Popen(
         [sys.executable, "-m", "minigpt", "train", "--data", str(tiny_text_file), "--out", str(out),
-         "--block_size", "16", "--embed_dim", "32", "--num_heads", "2", "--num_layers", "2", "--batch_size", "8",
-         "--steps", "100000", "--eval_interval", "100000", "--quiet", "--device", "cpu"],
+         *tiny_flags(num_layers=2, steps=100000, eval_interval=100000, eval_iters=None, sample_tokens=None,
+                     quiet=True)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "m.metrics.jsonl"
     assert wait_for(lambda: metrics.exists() and metrics.stat().st_size > 0), "training never started"
@@ -157,13 +159,8 @@ def test_a_writer_killed_mid_write_leaves_the_old_file(tmp_path, wait_for):
     assert target.read_bytes() == b"the good old checkpoint"
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_train_with_ddp_on_gloo(tiny_text_file, tmp_path):
+@pytest.mark.slow
+def test_two_processes_train_with_ddp_on_gloo(tiny_text_file, tmp_path, free_port):
     """torchrun starts two ranks; each saves what it holds, and the checkpoint equals both."""
     out = tmp_path / "ddp.safetensors"
     script = tmp_path / "ddp_rank.py"
@@ -198,14 +195,14 @@ def test_two_processes_train_with_ddp_on_gloo(tiny_text_file, tmp_path):
     assert all(math.isfinite(r["loss"]) for r in records)
 
 
-def test_minigpt_train_runs_under_torchrun(tiny_text_file, tmp_path):
+@pytest.mark.slow
+def test_minigpt_train_runs_under_torchrun(tiny_text_file, tmp_path, free_port, tiny_flags):
     out = tmp_path / "m.safetensors"
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
          f"--master_port={free_port()}", "-m", "minigpt", "train", "--data", str(tiny_text_file),
-         "--out", str(out), "--block_size", "16", "--embed_dim", "32", "--num_heads", "2", "--num_layers", "1",
-         "--batch_size", "8", "--steps", "6", "--eval_interval", "6", "--eval_iters", "1", "--quiet",
-         "--device", "cpu", "--sample_tokens", "20"], capture_output=True, text=True, timeout=240)
+         "--out", str(out), *tiny_flags(steps=6, eval_interval=6, quiet=True, sample_tokens=20)],
+        capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "x 2 processes" in result.stderr
     assert result.stderr.count("trained to step 6") == 1  # rank 0 alone reports
@@ -224,12 +221,11 @@ def test_resume_says_which_architecture_flags_it_ignores(tiny_checkpoint, tmp_pa
     assert continued.step == step + 2 and continued.model.config.embed_dim == 32
 
 
-def test_init_from_grows_a_deeper_model_from_a_shallower_one(tiny_text_file, tiny_checkpoint, tmp_path, capsys):
+def test_init_from_grows_a_deeper_model_from_a_shallower_one(tiny_text_file, tiny_checkpoint, tmp_path, capsys,
+                                                             tiny_flags):
     out = tmp_path / "deeper.safetensors"
     assert main(["train", "--data", str(tiny_text_file), "--out", str(out), "--init-from", str(tiny_checkpoint),
-                 "--block-size", "16", "--embed-dim", "32", "--num-heads", "2", "--num-layers", "3", "--steps", "1",
-                 "--learning-rate", "1e-9", "--warmup", "0", "--eval-iters", "1", "--quiet", "--sample-tokens", "0",
-                 "--device", "cpu"]) == 0
+                 *tiny_flags(num_layers=3, batch_size=None, steps=1, learning_rate=1e-9, warmup=0, quiet=True)]) == 0
     line = next(line for line in capsys.readouterr().err.splitlines() if "--init-from" in line)
     assert "blocks.2.attn.qkv.weight (not in the checkpoint)" in line and "skipped 12" in line
     source, grown = load_checkpoint(tiny_checkpoint).model.state_dict(), load_checkpoint(out).model.state_dict()
@@ -281,6 +277,7 @@ def test_init_from_and_resume_are_one_or_the_other(tiny_checkpoint, tmp_path, cl
               "checkpoint not found")
 
 
+@pytest.mark.slow
 def test_compile_trains_and_saves_a_checkpoint_that_loads_without_it(tiny_text_file, tmp_path, capsys):
     from safetensors import safe_open
 
@@ -294,6 +291,7 @@ def test_compile_trains_and_saves_a_checkpoint_that_loads_without_it(tiny_text_f
     assert load_checkpoint(out).step == 3
 
 
+@pytest.mark.slow
 def test_compile_without_a_cpp_compiler_is_a_one_line_error(tiny_text_file, tmp_path):
     result = subprocess.run([sys.executable, "-m", "minigpt", "train", "--data", str(tiny_text_file), "--out",
                              str(tmp_path / "m.safetensors"), "--compile", "--device", "cpu"],

@@ -5,6 +5,8 @@ import subprocess
 import sys
 
 import pytest
+
+pytestmark = pytest.mark.slow  # the kernels run through the Triton interpreter
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
