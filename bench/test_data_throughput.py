@@ -6,7 +6,7 @@
 The corpus is generated in a temporary folder (no data is committed): lines
 of words over a 283-character alphabet like WikiText-2's, accents and CJK
 included. Each measurement runs `minigpt train` machinery in a fresh process
-(`load_encoded`, the default model, one training step), so peak RSS is that
+(`load_corpus`, the default model, one training step), so peak RSS is that
 process's own; the cache lives in the temporary folder.
 """
 
@@ -27,11 +27,11 @@ FIRST_STEP = textwrap.dedent("""
     start = time.perf_counter()
     import torch
     from minigpt.config import GPTConfig, TrainConfig
-    from minigpt.data import load_encoded
+    from minigpt.data import load_corpus
     from minigpt.model import MiniGPT
     from minigpt.train import make_optimizer, sample_batch, training_step
     imported = time.perf_counter()
-    corpus = load_encoded(sys.argv[1], sys.argv[2])
+    corpus = load_corpus(sys.argv[1], sys.argv[2])
     encoded = time.perf_counter()
     ids = corpus.split("train")
     model = MiniGPT(GPTConfig(vocab_size=len(corpus.chars))).train()
@@ -89,12 +89,12 @@ def test_training_steps_from_the_map_and_from_memory(benchmark, record_throughpu
     import torch
 
     from minigpt.config import GPTConfig, TrainConfig
-    from minigpt.data import load_encoded
+    from minigpt.data import load_corpus
     from minigpt.model import MiniGPT
     from minigpt.train import make_optimizer, sample_batch, training_step
 
     benchmark.group = "data: training from"
-    corpus = load_encoded(corpus_file, tmp_path / "cache")
+    corpus = load_corpus(corpus_file, tmp_path / "cache")
     ids = corpus.split("train") if where == "memmap" else np.array(corpus.split("train")[:50_000_000])
     torch.manual_seed(0)
     model = MiniGPT(GPTConfig(vocab_size=len(corpus.chars))).train()

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from minigpt.checkpoint import load_checkpoint
-from minigpt.data import corpus_from_source
+from minigpt.data import DataSource, load_corpus
 from minigpt.decoding import generate_tokens
 from minigpt.errors import MiniGPTError
 from minigpt.export.gpt2 import gpt2_config, gpt2_state_dict
@@ -115,7 +115,7 @@ def _replace_directory(staging: Path, out: Path) -> None:
 def training_sample(metadata: dict[str, str]) -> str:
     """Up to ROUND_TRIP_CHARACTERS of the text the model was trained on, when it can be read here."""
     try:
-        return corpus_from_source(metadata.get("data", "")).split("train")[:ROUND_TRIP_CHARACTERS]
+        return load_corpus(DataSource.recorded(metadata)).text("train", ROUND_TRIP_CHARACTERS)
     except Exception:  # the data may be gone or unreachable: the vocabulary check below still runs
         return ""
 

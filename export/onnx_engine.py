@@ -20,6 +20,7 @@ import numpy as np
 
 from minigpt.config import GPTConfig
 from minigpt.decoding import check_extend
+from minigpt.devices import check_threads
 from minigpt.errors import CheckpointError, MiniGPTError
 from minigpt.export.onnx_graph import (INPUT_IDS, LOGITS, POSITION_IDS, SEQLENS_K, TOTAL_LENGTH, cache_names,
                                        padded_head_dim)
@@ -65,11 +66,6 @@ def open_session(model: str | os.PathLike | bytes, threads: int = ALL_CORES):
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise CheckpointError(f"{name} is not a loadable ONNX model ({reason}); "
                               "export one with `minigpt export --onnx`") from None
-
-
-def check_threads(threads: int | None) -> None:
-    if threads is not None and (isinstance(threads, bool) or threads < 1):
-        raise MiniGPTError(f"threads must be a positive integer, got {threads}")
 
 
 def _bind(binding, name: str, array: np.ndarray, output: bool = False) -> None:

@@ -79,10 +79,9 @@ def _pad_heads(weight: np.ndarray, heads: int, head_dim: int, axis: int) -> np.n
 
 def build_graph(weights: dict[str, np.ndarray], config: GPTConfig, opset: int = DEFAULT_OPSET):
     """An onnx.ModelProto for MiniGPT weights given as a name -> float32 array dict (its state_dict)."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     heads, head_dim, layers = config.num_heads, config.head_dim, config.num_layers
-    padded = padded_head_dim(head_dim)
     initializers, nodes = [], []
 
     def weight(name: str, array: np.ndarray) -> str:
@@ -134,17 +133,24 @@ def build_graph(weights: dict[str, np.ndarray], config: GPTConfig, opset: int = 
     skip_layer_norm(residual, branch, "ln_final", branch_bias, "final")
     node("MatMul", ["final", weight("lm_head.weight", tok.T)], [LOGITS])  # tied: the embedding, transposed
 
+    graph = helper.make_graph(nodes, "minigpt", *_graph_io(config), initializers)
+    return helper.make_model(graph, producer_name="minigpt",
+                             opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS_DOMAIN, 1)])
+
+
+def _graph_io(config: GPTConfig) -> tuple[list, list]:
+    """The graph's inputs and outputs: ids and positions of any (batch, seq), each layer's cache buffers."""
+    from onnx import TensorProto, helper
+
     batch, seq = "batch", "seq"
-    cache_shape = [batch, heads, config.block_size, padded]
+    cache_shape = [batch, config.num_heads, config.block_size, padded_head_dim(config.head_dim)]
     inputs = [helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT32, [batch, seq]),
               helper.make_tensor_value_info(POSITION_IDS, TensorProto.INT32, [batch, seq]),
               helper.make_tensor_value_info(SEQLENS_K, TensorProto.INT32, [batch]),
               helper.make_tensor_value_info(TOTAL_LENGTH, TensorProto.INT32, [])]
     inputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, cache_shape)
-               for name in cache_names("past", layers)]
+               for name in cache_names("past", config.num_layers)]
     outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, [batch, seq, config.vocab_size])]
     outputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, cache_shape)
-                for name in cache_names("present", layers)]
-    graph = helper.make_graph(nodes, "minigpt", inputs, outputs, initializers)
-    return helper.make_model(graph, producer_name="minigpt",
-                             opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS_DOMAIN, 1)])
+                for name in cache_names("present", config.num_layers)]
+    return inputs, outputs

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from minigpt.config import GPTConfig
+from minigpt.data import DataSource
 from minigpt.errors import CheckpointError, MiniGPTError
 from minigpt.model import MiniGPT
 from minigpt.paths import atomic_write_bytes, checkpoint_kind
@@ -58,13 +59,17 @@ class Checkpoint:
 
 
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, tokenizer: CharTokenizer, *,
-                    step: int = 0, data: str = "", optimizer: torch.optim.Optimizer | None = None,
-                    train_config: dict | None = None) -> None:
+                    step: int = 0, data: DataSource | str | None = None,
+                    optimizer: torch.optim.Optimizer | None = None, train_config: dict | None = None) -> None:
+    """Weights, config, vocabulary, the step and the data it was trained on (and, to resume, the optimizer
+    state and training settings) in one .safetensors file, written atomically."""
     model = _unwrap(model)
     tensors = {name: tensor.detach().cpu().contiguous()
                for name, tensor in model.state_dict().items() if name not in TIED_KEYS}
     metadata = {"format": "minigpt", "config": model.config.to_json(), "vocab": tokenizer.to_json(),
-                "step": str(step), "data": data}
+                "step": str(step), "data": str(data or "")}
+    if data:
+        metadata["data_source"] = (DataSource.parse(data) if isinstance(data, str) else data).to_json()
     if optimizer is not None:
         state = optimizer.state_dict()
         for index, moments in state["state"].items():
@@ -148,9 +153,9 @@ def warm_start(model: MiniGPT, tokenizer: CharTokenizer, source: Checkpoint) -> 
             report.skipped[key] = "not in the checkpoint"
         elif key == "tok_emb.weight" and source.tokenizer.chars != tokenizer.chars \
                 and theirs[key].shape[1] == tensor.shape[1]:
-            shared = [c for c in tokenizer.chars if c in source.tokenizer._index]
-            rows = torch.tensor([tokenizer._index[c] for c in shared], dtype=torch.long)
-            from_rows = torch.tensor([source.tokenizer._index[c] for c in shared], dtype=torch.long)
+            shared = [c for c in tokenizer.chars if c in source.tokenizer]
+            rows = torch.tensor([tokenizer.id_of(c) for c in shared], dtype=torch.long)
+            from_rows = torch.tensor([source.tokenizer.id_of(c) for c in shared], dtype=torch.long)
             tensor[rows] = theirs[key][from_rows].to(tensor.dtype)
             report.copied.append(key)
             report.characters = f"{len(shared)} of {tokenizer.vocab_size} characters"

@@ -72,10 +72,15 @@ def _engine_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from minigpt.config import GPTConfig, TrainConfig  # dataclasses only: no torch
-
     parser = _Parser(prog="minigpt", description="Train, sample and evaluate a character-level GPT.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (_add_train, _add_generate, _add_serve, _add_plot, _add_attention, _add_eval, _add_export):
+        add(commands)
+    return parser
+
+
+def _add_train(commands) -> None:
+    from minigpt.config import GPTConfig, TrainConfig  # dataclasses only: no torch
 
     train = commands.add_parser("train", help="train a model and save a checkpoint",
                                 description="Train a MiniGPT, save it, then print a sample.")
@@ -109,6 +114,8 @@ def _build_parser() -> argparse.ArgumentParser:
             help="characters to sample at the end (default 300)")
     _option(train, "quiet", action="store_true", help="no progress bar")
 
+
+def _add_generate(commands) -> None:
     generate = commands.add_parser("generate", help="continue a prompt with a trained model",
                                    description="Print the prompt and its continuation; diagnostics go to stderr.")
     _engine_options(generate)
@@ -126,6 +133,8 @@ def _build_parser() -> argparse.ArgumentParser:
             help="keep earlier keys and values in a static cache; --no-kv-cache recomputes the whole context "
                  "every step (the reference) (default on)")
 
+
+def _add_serve(commands) -> None:
     serve = commands.add_parser("serve", help="serve a model over HTTP with OpenAI's completions API",
                                 description="Serve a model to many callers at once (continuous batching) through "
                                             "OpenAI's /v1/completions API; Ctrl-C or SIGTERM stops it gracefully.")
@@ -146,6 +155,8 @@ def _build_parser() -> argparse.ArgumentParser:
             help="on SIGTERM or Ctrl-C, how long requests in flight may take to finish before they are "
                  "cancelled (default 10)")
 
+
+def _add_plot(commands) -> None:
     plot = commands.add_parser("plot", help="draw training curves, or a benchmark chart",
                                description="Draw loss (nats and bits per character) and learning rate against "
                                            "step from one or more NAME.metrics.jsonl, or tokens/s per engine from "
@@ -157,6 +168,8 @@ def _build_parser() -> argparse.ArgumentParser:
     _option(plot, "out", default=None, metavar="PATH",
             help="the picture, .png or .svg (default curves.png, or bench.png with --bench)")
 
+
+def _add_attention(commands) -> None:
     attention = commands.add_parser("attention", help="draw what the model's attention heads look at",
                                     description="Draw the model's attention weights for a prompt: every layer and "
                                                 "head, one layer (--layer), one head (--head), or one map (both).")
@@ -168,6 +181,8 @@ def _build_parser() -> argparse.ArgumentParser:
     _option(attention, "out", default="attention.png", metavar="PATH",
             help="the picture, .png or .svg (default attention.png)")
 
+
+def _add_eval(commands) -> None:
     evaluate = commands.add_parser("eval", help="loss and bits per character on a whole split",
                                    description="Evaluate a checkpoint on every character of one split.")
     _option(evaluate, "checkpoint", default=DEFAULT_CHECKPOINT,
@@ -179,6 +194,9 @@ def _build_parser() -> argparse.ArgumentParser:
             help="where encoded data is kept (default $XDG_CACHE_HOME/minigpt or ~/.cache/minigpt)")
     _option(evaluate, "batch_size", type=int, default=64, help="windows per forward pass (default 64)")
     _option(evaluate, "device", default="auto", help="auto, cpu or cuda (default auto)")
+
+
+def _add_export(commands) -> None:
     export = commands.add_parser("export", help="export a checkpoint to ONNX or a HuggingFace directory",
                                  description="Export a checkpoint to one ONNX graph for onnxruntime (--onnx) or "
                                              "to a transformers GPT-2 directory (--hf), verified first.")
@@ -194,46 +212,18 @@ def _build_parser() -> argparse.ArgumentParser:
     _option(export, "verify", action=argparse.BooleanOptionalAction, default=True,
             help="check the graph and compare it with PyTorch (default); --no-verify skips it")
     _option(export, "force", action="store_true", help="overwrite an existing --out")
-    return parser
-
 
 def _train(args: argparse.Namespace) -> int:
-
-    from minigpt.checkpoint import load_checkpoint
     from minigpt.config import GPTConfig, TrainConfig
-    from minigpt.data import encoded_from_source, load_encoded
-    from minigpt.train import (TrainingInterrupted, check_compiler, check_one_start, check_out_path,
-                               check_resumable, resolve_device, sample_after_training, train)
+    from minigpt.train import TrainingInterrupted, plan_training, run_training, sample_after_training
 
-    # Everything that can be checked without the data is checked first, cheapest first.
-    model_flags = _given(args, GPTConfig, skip=("vocab_size",))
-    training_flags = _given(args, TrainConfig)
-    check_one_start(args.resume, args.init_from)
-    init_from = load_checkpoint(args.init_from) if args.init_from else None  # vetted before the data loads
-    resumed = load_checkpoint(args.resume) if args.resume else None
-    if resumed is None:
-        GPTConfig(vocab_size=1, **model_flags)  # an impossible shape fails here
-        config = TrainConfig(**training_flags)
-    else:
-        config = _resumed_train_config(args.resume, resumed.metadata, training_flags)
-        if model_flags:
-            print(f"minigpt: --resume keeps the checkpoint's architecture; ignoring "
-                  f"{_flag_list(model_flags)}", file=sys.stderr)
-    device = resolve_device(config.device)
-    if args.compile:
-        check_compiler(device)
-    out = Path(args.out or args.resume or DEFAULT_CHECKPOINT)
-    check_out_path(out, force=args.force, resume=Path(args.resume) if args.resume else None)
-    if resumed is not None:
-        check_resumable(resumed, args.resume, config.steps)
-        corpus = (load_encoded(args.data, args.cache_dir, args.text_column) if args.data
-                  else encoded_from_source(resumed.metadata.get("data", ""), args.cache_dir))
-    else:
-        corpus = load_encoded(args.data, args.cache_dir, args.text_column)
+    plan = plan_training(args.out or args.resume or DEFAULT_CHECKPOINT, data=args.data,
+                         config=_given(args, TrainConfig), resume=args.resume, init_from=args.init_from,
+                         force=args.force, compile=args.compile, cache_dir=args.cache_dir,
+                         text_column=args.text_column, **_given(args, GPTConfig, skip=("vocab_size",)))
     is_main = int(os.environ.get("RANK", "0")) == 0
     try:
-        result = train(corpus, config, out, progress=not args.quiet, resume=args.resume, force=args.force,
-                       init_from=init_from, compile=args.compile, **model_flags)
+        result = run_training(plan, progress=not args.quiet)
     except TrainingInterrupted as stop:
         if is_main:  # settings, data and the steps to reach all come back from the checkpoint
             print(f"minigpt: {stop}; saved {stop.path}. Resume with: minigpt train --resume {stop.path}",
@@ -241,33 +231,12 @@ def _train(args: argparse.Namespace) -> int:
         return 128 + stop.signum  # 130 for Ctrl-C, 143 for SIGTERM, as shells report them
     if not is_main:
         return 0
-    print(f"minigpt: trained to step {config.steps} in {result.wall_s:.1f} s "
-          f"({result.tokens_per_s:,.0f} tokens/s); saved {out}", file=sys.stderr)
+    print(f"minigpt: trained to step {plan.config.steps} in {result.wall_s:.1f} s "
+          f"({result.tokens_per_s:,.0f} tokens/s); saved {plan.out}", file=sys.stderr)
     if args.sample_tokens > 0:
         print(f"minigpt: sample ({args.sample_tokens} characters, temperature 0.8):", file=sys.stderr)
         print(sample_after_training(result, args.sample_tokens))
     return 0
-
-
-def _resumed_train_config(path: str, metadata: dict[str, str], flags: dict):
-    """The checkpoint's training settings, with the flags given on the command line (said in one line) on top."""
-    from minigpt.config import TrainConfig
-    from minigpt.errors import CheckpointError
-
-    try:
-        stored = TrainConfig.from_json(metadata["train_config"]) if "train_config" in metadata else TrainConfig()
-    except MiniGPTError as exc:
-        raise CheckpointError(f"{path} has bad metadata: {exc}; it may be damaged: "
-                              "restore it, or start a new run") from None
-    changed = {name: value for name, value in flags.items() if value != getattr(stored, name)}
-    if changed:
-        print(f"minigpt: resuming with the checkpoint's training settings, except {_flag_list(changed)}",
-              file=sys.stderr)
-    return dataclasses.replace(stored, **flags)
-
-
-def _flag_list(values: dict) -> str:
-    return ", ".join(f"--{name.replace('_', '-')} {value}" for name, value in values.items())
 
 
 def _engine_for(args: argparse.Namespace):
@@ -286,10 +255,8 @@ def _engine_for(args: argparse.Namespace):
         engine = OnnxEngine(args.checkpoint, threads=args.threads)
         return engine, engine.tokenizer
     from minigpt.checkpoint import load_checkpoint
+    from minigpt.devices import check_threads, resolve_device
     from minigpt.generation import torch_engine
-    from minigpt.train import resolve_device
-
-    from minigpt.export.onnx_engine import check_threads
 
     check_threads(args.threads)
     if args.threads:
@@ -413,12 +380,13 @@ def _evaluate(args: argparse.Namespace) -> None:
     import math
 
     from minigpt.checkpoint import load_checkpoint
-    from minigpt.data import encoded_from_source, load_encoded
-    from minigpt.train import evaluate_split, resolve_device, split_ids
+    from minigpt.data import load_corpus, load_recorded_corpus
+    from minigpt.devices import resolve_device
+    from minigpt.train import evaluate_split, split_ids
 
     checkpoint = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
-    corpus = (load_encoded(args.data, args.cache_dir) if args.data
-              else encoded_from_source(checkpoint.metadata.get("data", ""), args.cache_dir))
+    corpus = (load_corpus(args.data, args.cache_dir) if args.data
+              else load_recorded_corpus(checkpoint.metadata, args.cache_dir))
     ids = split_ids(corpus, "".join(checkpoint.tokenizer.chars), args.split, 1)
     loss = evaluate_split(checkpoint.model, ids, args.batch_size)
     print(f"{args.split}: loss {loss:.4f} nats, {loss / math.log(2):.4f} bits/char "

@@ -6,6 +6,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from minigpt.devices import check_device_name
 from minigpt.errors import ConfigError
 
 MAX_SEED = 2**63 - 1  # what every random generator used here (torch, numpy) takes
@@ -22,8 +23,8 @@ def option(default, help: str):
 
 
 def check_seed(seed, name: str = "seed") -> None:
-    _require(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= MAX_SEED,
-             f"{name} must be an integer from 0 to 2**63-1, got {seed!r}")
+    if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= MAX_SEED):
+        raise ConfigError(f"{name} must be an integer from 0 to 2**63-1, got {seed!r}", name)
 
 
 def _from_json(cls, text: str, what: str):
@@ -103,8 +104,7 @@ class TrainConfig:
         _require(self.weight_decay >= 0, f"weight_decay must be zero or positive, got {self.weight_decay!r}")
         _require(self.grad_clip >= 0, f"grad_clip must be zero (off) or positive, got {self.grad_clip!r}")
         check_seed(self.seed)
-        _require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
-                 f"device must be auto, cpu or cuda, got {self.device!r}")
+        check_device_name(self.device)
 
     @classmethod
     def from_json(cls, text: str) -> "TrainConfig":

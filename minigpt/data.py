@@ -1,107 +1,131 @@
-"""Text corpora: a local file or folder, WikiText-2 from the hub, or an offline fallback."""
+"""Where a corpus comes from: a local file or folder, a HuggingFace dataset, or the offline fallback.
+
+One data path: every source becomes an `EncodedCorpus` (`minigpt.encoded`),
+the characters as ids. Files, folders and datasets are encoded once into a
+cache and memory-mapped after that; the small fallback corpus is encoded in
+memory. With no source, training reads WikiText-2 (one HuggingFace dataset
+among others) and, when that cannot be reached, falls back at once to the
+Python language reference that ships with every CPython, and says so.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from minigpt.encoded import EncodedCorpus, encode_files, encode_streams, encode_texts
 from minigpt.errors import DataError
 
-WIKITEXT = ("wikitext", "wikitext-2-raw-v1")
 FALLBACK_SOURCE = "pydoc_data.topics"
 VALID_FRACTION = 0.1  # of a single text file, taken from its end
 # File names of each split in a data folder, in order of preference.
 SPLIT_FILE_PATTERNS = ("wiki.{}.raw", "wiki.{}.tokens", "{}.txt")
 SPLITS = ("train", "valid", "test")
+HF_PREFIX = "hf:"
+HF_SPLITS = {"train": ("train",), "valid": ("validation", "valid", "dev"), "test": ("test",)}
+ROWS_PER_CHUNK = 4096
+LEGACY_WIKITEXT = "wikitext/wikitext-2-raw-v1"  # how checkpoints before `hf:` sources named WikiText-2
 
 
 @dataclass(frozen=True)
-class Corpus:
-    """The splits of one corpus; a split the source does not have is None."""
+class DataSource:
+    """What a corpus is read from: kind "path" (a text file or a folder of split files), "hf" (a
+    HuggingFace dataset, its config and text column) or "fallback" (the offline corpus)."""
 
-    train: str | None
-    valid: str | None
-    test: str | None
-    source: str  # what was read, for logs and the checkpoint's metadata
+    kind: str
+    name: str
+    config: str = ""
+    column: str = "text"
 
-    def split(self, name: str) -> str:
-        text = getattr(self, name)
-        if not text:
-            present = ", ".join(s for s in SPLITS if getattr(self, s))
-            raise DataError(f"{self.source} has no {name} split (it has: {present}); "
-                            f"use a split it has, or data with a {name} split")
-        return text
+    @classmethod
+    def parse(cls, spec: str | os.PathLike, text_column: str = "text") -> "DataSource":
+        """`--data` as a user writes it: a path, `hf:NAME[:CONFIG]`, or the fallback's name."""
+        spec = os.fspath(spec)
+        if spec == FALLBACK_SOURCE:
+            return cls("fallback", FALLBACK_SOURCE)
+        if spec == LEGACY_WIKITEXT:
+            return WIKITEXT
+        if spec.startswith(HF_PREFIX):
+            spec, _, column = spec.partition("#")  # how older checkpoints recorded a column
+            name, _, config = spec[len(HF_PREFIX):].partition(":")
+            if not name:
+                raise DataError("--data hf:NAME[:CONFIG] needs a dataset name, e.g. hf:wikitext:wikitext-2-raw-v1")
+            return cls("hf", name, config, column or text_column)
+        return cls("path", spec)
 
-    def encode(self):
-        """These splits as ids (`minigpt.encoded.EncodedCorpus`), in memory; the vocabulary spans every split."""
-        from minigpt.encoded import encode_texts
+    @classmethod
+    def recorded(cls, metadata: dict[str, str]) -> "DataSource":
+        """The source a checkpoint was trained on, from its metadata."""
+        if "data_source" in metadata:
+            try:
+                return cls(**json.loads(metadata["data_source"]))
+            except (TypeError, ValueError):
+                raise DataError("the checkpoint's data_source metadata is damaged; pass the data with --data") \
+                    from None
+        if not metadata.get("data"):
+            raise DataError("the checkpoint does not record the data it was trained on; pass it with --data")
+        return cls.parse(metadata["data"])
 
-        return encode_texts(self.source, {split: getattr(self, split) for split in SPLITS if getattr(self, split)})
+    def __str__(self) -> str:
+        if self.kind == "hf":
+            return f"{HF_PREFIX}{self.name}" + (f":{self.config}" if self.config else "")
+        return self.name
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+WIKITEXT = DataSource("hf", "wikitext", "wikitext-2-raw-v1")
+
+
+def load_corpus(data: str | os.PathLike | DataSource | None = None, cache: str | os.PathLike | None = None,
+                text_column: str = "text") -> EncodedCorpus:
+    """The corpus `data` names (a path, `hf:NAME[:CONFIG]`, or a DataSource) as ids; with None, WikiText-2,
+    or the offline fallback when WikiText-2 cannot be reached."""
+    if data is None:
+        try:
+            return _load_hf(WIKITEXT, cache)
+        except DataError:
+            log(f"WikiText-2 is unreachable (offline?); training on the offline fallback corpus "
+                f"{FALLBACK_SOURCE} (the Python language reference) instead")
+            return _load_fallback()
+    source = data if isinstance(data, DataSource) else DataSource.parse(data, text_column)
+    if source.kind == "fallback":
+        return _load_fallback()
+    if source.kind == "hf":
+        return _load_hf(source, cache)
+    return _load_path(source, cache)
+
+
+def load_recorded_corpus(metadata: dict[str, str], cache: str | os.PathLike | None = None) -> EncodedCorpus:
+    """The corpus a checkpoint was trained on, from what its metadata records."""
+    source = DataSource.recorded(metadata)
+    try:
+        return load_corpus(source, cache)
+    except DataError as exc:
+        raise DataError(f"{exc} (reading {source}, the data the checkpoint records; pass the data with "
+                        "--data)") from None
 
 
 def log(message: str) -> None:
     print(f"minigpt: {message}", file=sys.stderr, flush=True)
 
 
-def read_text(path: str | os.PathLike) -> str:
-    """Read a whole file as UTF-8, failing with a message that names the file."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"data file not found: {path}; pass an existing file or folder with --data") from None
-    except IsADirectoryError:
-        raise DataError(f"{path} is a folder, expected a text file") from None
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror}") from None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not UTF-8 text (bad byte at offset {exc.start}); "
-                        "convert it with e.g. `iconv -t UTF-8`") from None
-
-
-def load_corpus(path: str | os.PathLike | None = None) -> Corpus:
-    """Load `path` (a text file or a folder of split files) or, with no path, WikiText-2.
-
-    With no path and no reachable hub, fall back at once to the Python
-    language reference that ships with every CPython, and say so.
-    """
-    if path is not None:
-        return _load_local(Path(path))
-    corpus = _load_wikitext()
-    if corpus is None:
-        _say_fallback()
-        corpus = _load_fallback()
-    return corpus
-
-
-def _say_fallback() -> None:
-    log(f"WikiText-2 is unreachable (offline?); training on the offline fallback corpus "
-        f"{FALLBACK_SOURCE} (the Python language reference) instead")
-
-
-def _load_local(path: Path) -> Corpus:
+def _load_path(source: DataSource, cache: str | os.PathLike | None) -> EncodedCorpus:
+    path = Path(source.name)
     if path.is_dir():
-        return _load_folder(path)
-    text = read_text(path)
-    if not text:
-        raise DataError(f"{path} is empty; give it some text to learn from")
-    split_at = int(len(text) * (1 - VALID_FRACTION))
-    return Corpus(train=text[:split_at], valid=text[split_at:], test=None, source=str(path))
-
-
-def _load_folder(folder: Path) -> Corpus:
-    present = split_files(folder)
-    texts = {split: read_text(file) for split, file in present.items()}
-    for split, text in texts.items():
-        if not text:
-            raise DataError(f"{present[split]} is empty; give it some text to learn from")
-    return Corpus(**{split: texts.get(split) for split in SPLITS}, source=str(folder))
+        return encode_files(source, split_files(path), cache=cache)
+    if not path.exists():
+        raise DataError(f"data file not found: {path}; pass an existing file or folder with --data")
+    if not path.is_file():
+        raise DataError(f"{path} is not a regular file (a pipe or a device is read twice when encoded); "
+                        "save it to a file first")
+    return encode_files(source, {"train": path}, valid_fraction=VALID_FRACTION, cache=cache)
 
 
 def split_files(folder: Path) -> dict[str, Path]:
@@ -117,78 +141,47 @@ def split_files(folder: Path) -> dict[str, Path]:
     raise DataError(f"{folder} holds no split files; expected one of: {expected}")
 
 
-HF_PREFIX = "hf:"
-WIKITEXT_SOURCE = HF_PREFIX + ":".join(WIKITEXT)
-HF_SPLITS = {"train": ("train",), "valid": ("validation", "valid", "dev"), "test": ("test",)}
-ROWS_PER_CHUNK = 4096
+def _load_hf(source: DataSource, cache: str | os.PathLike | None) -> EncodedCorpus:
+    """A HuggingFace dataset through `datasets` (the hub, its cache, or a local folder of data files), each
+    split streamed row by row into the encoded cache. Rows are joined by newlines (a row already ending in
+    one, or empty, adds none, so WikiText's lines come out as they are)."""
+    splits = _hf_splits(source)
+
+    def rows_as_text(split):
+        def stream():
+            for start in range(0, len(split), ROWS_PER_CHUNK):
+                rows = split[start:start + ROWS_PER_CHUNK][source.column]
+                yield "".join(row if not row or row.endswith("\n") else row + "\n" for row in rows if row is not None)
+        return stream
+
+    keys = {ours: {"dataset": source.name, "config": source.config, "column": source.column,
+                   "fingerprint": split._fingerprint} for ours, split in splits.items()}
+    return encode_streams(source, {ours: rows_as_text(split) for ours, split in splits.items()}, keys,
+                          valid_fraction=None if "valid" in splits else VALID_FRACTION, cache=cache)
 
 
-def load_encoded(path: str | os.PathLike | None = None, cache: str | os.PathLike | None = None,
-                 text_column: str = "text"):
-    """`load_corpus`'s corpus as ids (`minigpt.encoded.EncodedCorpus`): a file or folder is encoded once into
-    the cache and memory-mapped after that, so its size is no concern; so is `hf:NAME[:CONFIG]`, any
-    HuggingFace text dataset (its `text_column`); WikiText-2 and the fallback are encoded in memory."""
-    from minigpt.encoded import encode_files
-
-    if path is None:  # WikiText-2 is one HuggingFace dataset among others
-        try:
-            return _load_hf(WIKITEXT_SOURCE, cache, "text")
-        except DataError:
-            _say_fallback()
-            return _load_fallback().encode()
-    if str(path).startswith(HF_PREFIX):
-        return _load_hf(str(path), cache, text_column)
-    path = Path(path)
-    if path.is_dir():
-        return encode_files(str(path), split_files(path), cache=cache)
-    if not path.exists():
-        raise DataError(f"data file not found: {path}; pass an existing file or folder with --data")
-    return encode_files(str(path), {"train": path}, valid_fraction=VALID_FRACTION, cache=cache)
-
-
-def _load_hf(source: str, cache: str | os.PathLike | None, text_column: str):
-    """`hf:NAME[:CONFIG]` through `datasets` (the hub, its cache, or a local folder of data files), each split
-    streamed row by row into the encoded cache. Rows are joined by newlines (a row already ending in one, or
-    empty, adds none, so WikiText's lines come out as they are)."""
-    from minigpt.encoded import encode_streams
-
-    source, _, column = source.partition("#")  # a column other than the default is kept in the source
-    text_column = column or text_column
-    name, _, config = source[len(HF_PREFIX):].partition(":")
-    if not name:
-        raise DataError("--data hf:NAME[:CONFIG] needs a dataset name, e.g. hf:wikitext:wikitext-2-raw-v1")
+def _hf_splits(source: DataSource) -> dict:
+    """Our split names -> the dataset's splits, each checked for the text column."""
     _offline_unless_reachable()
+    what = f"{source.name!r}" + (f" ({source.config})" if source.config else "")
     try:
         import datasets
 
         datasets.logging.set_verbosity_error()
         datasets.disable_progress_bars()  # one line per problem, not bars, on stderr
-        loaded = datasets.load_dataset(name, config or None)
+        loaded = datasets.load_dataset(source.name, source.config or None)
     except Exception as exc:  # not found, offline and not cached, a broken config: all one answer
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"cannot load the dataset {name!r}{f' ({config})' if config else ''}: {reason}") from None
+        raise DataError(f"cannot load the dataset {what}: {reason}") from None
     splits = {ours: loaded[next(t for t in theirs if t in loaded)] for ours, theirs in HF_SPLITS.items()
               if any(t in loaded for t in theirs)}
     if "train" not in splits:
-        raise DataError(f"the dataset {name!r} has no train split (it has: {', '.join(loaded)})")
+        raise DataError(f"the dataset {source.name!r} has no train split (it has: {', '.join(loaded)})")
     for split in splits.values():
-        if text_column not in split.column_names:
-            raise DataError(f"the dataset {name!r} has no column {text_column!r} (it has: "
+        if source.column not in split.column_names:
+            raise DataError(f"the dataset {source.name!r} has no column {source.column!r} (it has: "
                             f"{', '.join(split.column_names)}); choose one with --text-column")
-
-    def rows_as_text(split):
-        def stream():
-            for start in range(0, len(split), ROWS_PER_CHUNK):
-                rows = split[start:start + ROWS_PER_CHUNK][text_column]
-                yield "".join(row if not row or row.endswith("\n") else row + "\n" for row in rows if row is not None)
-        return stream
-
-    keys = {ours: {"dataset": name, "config": config, "column": text_column, "fingerprint": split._fingerprint}
-            for ours, split in splits.items()}
-    if text_column != "text":
-        source = f"{source}#{text_column}"  # what the checkpoint records: resume and eval find the column again
-    return encode_streams(source, {ours: rows_as_text(split) for ours, split in splits.items()}, keys,
-                          valid_fraction=None if "valid" in splits else VALID_FRACTION, cache=cache)
+    return splits
 
 
 def _offline_unless_reachable() -> None:
@@ -198,13 +191,6 @@ def _offline_unless_reachable() -> None:
         # second instead of retrying the network for ~20 s. They must be set
         # before `datasets` is first imported, which reads them once.
         os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
-
-
-def encoded_from_source(source: str, cache: str | os.PathLike | None = None, text_column: str = "text"):
-    """`corpus_from_source` as ids."""
-    if source in (FALLBACK_SOURCE, "/".join(WIKITEXT)) or not source:
-        return corpus_from_source(source).encode()
-    return load_encoded(source, cache, text_column)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -218,43 +204,10 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _load_wikitext() -> Corpus | None:
-    """WikiText-2 raw through `datasets` (the hub or its local cache), or None."""
-    _offline_unless_reachable()
-    try:
-        import datasets
-
-        datasets.logging.set_verbosity_error()
-        datasets.disable_progress_bars()  # one line per problem, not bars, on stderr
-        splits = datasets.load_dataset(*WIKITEXT)
-    except Exception:  # no network and no cache: every failure means "not available"
-        return None
-    texts = {ours: "".join(splits[theirs]["text"])
-             for ours, theirs in (("train", "train"), ("valid", "validation"), ("test", "test"))}
-    return Corpus(**texts, source="/".join(WIKITEXT))
-
-
-def _load_fallback() -> Corpus:
+def _load_fallback() -> EncodedCorpus:
     from pydoc_data.topics import topics
 
     text = "".join(topics[key] for key in sorted(topics))
     train_end, valid_end = int(len(text) * 0.9), int(len(text) * 0.95)
-    return Corpus(train=text[:train_end], valid=text[train_end:valid_end], test=text[valid_end:],
-                  source=FALLBACK_SOURCE)
-
-
-def corpus_from_source(source: str) -> Corpus:
-    """Reload the corpus a checkpoint was trained on, from its recorded `source`."""
-    if not source:
-        raise DataError("the checkpoint does not record the data it was trained on; pass it with --data")
-    if source == FALLBACK_SOURCE:
-        return _load_fallback()
-    if source.startswith(HF_PREFIX):
-        raise DataError(f"{source} is a HuggingFace dataset: read it as ids with load_encoded")
-    if source == "/".join(WIKITEXT):
-        corpus = _load_wikitext()
-        if corpus is None:
-            raise DataError("the checkpoint was trained on WikiText-2, which is unreachable offline; "
-                            "pass its text with --data")
-        return corpus
-    return load_corpus(source)
+    return encode_texts(DataSource("fallback", FALLBACK_SOURCE),
+                        {"train": text[:train_end], "valid": text[train_end:valid_end], "test": text[valid_end:]})

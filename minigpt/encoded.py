@@ -42,9 +42,14 @@ def cache_dir(explicit: str | os.PathLike | None = None) -> Path:
 class EncodedCorpus:
     """A corpus as ids: each split a read-only array (a memmap view when it comes from the cache)."""
 
-    source: str
+    source: object  # what it was read from (a `minigpt.data.DataSource`); str() names it in messages
     chars: str  # the vocabulary, sorted: id i is chars[i]
     splits: dict[str, np.ndarray]
+
+    def text(self, name: str, limit: int | None = None) -> str:
+        """Split `name` (its first `limit` characters) as text again."""
+        ids = self.split(name)[:limit]
+        return "".join(np.array(list(self.chars))[ids]) if len(ids) else ""
 
     def split(self, name: str) -> np.ndarray:
         if name not in self.splits:
@@ -70,7 +75,7 @@ class EncodedCorpus:
         return table[ids]
 
 
-def encode_texts(source: str, texts: dict[str, str]) -> EncodedCorpus:
+def encode_texts(source, texts: dict[str, str]) -> EncodedCorpus:
     """Text already in memory: the same ids as through the cache, kept in memory."""
     points = {name: code_points(text) for name, text in texts.items()}
     seen = np.zeros(UNICODE, dtype=bool)
@@ -92,7 +97,7 @@ def ids_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint8 if vocab_size <= 256 else np.uint16 if vocab_size <= 65536 else np.int32)
 
 
-def encode_files(source: str, files: dict[str, Path], *, valid_fraction: float | None = None,
+def encode_files(source, files: dict[str, Path], *, valid_fraction: float | None = None,
                  cache: str | os.PathLike | None = None) -> EncodedCorpus:
     """Files (one per split; or one file whose last `valid_fraction` is the valid split) through the cache."""
     streams = {name: (lambda path=path: text_chunks(path)) for name, path in files.items()}
@@ -101,13 +106,13 @@ def encode_files(source: str, files: dict[str, Path], *, valid_fraction: float |
                           valid_fraction=valid_fraction, cache=cache, empty=empty)
 
 
-def encode_streams(source: str, streams: dict[str, Callable[[], Iterator[str]]], keys: dict, *,
+def encode_streams(source, streams: dict[str, Callable[[], Iterator[str]]], keys: dict, *,
                    valid_fraction: float | None = None, cache: str | os.PathLike | None = None,
                    empty: dict[str, str] | None = None) -> EncodedCorpus:
     """Splits given as functions that yield their text in chunks (each called once per pass) through the
     cache, under `keys` (what identifies the source's present state)."""
     folder = cache_dir(cache)
-    stem = hashlib.sha256(json.dumps([source, keys, valid_fraction]).encode()).hexdigest()[:24]
+    stem = hashlib.sha256(json.dumps([str(source), keys, valid_fraction]).encode()).hexdigest()[:24]
     header_path, ids_path = folder / f"{stem}.json", folder / f"{stem}.ids"
     header = _valid_header(header_path, ids_path, keys)
     if header is None:

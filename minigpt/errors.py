@@ -6,13 +6,19 @@ one line naming the problem and the fix. The CLI prints that line and exits
 with code 2; anything else is a bug and keeps its traceback.
 """
 
+from __future__ import annotations
+
 
 class MiniGPTError(ValueError):
     """Bad input that the user can fix; the message says how."""
 
 
 class ConfigError(MiniGPTError):
-    """A model or training setting that cannot work."""
+    """A model, training or sampling setting that cannot work; `field` names the setting when one is at fault."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class DataError(MiniGPTError):

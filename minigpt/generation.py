@@ -66,7 +66,7 @@ class KVCacheEngine:
         return logits.float().cpu().numpy()
 
     def move_row(self, source: int, target: int, length: int) -> None:
-        self.cache.kv[:, :, target, :, :length] = self.cache.kv[:, :, source, :, :length]
+        self.cache.copy_row(source, target, length)
 
 
 def torch_engine(model: MiniGPT, kv_cache: bool = True) -> KVCacheEngine | RecomputeEngine:

@@ -102,6 +102,10 @@ class KVCache:
             return self
         return KVCache(self.kv.narrow(2, first, count))
 
+    def copy_row(self, source: int, target: int, length: int) -> None:
+        """Row target's first `length` positions become row source's."""
+        self.kv[:, :, target, :, :length] = self.kv[:, :, source, :, :length]
+
 
 class CausalSelfAttention(nn.Module):
     """Every position mixes the values of itself and the positions before it."""

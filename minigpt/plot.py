@@ -44,7 +44,7 @@ def check_output(path: str | os.PathLike) -> Path:
 
 def save(figure, path: str | os.PathLike) -> Path:
     """Write `figure` to `path` (checked first), PNG or SVG by its suffix, whole or not at all."""
-    from minigpt.checkpoint import atomic_write_bytes
+    from minigpt.paths import atomic_write_bytes
 
     path = check_output(path)
     import io

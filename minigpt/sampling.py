@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from minigpt.config import check_seed
-from minigpt.errors import MiniGPTError
+from minigpt.errors import ConfigError
 
 
 @dataclass
@@ -32,11 +32,11 @@ class Sampler:
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
-            raise MiniGPTError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+            raise ConfigError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}", "temperature")
         if self.top_k is not None and (isinstance(self.top_k, bool) or self.top_k < 1):
-            raise MiniGPTError(f"top_k must be a positive integer, got {self.top_k}")
+            raise ConfigError(f"top_k must be a positive integer, got {self.top_k}", "top_k")
         if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise MiniGPTError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if self.seed is not None:
             check_seed(self.seed)
 

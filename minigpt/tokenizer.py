@@ -30,6 +30,12 @@ class CharTokenizer:
     def vocab_size(self) -> int:
         return len(self.chars)
 
+    def __contains__(self, char: str) -> bool:
+        return char in self._index
+
+    def id_of(self, char: str) -> int:
+        return self._index[char]
+
     def encode(self, text: str) -> list[int]:
         try:
             return [self._index[c] for c in text]

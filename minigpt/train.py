@@ -1,4 +1,10 @@
-"""The one training path: every way of training a MiniGPT goes through `train`."""
+"""The one training path: every way of training a MiniGPT goes through `plan_training`, then `run_training`.
+
+A plan checks every setting (cheapest first, before any data is read),
+loads the data once and builds or restores the model; the run only trains:
+a step, the checks every process agrees on, an evaluation and a save every
+eval_interval steps, one metrics record a step.
+"""
 
 from __future__ import annotations
 
@@ -24,9 +30,10 @@ from tqdm.auto import tqdm
 from minigpt import distributed
 from minigpt.checkpoint import Checkpoint, load_checkpoint, read_metadata, save_checkpoint, warm_start
 from minigpt.config import GPTConfig, TrainConfig
-from minigpt.data import Corpus
+from minigpt.data import DataSource, load_corpus, load_recorded_corpus
+from minigpt.devices import resolve_device
 from minigpt.encoded import EncodedCorpus
-from minigpt.errors import ConfigError, DataError, MiniGPTError
+from minigpt.errors import CheckpointError, DataError, MiniGPTError
 from minigpt.generation import generate
 from minigpt.model import MiniGPT
 from minigpt.paths import check_output_file
@@ -42,16 +49,6 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)  # one record per step, eval numbers where evaluated
     tokens_per_s: float = 0.0
     wall_s: float = 0.0
-
-
-def resolve_device(name: str) -> torch.device:
-    if not (name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit())):
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
-    return torch.device(name)
 
 
 def split_ids(corpus: EncodedCorpus, chars: str, name: str, block_size: int) -> np.ndarray:
@@ -240,33 +237,122 @@ def check_resumable(checkpoint: Checkpoint, path: Path, steps: int) -> None:
                            f"pass --steps greater than {checkpoint.step} to train further")
 
 
-def train(corpus: Corpus | EncodedCorpus, config: TrainConfig, out: str | Path, *, progress: bool = True,
-          resume: str | Path | None = None, force: bool = False,
-          init_from: str | Path | Checkpoint | None = None,
-          compile: bool = False,
+@dataclass
+class TrainingPlan:
+    """A run, checked and loaded: every flag vetted, the data read, the model built or restored. Nothing
+    about the request can fail once a plan exists; `run_training` only trains."""
+
+    config: TrainConfig
+    out: Path
+    device: torch.device
+    corpus: EncodedCorpus
+    model: MiniGPT
+    tokenizer: CharTokenizer
+    first_step: int = 1
+    optimizer_state: dict | None = None
+    resume: Path | None = None
+    compile: bool = False
+    notes: list[str] = field(default_factory=list)  # said once before training starts
+
+    def split(self, name: str) -> np.ndarray:
+        return split_ids(self.corpus, "".join(self.tokenizer.chars), name, self.model.config.block_size)
+
+
+def plan_training(out: str | Path, *, data: EncodedCorpus | DataSource | str | None = None,
+                  config: TrainConfig | dict | None = None, resume: str | Path | None = None,
+                  init_from: str | Path | Checkpoint | None = None, force: bool = False, compile: bool = False,
+                  cache_dir: str | Path | None = None, text_column: str = "text", **model_fields) -> TrainingPlan:
+    """Check everything that needs no data (cheapest first), then read the data and build the model.
+
+    `config`: a TrainConfig, or the settings given on the command line as a dict (with `resume` they
+    override the checkpoint's stored settings, and the change is said once). `data`: a corpus already
+    loaded, or what `minigpt.data.load_corpus` reads (None: a resumed run's own data, else WikiText-2).
+    """
+    out, resume = Path(out), (Path(resume) if resume is not None else None)
+    check_one_start(resume, init_from)
+    if init_from is not None and not isinstance(init_from, Checkpoint):
+        init_from = load_checkpoint(init_from)  # vetted before the data loads
+    resumed = load_checkpoint(resume) if resume is not None else None
+    notes = []
+    if resumed is None:
+        GPTConfig(vocab_size=1, **model_fields)  # an impossible shape fails here
+        config = config if isinstance(config, TrainConfig) else TrainConfig(**(config or {}))
+    else:
+        if not isinstance(config, TrainConfig):
+            config, note = resumed_settings(resume, resumed.metadata, config or {})
+            notes += [note] if note else []
+        if model_fields:
+            notes.append(f"--resume keeps the checkpoint's architecture; ignoring {flag_list(model_fields)}")
+    device = resolve_device(config.device)
+    if compile:
+        check_compiler(device)
+    check_out_path(out, force=force, resume=resume)
+    if resumed is not None:
+        check_resumable(resumed, resume, config.steps)
+    if isinstance(data, EncodedCorpus):
+        corpus = data
+    elif data is None and resumed is not None:
+        corpus = load_recorded_corpus(resumed.metadata, cache_dir)
+    else:
+        corpus = load_corpus(data, cache_dir, text_column)
+    if resumed is not None:
+        return TrainingPlan(config, out, device, corpus, resumed.model, resumed.tokenizer, resumed.step + 1,
+                            resumed.optimizer_state(), resume, compile, notes)
+    tokenizer = CharTokenizer(corpus.chars)
+    torch.manual_seed(config.seed)
+    model = MiniGPT(GPTConfig(tokenizer.vocab_size, **model_fields))
+    if init_from is not None:
+        notes.append(str(warm_start(model, tokenizer, init_from)))
+    return TrainingPlan(config, out, device, corpus, model, tokenizer, compile=compile, notes=notes)
+
+
+def resumed_settings(path: Path, metadata: dict[str, str], given: dict) -> tuple[TrainConfig, str | None]:
+    """A checkpoint's training settings with those `given` on top, and the line that says what changed."""
+    try:
+        stored = TrainConfig.from_json(metadata["train_config"]) if "train_config" in metadata else TrainConfig()
+    except MiniGPTError as exc:
+        raise CheckpointError(f"{path} has bad metadata: {exc}; it may be damaged: "
+                              "restore it, or start a new run") from None
+    changed = {name: value for name, value in given.items() if value != getattr(stored, name)}
+    note = f"resuming with the checkpoint's training settings, except {flag_list(changed)}" if changed else None
+    return dataclasses.replace(stored, **given), note
+
+
+def flag_list(values: dict) -> str:
+    return ", ".join(f"--{name.replace('_', '-')} {value}" for name, value in values.items())
+
+
+def train(corpus: EncodedCorpus | DataSource | str | None, config: TrainConfig, out: str | Path, *,
+          progress: bool = True, resume: str | Path | None = None, force: bool = False,
+          init_from: str | Path | Checkpoint | None = None, compile: bool = False,
           on_step: Callable[[dict], None] | None = None, **model_fields) -> TrainResult:
-    """Train a MiniGPT on `corpus` and save it to `out` (a .safetensors checkpoint).
+    """Train a MiniGPT on `corpus` and save it to `out` (a .safetensors checkpoint): `plan_training`, then
+    `run_training`.
 
     `model_fields` are GPTConfig fields other than vocab_size, which the corpus
     decides. With `resume`, model, optimizer and step come from that
     checkpoint (its architecture wins over `model_fields`) and training
     continues to `config.steps`. With `init_from` (a path, or a Checkpoint
     already loaded), a new run (step 1, a fresh optimizer) starts from that
-    checkpoint's tensors where they fit (`minigpt.checkpoint.warm_start`). With `compile`, the training step runs
-    through torch.compile (checkpoints are saved from the model itself). Under torchrun, each process trains on its
-    own batches and rank 0 alone logs, evaluates and saves. `on_step` is
+    checkpoint's tensors where they fit (`minigpt.checkpoint.warm_start`).
+    With `compile`, the training step runs through torch.compile (checkpoints
+    are saved from the model itself). Under torchrun, each process trains on
+    its own batches and rank 0 alone logs, evaluates and saves. `on_step` is
     called with each step's record.
     """
-    out, resume = Path(out), (Path(resume) if resume is not None else None)
-    check_one_start(resume, init_from)
-    check_out_path(out, force=force, resume=resume)
-    group, device_name = distributed.join(config.device)
+    plan = plan_training(out, data=corpus, config=config, resume=resume, init_from=init_from, force=force,
+                         compile=compile, **model_fields)
+    return run_training(plan, progress=progress, on_step=on_step)
+
+
+def run_training(plan: TrainingPlan, *, progress: bool = True,
+                 on_step: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train to plan.config.steps; under torchrun every process runs this and they stop together."""
+    group, device_name = distributed.join(plan.config.device)
     try:
-        device = resolve_device(device_name)
-        if compile:
-            check_compiler(device)
-        result = _train(corpus, config, out, group, device, progress=progress, resume=resume,
-                        init_from=init_from, compile=compile, on_step=on_step, model_fields=model_fields)
+        if group.enabled:
+            plan.device = resolve_device(device_name)
+        result = _train(plan, group, progress, on_step)
     except (TrainingInterrupted, NonFiniteLoss):  # every process stops at the same step
         distributed.leave(group)
         raise
@@ -277,114 +363,133 @@ def train(corpus: Corpus | EncodedCorpus, config: TrainConfig, out: str | Path, 
     return result
 
 
-def _train(corpus: Corpus | EncodedCorpus, config: TrainConfig, out: Path, group: distributed.ProcessGroup,
-           device: torch.device, *, progress: bool, resume: Path | None,
-           init_from: str | Path | Checkpoint | None,
-           compile: bool, on_step: Callable[[dict], None] | None, model_fields: dict) -> TrainResult:
-    # Text in memory is encoded here; a file or folder comes encoded and memory-mapped (`minigpt.encoded`).
-    encoded = corpus if isinstance(corpus, EncodedCorpus) else corpus.encode()
-    if resume is not None:
-        checkpoint = load_checkpoint(resume)
-        check_resumable(checkpoint, resume, config.steps)
-        model, tokenizer, first_step = checkpoint.model, checkpoint.tokenizer, checkpoint.step + 1
-        optimizer_state = checkpoint.optimizer_state()
-    else:
-        GPTConfig(vocab_size=1, **model_fields)  # fail on an impossible shape before touching data
-        tokenizer = CharTokenizer(encoded.chars)
-        torch.manual_seed(config.seed)
-        model, first_step, optimizer_state = MiniGPT(GPTConfig(tokenizer.vocab_size, **model_fields)), 1, None
-        if init_from is not None:
-            source = init_from if isinstance(init_from, Checkpoint) else load_checkpoint(init_from)
-            report = warm_start(model, tokenizer, source)
-            if group.is_main:
-                print(f"minigpt: {report}", file=sys.stderr)
-    model_config = model.config
-    chars = "".join(tokenizer.chars)
-    train_ids = split_ids(encoded, chars, "train", model_config.block_size)
-    valid_ids = split_ids(encoded, chars, "valid", model_config.block_size)
+class Run:
+    """What a run writes as it goes: the checkpoint and one metrics record a step (rank 0 alone)."""
 
-    model = model.to(device).train()
+    def __init__(self, plan: TrainingPlan, model: MiniGPT, optimizer, is_main: bool):
+        self.plan, self.model, self.optimizer, self.is_main = plan, model, optimizer, is_main
+        self.log = None
+        if is_main:
+            self.log = metrics_path_for(plan.out).open("a" if plan.resume is not None else "w")
+
+    def save(self, step: int) -> None:
+        if self.is_main:
+            plan = self.plan
+            save_checkpoint(plan.out, self.model, plan.tokenizer, step=step, data=plan.corpus.source,
+                            optimizer=self.optimizer, train_config=dataclasses.asdict(plan.config))
+
+    def record(self, record: dict) -> None:
+        if self.log is not None:
+            self.log.write(json.dumps(record) + "\n")
+            self.log.flush()  # a log read while training runs (or after a crash) is whole up to its last line
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+
+
+def _train(plan: TrainingPlan, group: distributed.ProcessGroup, progress: bool,
+           on_step: Callable[[dict], None] | None) -> TrainResult:
+    config, device, block = plan.config, plan.device, plan.model.config.block_size
+    train_ids, valid_ids = plan.split("train"), plan.split("valid")
+    model = plan.model.to(device).train()
     optimizer = make_optimizer(model, config, device)
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
-    trained = model  # what the loop steps: the model itself, or its DDP and torch.compile wrappers
-    if group.enabled:
-        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if compile:
-        trained = torch.compile(trained)
-
-    def save(step: int) -> None:
-        if group.is_main:
-            save_checkpoint(out, model, tokenizer, step=step, data=corpus.source, optimizer=optimizer,
-                            train_config=dataclasses.asdict(config))
-
-    metrics_path = metrics_path_for(out)
+    if plan.optimizer_state is not None:
+        optimizer.load_state_dict(plan.optimizer_state)
+    step_model = wrap_for_training(model, group, device, plan.compile)
+    run = Run(plan, model, optimizer, group.is_main)
     if group.is_main:
-        if resume is None:
-            metrics_path.write_text("")
-        print(f"minigpt: {model.num_parameters():,} parameters, vocab {tokenizer.vocab_size}, "
-              f"{len(train_ids):,} training characters from {corpus.source}, on {device}"
-              + (f" x {group.world_size} processes" if group.enabled else "")
-              + (f"; resuming at step {first_step}" if resume is not None else ""), file=sys.stderr)
-
-    result = TrainResult(model, tokenizer)
-    tokens_per_step = group.world_size * config.batch_size * model_config.block_size
-    steps = range(first_step, config.steps + 1)
+        say_start(plan, len(train_ids), group)
+    result = TrainResult(model, plan.tokenizer)
+    tokens_per_step = group.world_size * config.batch_size * block
+    steps = range(plan.first_step, config.steps + 1)
     # disable=None: tqdm draws only on a terminal, so `2> log` gets eval lines and no bar frames.
     bar = tqdm(steps, disable=None if progress and group.is_main else True, file=sys.stderr, unit="step",
                dynamic_ncols=True)
     generator = torch.Generator()
     start = time.perf_counter()
-    with StopSignals() as signals:
+    with StopSignals() as signals, contextlib.closing(run), contextlib.closing(bar):
         for step in bar:
-            lr = learning_rate_at(step - 1, config)
-            for param_group in optimizer.param_groups:
-                param_group["lr"] = lr
-            seed = step_seed(config.seed, group.rank, step)
-            generator.manual_seed(seed)
+            lr = set_learning_rate(optimizer, step, config)
+            generator.manual_seed(seed := step_seed(config.seed, group.rank, step))
             torch.manual_seed(seed)  # dropout
-            x, y = sample_batch(train_ids, config.batch_size, model_config.block_size, generator, device)
-            if compile and step == first_step:  # torch.compile builds on the first call: name a failure
-                try:
-                    loss_value = training_step(trained, optimizer, x, y, config.grad_clip, device)
-                except Exception as exc:
-                    reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-                    raise MiniGPTError(f"--compile could not build the training step ({reason}); "
-                                       "train without --compile") from None
-            else:
-                loss_value = training_step(trained, optimizer, x, y, config.grad_clip, device)
-            (non_finite,) = group.any(not math.isfinite(loss_value), device=device)
-            if non_finite:
-                raise NonFiniteLoss(f"the loss became {loss_value} at step {step}; the last checkpoint on disk "
-                                    "is left as it was: lower --learning_rate or --grad_clip and try again")
-            elapsed = time.perf_counter() - start
-            record = {"step": step, "tokens": step * tokens_per_step, "loss": loss_value, "lr": lr,
-                      "tokens_per_s": (step - first_step + 1) * tokens_per_step / elapsed}
-            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
-            if group.is_main and (step % config.eval_interval == 0 or step == config.steps):
-                record["train_loss"] = estimate_loss(model, train_ids, config, device)
-                record["val_loss"] = estimate_loss(model, valid_ids, config, device)
-                record["val_bpc"] = record["val_loss"] / LN2
-                bar.write(f"step {step}: train loss {record['train_loss']:.4f}, val loss "
-                          f"{record['val_loss']:.4f} nats ({record['val_bpc']:.3f} bits/char)", file=sys.stderr)
-                save(step)
+            x, y = sample_batch(train_ids, config.batch_size, block, generator, device)
+            loss = first_step(step_model, optimizer, x, y, config, device) if step == plan.first_step and \
+                plan.compile else training_step(step_model, optimizer, x, y, config.grad_clip, device)
+            check_finite(loss, step, group, device)
+            record = {"step": step, "tokens": step * tokens_per_step, "loss": loss, "lr": lr,
+                      "tokens_per_s": (step - plan.first_step + 1) * tokens_per_step / (time.perf_counter() - start)}
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+            saved = group.is_main and (step % config.eval_interval == 0 or step == config.steps)
+            if saved:
+                record.update(evaluate(model, train_ids, valid_ids, config, device, bar, step))
+                run.save(step)
             result.history.append(record)
-            if group.is_main:
-                with metrics_path.open("a") as log:
-                    log.write(json.dumps(record) + "\n")
+            run.record(record)
             if on_step is not None:
                 on_step(record)
             (stop,) = group.any(signals.received is not None, device=device)  # all processes stop together
             if stop:
-                if "val_loss" not in record:  # not saved at this step yet
-                    save(step)
-                bar.close()
-                raise TrainingInterrupted(signals.received or signal.SIGTERM, step, out)
-    bar.close()
+                if not saved:
+                    run.save(step)
+                raise TrainingInterrupted(signals.received or signal.SIGTERM, step, plan.out)
     result.wall_s = time.perf_counter() - start
     result.tokens_per_s = len(steps) * tokens_per_step / result.wall_s
     model.eval()
     return result
+
+
+def wrap_for_training(model: MiniGPT, group: distributed.ProcessGroup, device: torch.device,
+                      compile: bool) -> torch.nn.Module:
+    """What the loop steps: the model itself, or its DDP and torch.compile wrappers (saved from the model)."""
+    if group.enabled:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(model) if compile else model
+
+
+def say_start(plan: TrainingPlan, train_characters: int, group: distributed.ProcessGroup) -> None:
+    for note in plan.notes:
+        print(f"minigpt: {note}", file=sys.stderr)
+    print(f"minigpt: {plan.model.num_parameters():,} parameters, vocab {plan.tokenizer.vocab_size}, "
+          f"{train_characters:,} training characters from {plan.corpus.source}, on {plan.device}"
+          + (f" x {group.world_size} processes" if group.enabled else "")
+          + (f"; resuming at step {plan.first_step}" if plan.resume is not None else ""), file=sys.stderr)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, step: int, config: TrainConfig) -> float:
+    lr = learning_rate_at(step - 1, config)
+    for param_group in optimizer.param_groups:
+        param_group["lr"] = lr
+    return lr
+
+
+def first_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               config: TrainConfig, device: torch.device) -> float:
+    """The first compiled step, where torch.compile builds: a failure is named in one line."""
+    try:
+        return training_step(model, optimizer, x, y, config.grad_clip, device)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise MiniGPTError(f"--compile could not build the training step ({reason}); "
+                           "train without --compile") from None
+
+
+def check_finite(loss: float, step: int, group: distributed.ProcessGroup, device: torch.device) -> None:
+    (non_finite,) = group.any(not math.isfinite(loss), device=device)  # on any process: all stop
+    if non_finite:
+        raise NonFiniteLoss(f"the loss became {loss} at step {step}; the last checkpoint on disk "
+                            "is left as it was: lower --learning_rate or --grad_clip and try again")
+
+
+def evaluate(model: MiniGPT, train_ids: np.ndarray, valid_ids: np.ndarray, config: TrainConfig,
+             device: torch.device, bar, step: int) -> dict:
+    """Train and validation loss on the same fixed batches each time, said in one line."""
+    numbers = {"train_loss": estimate_loss(model, train_ids, config, device),
+               "val_loss": estimate_loss(model, valid_ids, config, device)}
+    numbers["val_bpc"] = numbers["val_loss"] / LN2
+    bar.write(f"step {step}: train loss {numbers['train_loss']:.4f}, val loss {numbers['val_loss']:.4f} nats "
+              f"({numbers['val_bpc']:.3f} bits/char)", file=sys.stderr)
+    return numbers
 
 
 def sample_after_training(result: TrainResult, length: int = 300, seed: int = 0) -> str:

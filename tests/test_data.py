@@ -2,7 +2,7 @@ import time
 
 import pytest
 
-from minigpt.data import FALLBACK_SOURCE, load_corpus, read_text
+from minigpt.data import FALLBACK_SOURCE, DataSource, load_corpus
 from minigpt.errors import DataError
 
 
@@ -10,7 +10,7 @@ def test_single_file_keeps_last_tenth_for_validation(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text("a" * 90 + "b" * 10, encoding="utf-8")
     corpus = load_corpus(path)
-    assert corpus.train == "a" * 90 and corpus.valid == "b" * 10 and corpus.test is None
+    assert corpus.text("train") == "a" * 90 and corpus.text("valid") == "b" * 10 and "test" not in corpus.splits
     with pytest.raises(DataError, match="no test split"):
         corpus.split("test")
 
@@ -20,7 +20,8 @@ def test_folder_of_split_files(tmp_path, pattern):
     for split in ("train", "valid", "test"):
         (tmp_path / pattern.format(split)).write_text(f"{split} text\n", encoding="utf-8")
     corpus = load_corpus(tmp_path)
-    assert (corpus.train, corpus.valid, corpus.test) == ("train text\n", "valid text\n", "test text\n")
+    assert [corpus.text(split) for split in ("train", "valid", "test")] == ["train text\n", "valid text\n",
+                                                                           "test text\n"]
 
 
 def test_folder_without_split_files_names_what_it_expects(tmp_path):
@@ -39,15 +40,38 @@ def test_bad_files_are_clear_errors(tmp_path, content, match):
 
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="not found"):
-        read_text(tmp_path / "absent.txt")
+        load_corpus(tmp_path / "absent.txt")
+
+
+def test_a_pipe_is_refused_in_one_line(tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match="not a regular file"):
+        load_corpus(fifo)
+
+
+@pytest.mark.parametrize("spec,source", [
+    ("input.txt", DataSource("path", "input.txt")),
+    ("hf:wikitext:wikitext-2-raw-v1", DataSource("hf", "wikitext", "wikitext-2-raw-v1")),
+    ("hf:some/dataset", DataSource("hf", "some/dataset")),
+    ("hf:some/dataset#body", DataSource("hf", "some/dataset", column="body")),  # as older checkpoints wrote it
+    ("wikitext/wikitext-2-raw-v1", DataSource("hf", "wikitext", "wikitext-2-raw-v1")),  # likewise
+    (FALLBACK_SOURCE, DataSource("fallback", FALLBACK_SOURCE)),
+])
+def test_data_sources_parse_and_survive_a_checkpoint(spec, source):
+    assert DataSource.parse(spec) == source
+    assert DataSource.recorded({"data": spec}) == source  # a checkpoint from before data_source
+    assert DataSource.recorded({"data": str(source), "data_source": source.to_json()}) == source
 
 
 def test_offline_fallback_is_used_at_once_and_said(capsys):
     start = time.perf_counter()
     corpus = load_corpus(None)  # the tests run with the hub forced offline
     assert time.perf_counter() - start < 15  # no network retry loop
-    assert corpus.source == FALLBACK_SOURCE
-    assert len(corpus.train) > 100_000 and corpus.valid and corpus.test
+    assert str(corpus.source) == FALLBACK_SOURCE
+    assert len(corpus.split("train")) > 100_000 and len(corpus.split("valid")) and len(corpus.split("test"))
     assert "offline fallback corpus" in capsys.readouterr().err
 
 

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 
 from minigpt.decoding import prompt_ids
-from minigpt.errors import MiniGPTError
+from minigpt.errors import ConfigError, MiniGPTError
 from minigpt.sampling import Sampler
 from minigpt.tokenizer import CharTokenizer
 
@@ -126,8 +126,8 @@ def _parse_sampler(body: dict) -> Sampler:
                 "seed": _typed(body, "seed", (int,), None, "an integer")}
     try:
         return Sampler(**sampling)
-    except MiniGPTError as exc:  # the CLI's checks and messages, which start with the field's name
-        raise RequestError(str(exc), str(exc).split()[0]) from None
+    except ConfigError as exc:  # the CLI's checks and messages, naming the field at fault
+        raise RequestError(str(exc), exc.field) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
