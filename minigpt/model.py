@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minigpt.config import GPTConfig
+from minigpt.kv_cache import KVCache, LayerCache, Positions
 from minigpt.kernels import causal_attention
 from minigpt.kernels.attention import attention_weights, check_backend
 
@@ -23,88 +24,6 @@ def dropout_layer(p: float) -> nn.Module:
     # nn.Dropout(0) still dispatches an op on every call, a tenth of a decode
     # step at these sizes; Identity costs only the call.
     return nn.Dropout(p) if p > 0 else nn.Identity()
-
-
-class Positions:
-    """Where one forward pass's T new tokens sit: row b's at start_pos[b] .. start_pos[b] + T - 1.
-
-    When every row starts at the same position (training, a prefill, rows
-    that started together) the cache writes are one slice copy and attention
-    needs no mask; otherwise each row writes at its own positions and
-    attention is told each row's length.
-    """
-
-    def __init__(self, seq: int, start_pos: np.ndarray | None = None, device: torch.device | None = None):
-        self.seq = seq
-        first = 0 if start_pos is None or len(start_pos) == 0 else int(start_pos[0])
-        shared = start_pos is None or len(start_pos) <= 1 or bool((start_pos == first).all())
-        self.start = first if shared else None  # the shared start, if there is one
-        self.end = (first if shared else int(start_pos.max())) + seq  # keys attention reads: 0 .. end-1
-        # Only for ragged rows: each row's positions (B, T) and its key count after this pass.
-        self.index = self.key_lengths = None
-        if not shared:
-            starts = torch.from_numpy(np.asarray(start_pos, dtype=np.int64)).to(device)
-            self.index = starts[:, None] + torch.arange(seq, device=device)
-            self.key_lengths = starts + seq
-
-    def embed(self, table: nn.Embedding) -> torch.Tensor:
-        """The position embeddings of the new tokens: (T, E) when rows share a start, else (B, T, E)."""
-        if self.start is not None:  # a slice of the table, not a lookup: no index tensor to build each step
-            return table.weight[self.start:self.end]
-        return table(self.index)
-
-
-class LayerCache:
-    """One layer's keys and values for a batch of rows: kv is (2, B, H, block_size, D), a view of KVCache.kv.
-
-    Keys and values sit side by side, so one copy stores both; attention reads
-    a view of the filled prefix, so a decode step copies only the new token.
-    """
-
-    def __init__(self, kv: torch.Tensor):
-        self.kv = kv
-
-    def update(self, kv: torch.Tensor, where: Positions) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store kv (2, B, H, T, D) at the rows' new positions; return the keys and values 0 .. end-1."""
-        if where.start is not None:
-            self.kv.narrow(3, where.start, where.seq).copy_(kv)
-        else:
-            two, batch, heads, seq, head_dim = kv.shape
-            index = where.index.view(1, batch, 1, seq, 1).expand(two, batch, heads, seq, head_dim)
-            self.kv.scatter_(3, index, kv)
-        return self.kv.narrow(3, 0, where.end).unbind(0)
-
-
-class KVCache:
-    """Every layer's keys and values for a batch of rows, preallocated for block_size positions.
-
-    kv is (layers, 2, batch, heads, block_size, head_dim). The cache is only
-    buffers: how many positions of a row are valid is for the caller to know
-    and to pass as positions (a ragged batch has rows at different lengths).
-    """
-
-    def __init__(self, kv: torch.Tensor):
-        self.kv = kv
-        self.layers = [LayerCache(layer) for layer in kv.unbind(0)]  # views, made once
-
-    @classmethod
-    def empty(cls, config: GPTConfig, batch_size: int, dtype: torch.dtype, device: torch.device) -> "KVCache":
-        return cls(torch.zeros((config.num_layers, 2, batch_size, config.num_heads, config.block_size,
-                                config.head_dim), dtype=dtype, device=device))
-
-    @property
-    def batch_size(self) -> int:
-        return self.kv.shape[2]
-
-    def rows(self, first: int, count: int) -> "KVCache":
-        """Rows first .. first+count-1 as a cache of their own (a view: writes land here)."""
-        if first == 0 and count == self.batch_size:
-            return self
-        return KVCache(self.kv.narrow(2, first, count))
-
-    def copy_row(self, source: int, target: int, length: int) -> None:
-        """Row target's first `length` positions become row source's."""
-        self.kv[:, :, target, :, :length] = self.kv[:, :, source, :, :length]
 
 
 class CausalSelfAttention(nn.Module):

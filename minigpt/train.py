@@ -12,10 +12,8 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,16 +26,18 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from minigpt import distributed
-from minigpt.checkpoint import Checkpoint, load_checkpoint, read_metadata, save_checkpoint, warm_start
+from minigpt.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, warm_start
 from minigpt.config import GPTConfig, TrainConfig
 from minigpt.data import DataSource, load_corpus, load_recorded_corpus
 from minigpt.devices import resolve_device
 from minigpt.encoded import EncodedCorpus
-from minigpt.errors import CheckpointError, DataError, MiniGPTError
+from minigpt.errors import DataError, MiniGPTError
 from minigpt.generation import generate
 from minigpt.model import MiniGPT
-from minigpt.paths import check_output_file
 from minigpt.tokenizer import CharTokenizer
+from minigpt.training_checks import (NonFiniteLoss, StopSignals, TrainingInterrupted, check_compiler,
+                                     check_one_start, check_out_path, check_resumable, flag_list, metrics_path_for,
+                                     resumed_settings)
 
 LN2 = math.log(2)
 
@@ -81,16 +81,6 @@ def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: t
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     return loss.item()
-
-
-def check_compiler(device: torch.device) -> None:
-    """torch.compile on a CPU builds C++ kernels: fail before any work when no compiler is there."""
-    import shutil
-
-    if device.type == "cpu" and not any(shutil.which(name) for name in (os.environ.get("CXX", "g++"), "c++",
-                                                                       "clang++")):
-        raise MiniGPTError("--compile on a CPU needs a C++ compiler (torch.compile builds its kernels with one): "
-                           "install g++, or train without --compile")
 
 
 def learning_rate_at(step: int, config: TrainConfig) -> float:
@@ -154,87 +144,10 @@ def evaluate_split(model: MiniGPT, ids: np.ndarray, batch_size: int = 64) -> flo
     return total / (len(ids) - 1)
 
 
-class TrainingInterrupted(Exception):
-    """Ctrl-C or SIGTERM stopped training after a step; the checkpoint at `path` holds that step."""
-
-    def __init__(self, signum: int, step: int, path: Path):
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}")
-        self.signum, self.step, self.path = signum, step, path
-
-
-class NonFiniteLoss(MiniGPTError):
-    """The loss became inf or NaN; nothing from that step on was saved."""
-
-
-class StopSignals:
-    """Turns SIGINT and SIGTERM into a flag the loop reads between steps.
-
-    The step in flight finishes and a checkpoint is saved before stopping;
-    further signals while that happens are ignored, so the save completes.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous: dict[int, object] = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.received is None:
-            self.received = signum
-
-    def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def step_seed(seed: int, rank: int, step: int) -> int:
     """A seed for each (process, step): batches and dropout depend on nothing but the step, so resuming
     at step N draws exactly what an uninterrupted run draws there."""
     return ((seed * 1_000_003 + rank) * 1_000_000_007 + step) % 2**63
-
-
-def metrics_path_for(out: str | Path) -> Path:
-    """Each checkpoint's log beside it: minigpt.safetensors -> minigpt.metrics.jsonl."""
-    out = Path(out)
-    return out.with_name(f"{out.stem}.metrics.jsonl")
-
-
-def check_out_path(out: Path, *, force: bool, resume: Path | None) -> None:
-    """Never replace an existing checkpoint unless asked to, or it is the one being resumed."""
-    check_output_file(out)
-    log = metrics_path_for(out)
-    if log.is_dir():
-        raise MiniGPTError(f"the metrics log {log} (written beside {out}) is a folder; move it away or choose "
-                           "another --out")
-    if force or not out.exists() or (resume is not None and out.resolve() == resume.resolve()):
-        return
-    try:
-        what = f"a trained model (step {read_metadata(out).get('step', '?')})"
-    except MiniGPTError:  # unreadable, or not a minigpt checkpoint: still not ours to overwrite
-        what = "a file that is not a minigpt checkpoint"
-    raise MiniGPTError(f"{out} already holds {what}; pass --force to replace it, --resume {out} to continue "
-                       "training it, or choose another --out")
-
-
-def check_one_start(resume, init_from) -> None:
-    if resume is not None and init_from is not None:
-        raise MiniGPTError("--resume continues a run, --init-from starts a new one from a checkpoint's tensors: "
-                           "give one of them")
-
-
-def check_resumable(checkpoint: Checkpoint, path: Path, steps: int) -> None:
-    if checkpoint.optimizer_state() is None:
-        raise MiniGPTError(f"{path} has no optimizer state to resume from; "
-                           "resume from a checkpoint written by `minigpt train`")
-    if checkpoint.step >= steps:
-        raise MiniGPTError(f"{path} is at step {checkpoint.step} already; "
-                           f"pass --steps greater than {checkpoint.step} to train further")
 
 
 @dataclass
@@ -304,22 +217,6 @@ def plan_training(out: str | Path, *, data: EncodedCorpus | DataSource | str | N
     if init_from is not None:
         notes.append(str(warm_start(model, tokenizer, init_from)))
     return TrainingPlan(config, out, device, corpus, model, tokenizer, compile=compile, notes=notes)
-
-
-def resumed_settings(path: Path, metadata: dict[str, str], given: dict) -> tuple[TrainConfig, str | None]:
-    """A checkpoint's training settings with those `given` on top, and the line that says what changed."""
-    try:
-        stored = TrainConfig.from_json(metadata["train_config"]) if "train_config" in metadata else TrainConfig()
-    except MiniGPTError as exc:
-        raise CheckpointError(f"{path} has bad metadata: {exc}; it may be damaged: "
-                              "restore it, or start a new run") from None
-    changed = {name: value for name, value in given.items() if value != getattr(stored, name)}
-    note = f"resuming with the checkpoint's training settings, except {flag_list(changed)}" if changed else None
-    return dataclasses.replace(stored, **given), note
-
-
-def flag_list(values: dict) -> str:
-    return ", ".join(f"--{name.replace('_', '-')} {value}" for name, value in values.items())
 
 
 def train(corpus: EncodedCorpus | DataSource | str | None, config: TrainConfig, out: str | Path, *,

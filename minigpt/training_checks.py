@@ -1,0 +1,122 @@
+"""What a training run checks before it starts, and how it stops.
+
+Kept apart from `minigpt.train` so the loop reads on its own: an output is
+never a file it must not replace, a resume has something to resume, a
+compile has a compiler; Ctrl-C or SIGTERM ends a run after a step, saved; a
+loss that is no longer finite ends it with the last good checkpoint kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import threading
+from pathlib import Path
+
+import torch
+
+from minigpt.checkpoint import Checkpoint, read_metadata
+from minigpt.config import TrainConfig
+from minigpt.errors import CheckpointError, MiniGPTError
+from minigpt.paths import check_output_file
+
+
+def check_compiler(device: torch.device) -> None:
+    """torch.compile on a CPU builds C++ kernels: fail before any work when no compiler is there."""
+    import shutil
+
+    if device.type == "cpu" and not any(shutil.which(name) for name in (os.environ.get("CXX", "g++"), "c++",
+                                                                       "clang++")):
+        raise MiniGPTError("--compile on a CPU needs a C++ compiler (torch.compile builds its kernels with one): "
+                           "install g++, or train without --compile")
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C or SIGTERM stopped training after a step; the checkpoint at `path` holds that step."""
+
+    def __init__(self, signum: int, step: int, path: Path):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}")
+        self.signum, self.step, self.path = signum, step, path
+
+
+class NonFiniteLoss(MiniGPTError):
+    """The loss became inf or NaN; nothing from that step on was saved."""
+
+
+class StopSignals:
+    """Turns SIGINT and SIGTERM into a flag the loop reads between steps.
+
+    The step in flight finishes and a checkpoint is saved before stopping;
+    further signals while that happens are ignored, so the save completes.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signum
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+def metrics_path_for(out: str | Path) -> Path:
+    """Each checkpoint's log beside it: minigpt.safetensors -> minigpt.metrics.jsonl."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.metrics.jsonl")
+
+
+def check_out_path(out: Path, *, force: bool, resume: Path | None) -> None:
+    """Never replace an existing checkpoint unless asked to, or it is the one being resumed."""
+    check_output_file(out)
+    log = metrics_path_for(out)
+    if log.is_dir():
+        raise MiniGPTError(f"the metrics log {log} (written beside {out}) is a folder; move it away or choose "
+                           "another --out")
+    if force or not out.exists() or (resume is not None and out.resolve() == resume.resolve()):
+        return
+    try:
+        what = f"a trained model (step {read_metadata(out).get('step', '?')})"
+    except MiniGPTError:  # unreadable, or not a minigpt checkpoint: still not ours to overwrite
+        what = "a file that is not a minigpt checkpoint"
+    raise MiniGPTError(f"{out} already holds {what}; pass --force to replace it, --resume {out} to continue "
+                       "training it, or choose another --out")
+
+
+def check_one_start(resume, init_from) -> None:
+    if resume is not None and init_from is not None:
+        raise MiniGPTError("--resume continues a run, --init-from starts a new one from a checkpoint's tensors: "
+                           "give one of them")
+
+
+def check_resumable(checkpoint: Checkpoint, path: Path, steps: int) -> None:
+    if checkpoint.optimizer_state() is None:
+        raise MiniGPTError(f"{path} has no optimizer state to resume from; "
+                           "resume from a checkpoint written by `minigpt train`")
+    if checkpoint.step >= steps:
+        raise MiniGPTError(f"{path} is at step {checkpoint.step} already; "
+                           f"pass --steps greater than {checkpoint.step} to train further")
+
+def resumed_settings(path: Path, metadata: dict[str, str], given: dict) -> tuple[TrainConfig, str | None]:
+    """A checkpoint's training settings with those `given` on top, and the line that says what changed."""
+    try:
+        stored = TrainConfig.from_json(metadata["train_config"]) if "train_config" in metadata else TrainConfig()
+    except MiniGPTError as exc:
+        raise CheckpointError(f"{path} has bad metadata: {exc}; it may be damaged: "
+                              "restore it, or start a new run") from None
+    changed = {name: value for name, value in given.items() if value != getattr(stored, name)}
+    note = f"resuming with the checkpoint's training settings, except {flag_list(changed)}" if changed else None
+    return dataclasses.replace(stored, **given), note
+
+
+def flag_list(values: dict) -> str:
+    return ", ".join(f"--{name.replace('_', '-')} {value}" for name, value in values.items())
