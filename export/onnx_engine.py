@@ -125,7 +125,7 @@ class OnnxEngine:
     def extend(self, ids: np.ndarray, start_pos: np.ndarray, first_row: int = 0) -> np.ndarray:
         """Write (n, k) ids into rows first_row .. first_row+n-1 at positions start_pos[i] onwards; return the
         (n, k, V) logits of the new positions, a view of a buffer the next call of this shape overwrites."""
-        check_extend(ids, start_pos, first_row, self.cache.shape[2], self.block_size)
+        end = check_extend(ids, start_pos, first_row, self.cache.shape[2], self.block_size)
         rows, new = ids.shape
         step = self._step(first_row, rows, new)
         step.ids[:] = ids
@@ -133,8 +133,9 @@ class OnnxEngine:
         # one) and, once any row has a past, appends the new keys after it: a prefill, a decode step and a
         # k-token extend are one call. Positions past a row's length are simply overwritten.
         np.add(start_pos[:, None], self._offsets[:new], out=step.positions)
-        step.seqlens[:] = step.positions[:, -1]
-        step.total[()] = step.seqlens.max() + 1
+        if new > 1:  # one new token: seqlens_k is bound to the positions themselves
+            np.add(start_pos, new - 1, out=step.seqlens)
+        step.total[()] = end
         self.session.run_with_iobinding(step.binding)
         return step.logits
 
@@ -144,8 +145,11 @@ class OnnxEngine:
         key = (first_row, rows, new)
         if key in self._steps:
             return self._steps[key]
-        step = _Step(self.session.io_binding(), np.zeros((rows, new), dtype=np.int32),
-                     np.zeros((rows, new), dtype=np.int32), np.zeros(rows, dtype=np.int32),
+        positions = np.zeros((rows, new), dtype=np.int32)
+        # A row's last new position is also GroupQueryAttention's seqlens_k (its total length after this
+        # call, minus one): for one new token the same memory serves both.
+        seqlens = positions.reshape(rows) if new == 1 else np.zeros(rows, dtype=np.int32)
+        step = _Step(self.session.io_binding(), np.zeros((rows, new), dtype=np.int32), positions, seqlens,
                      np.zeros((), dtype=np.int32), np.zeros((rows, new, self.config.vocab_size), dtype=np.float32))
         for name, array in ((INPUT_IDS, step.ids), (POSITION_IDS, step.positions), (SEQLENS_K, step.seqlens),
                             (TOTAL_LENGTH, step.total)):

@@ -185,18 +185,21 @@ def runs_of_equal(values: np.ndarray) -> Iterator[tuple[int, int]]:
 
 
 def check_extend(ids: np.ndarray, start_pos: np.ndarray, first_row: int, batch_size: int,
-                 block_size: int) -> None:
-    """The checks every engine's `extend` makes: the rows exist and every new position fits the block."""
+                 block_size: int) -> int:
+    """The checks every engine's `extend` makes (the rows exist, every new position fits the block; start
+    positions are >= 0 by contract); returns the end of the longest row after the call. It runs every decode
+    step, so it costs one reduction."""
     rows, length = ids.shape
     if not 0 <= first_row <= first_row + rows <= batch_size:
         raise MiniGPTError(f"rows {first_row}..{first_row + rows - 1} are outside the batch of {batch_size} "
                            "rows; call start() with a larger batch")
     if len(start_pos) != rows:
         raise MiniGPTError(f"{rows} rows of ids need {rows} start positions, got {len(start_pos)}")
-    end = int(np.max(start_pos, initial=0)) + length
-    if end > block_size or int(np.min(start_pos, initial=0)) < 0:
+    end = int(start_pos.max()) + length if rows else length
+    if end > block_size:
         raise MiniGPTError(f"positions up to {end} exceed block_size {block_size}; "
                            "keep the last block_size tokens")
+    return end
 
 
 def check_lengths(max_new_tokens: int, num_samples: int) -> None:
