@@ -33,7 +33,7 @@ from minigpt.tokenizer import CharTokenizer
 # contexts and larger models are faster on every core (onnxruntime's default).
 SMALL_MODEL_BYTES = 4_000_000
 ALL_CORES = 0  # onnxruntime's own choice: one thread per physical core
-KEPT_STEP_TOKENS = 16  # bindings for up to this many new tokens from row 0 are kept (decode, drafts)
+KEPT_STEP_TOKENS = 16  # bindings for up to this many new tokens are kept (decode steps, verifying drafts)
 
 
 def graph_metadata(config: GPTConfig, tokenizer: CharTokenizer) -> dict[str, str]:
@@ -99,11 +99,18 @@ class OnnxEngine:
         except MiniGPTError as exc:
             raise CheckpointError(f"the ONNX model has bad metadata: {exc}") from None
         self.block_size = self.config.block_size
+        self.metadata = metadata
         self.past_names = cache_names("past", self.config.num_layers)
         self.present_names = cache_names("present", self.config.num_layers)
         self._offsets = np.arange(self.block_size, dtype=np.int32)
         self.cache = None
         self.start(1)
+
+    def ngram_draft(self):
+        """The n-gram draft table the checkpoint carried into this graph (`minigpt.drafts`), or None."""
+        from minigpt.drafts import NGRAM_META, NGramDraft
+
+        return NGramDraft.from_metadata(self.metadata[NGRAM_META]) if NGRAM_META in self.metadata else None
 
     def _session(self, batch_size: int):
         threads = self.threads or default_threads(self.model_bytes, batch_size)
@@ -127,6 +134,10 @@ class OnnxEngine:
         (n, k, V) logits of the new positions, a view of a buffer the next call of this shape overwrites."""
         end = check_extend(ids, start_pos, first_row, self.cache.shape[2], self.block_size)
         rows, new = ids.shape
+        if new > 1 and rows > 1 and end > new:
+            # GroupQueryAttention appends several tokens after a past to one row at a time.
+            return np.concatenate([self.extend(ids[i:i + 1], start_pos[i:i + 1], first_row + i).copy()
+                                   for i in range(rows)])
         step = self._step(first_row, rows, new)
         step.ids[:] = ids
         # GroupQueryAttention reads each row's old length from seqlens_k (its total after this run, minus
@@ -141,7 +152,7 @@ class OnnxEngine:
 
     def _step(self, first_row: int, rows: int, new: int) -> "_Step":
         """The binding for `new` tokens in rows first_row .. first_row+rows-1; the small shapes decoding
-        repeats (from row 0, a few tokens) are made once and only have their inputs rewritten."""
+        repeats (a few tokens) are made once and only have their inputs rewritten."""
         key = (first_row, rows, new)
         if key in self._steps:
             return self._steps[key]
@@ -158,7 +169,7 @@ class OnnxEngine:
             for name, layer_kind in zip(names, self.cache.reshape(-1, *self.cache.shape[2:])):
                 _bind(step.binding, name, layer_kind[first_row:first_row + rows], output)
         _bind(step.binding, LOGITS, step.logits, output=True)
-        if first_row == 0 and new <= KEPT_STEP_TOKENS:
+        if new <= KEPT_STEP_TOKENS:
             self._steps[key] = step
         return step
 

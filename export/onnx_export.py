@@ -111,6 +111,11 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike = "minigpt
     loaded = load_checkpoint(checkpoint)
     start = time.perf_counter()
     metadata = graph_metadata(loaded.model.config, loaded.tokenizer)
+    draft = loaded.ngram_draft()
+    if draft is not None:  # the .onnx file speculates on its own too
+        from minigpt.drafts import NGRAM_META
+
+        metadata[NGRAM_META] = draft.metadata()
     fp32 = with_metadata(to_onnx_bytes(loaded.model, opset), metadata)
     final = with_metadata(quantize_int8(fp32), metadata) if quantize else fp32
     report = ExportReport(out, len(final), f"opset {opset}", time.perf_counter() - start, [node_summary(final)])

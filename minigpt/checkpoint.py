@@ -31,6 +31,7 @@ from minigpt.paths import atomic_write_bytes, checkpoint_kind
 from minigpt.tokenizer import CharTokenizer
 
 OPTIMIZER_PREFIX = "optimizer."
+DRAFT_PREFIX = "draft."  # the n-gram draft table (`minigpt.drafts`), beside the weights
 TIED_KEYS = ("lm_head.weight",)  # shares storage with tok_emb.weight; saved once
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # added by DistributedDataParallel and torch.compile
 
@@ -42,6 +43,20 @@ class Checkpoint:
     metadata: dict[str, str] = field(default_factory=dict)
     optimizer_tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     path: str = ""  # what it was loaded from
+    draft_tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def ngram_draft(self):
+        """The n-gram draft table `minigpt train` stored with the model (`minigpt.drafts`), or None."""
+        from minigpt.drafts import NGRAM_META, NGramDraft
+
+        if NGRAM_META not in self.metadata or not self.draft_tensors:
+            return None
+        try:
+            order = int(json.loads(self.metadata[NGRAM_META])["order"])
+        except (ValueError, KeyError, TypeError):
+            raise CheckpointError(f"{self.path} has a damaged n-gram draft table; use --draft context") from None
+        return NGramDraft.from_tensors({k: v.numpy() for k, v in self.draft_tensors.items()}, order,
+                                       self.tokenizer.vocab_size)
 
     @property
     def step(self) -> int:
@@ -60,7 +75,8 @@ class Checkpoint:
 
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, tokenizer: CharTokenizer, *,
                     step: int = 0, data: DataSource | str | None = None,
-                    optimizer: torch.optim.Optimizer | None = None, train_config: dict | None = None) -> None:
+                    optimizer: torch.optim.Optimizer | None = None, train_config: dict | None = None,
+                    draft=None) -> None:
     """Weights, config, vocabulary, the step and the data it was trained on (and, to resume, the optimizer
     state and training settings) in one .safetensors file, written atomically."""
     model = _unwrap(model)
@@ -78,6 +94,11 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, tokenizer: 
         metadata["optimizer"] = json.dumps(state["param_groups"])
     if train_config is not None:
         metadata["train_config"] = json.dumps(train_config)
+    if draft is not None:  # a `minigpt.drafts.NGramDraft`: its table as tensors, its order in the metadata
+        from minigpt.drafts import NGRAM_META
+
+        tensors.update({name: torch.from_numpy(array) for name, array in draft.tensors().items()})
+        metadata[NGRAM_META] = json.dumps({"order": draft.order})
     atomic_write_bytes(path, safetensors_bytes(tensors, metadata=metadata))
 
 
@@ -105,6 +126,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
                               f"but config.vocab_size is {config.vocab_size}")
     state_dict = _strip_prefixes(path, state_dict)
     optimizer_tensors = {k: state_dict.pop(k) for k in list(state_dict) if k.startswith(OPTIMIZER_PREFIX)}
+    draft_tensors = {k: state_dict.pop(k) for k in list(state_dict) if k.startswith(DRAFT_PREFIX)}
     layers_in_file = {name.split(".")[1] for name in state_dict if name.startswith("blocks.")}
     if len(layers_in_file) != config.num_layers:
         raise CheckpointError(f"{path} does not match its config: it holds {len(layers_in_file)} layers "
@@ -117,7 +139,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     model = MiniGPT(config)
     # Not strict: the tied LM head is filled through the token embedding.
     model.load_state_dict(weights, strict=False)
-    return Checkpoint(model.to(device).eval(), tokenizer, metadata, optimizer_tensors, str(path))
+    return Checkpoint(model.to(device).eval(), tokenizer, metadata, optimizer_tensors, str(path), draft_tensors)
 
 
 @dataclass

@@ -132,6 +132,12 @@ def _add_generate(commands) -> None:
     _option(generate, "kv_cache", action=argparse.BooleanOptionalAction, default=True,
             help="keep earlier keys and values in a static cache; --no-kv-cache recomputes the whole context "
                  "every step (the reference) (default on)")
+    _option(generate, "draft", choices=("auto", "ngram", "context", "none"), default="auto",
+            help="speculative decoding, the same text faster: ngram guesses from the table minigpt train stores "
+                 "with the model, context from the text so far, auto the table when the model has one, none "
+                 "decodes one token a step (default auto)")
+    _option(generate, "draft_tokens", type=int, default=8, metavar="K",
+            help="the most guesses verified in one step; fewer are used when they do not pay (default 8)")
 
 
 def _add_serve(commands) -> None:
@@ -240,7 +246,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _engine_for(args: argparse.Namespace):
-    """(engine, tokenizer) for the flags; the onnx engine never imports torch."""
+    """(engine, tokenizer, the model's n-gram draft or None) for the flags; the onnx engine never imports
+    torch."""
     onnx = args.engine == "onnx" or (args.engine == "auto" and args.checkpoint.endswith(".onnx"))
     if onnx:
         from minigpt.export.onnx_engine import OnnxEngine
@@ -253,7 +260,7 @@ def _engine_for(args: argparse.Namespace):
             raise MiniGPTError(f"the onnx engine runs on the CPU; drop --device {args.device}, or run the "
                                ".safetensors checkpoint with --engine torch to use a GPU")
         engine = OnnxEngine(args.checkpoint, threads=args.threads)
-        return engine, engine.tokenizer
+        return engine, engine.tokenizer, engine.ngram_draft()
     from minigpt.checkpoint import load_checkpoint
     from minigpt.devices import check_threads, resolve_device
     from minigpt.generation import torch_engine
@@ -265,15 +272,20 @@ def _engine_for(args: argparse.Namespace):
         torch.set_num_threads(args.threads)
     checkpoint = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
     checkpoint.model.set_attention_backend(args.attention)
-    return torch_engine(checkpoint.model, args.kv_cache), checkpoint.tokenizer
+    return torch_engine(checkpoint.model, args.kv_cache), checkpoint.tokenizer, checkpoint.ngram_draft()
 
 
 def _generate(args: argparse.Namespace) -> None:
     from minigpt.decoding import join_samples, stream_characters
+    from minigpt.speculative import make_speculator
 
-    engine, tokenizer = _engine_for(args)
+    if args.draft_tokens < 1:
+        raise MiniGPTError(f"--draft-tokens must be at least 1, got {args.draft_tokens}")
+    engine, tokenizer, ngram = _engine_for(args)
+    speculator = make_speculator(args.draft, ngram, args.draft_tokens)
     steps = stream_characters(engine, tokenizer, args.prompt, args.max_new_tokens, num_samples=args.num_samples,
-                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                              speculator=speculator)
     start = time.perf_counter()
     if args.num_samples == 1:  # one sample streams as it is produced
         sys.stdout.write(args.prompt)
@@ -286,8 +298,9 @@ def _generate(args: argparse.Namespace) -> None:
             sys.stdout.write(f"--- sample {number} of {args.num_samples} ---\n{text}\n")
     elapsed = time.perf_counter() - start
     count = args.num_samples * args.max_new_tokens
+    speculated = f"; speculative: {speculator.report()}" if speculator is not None else ""
     print(f"minigpt: {count} new tokens in {elapsed:.2f} s ({count / max(elapsed, 1e-9):,.0f} tokens/s, "
-          f"{type(engine).__name__})", file=sys.stderr)
+          f"{type(engine).__name__}{speculated})", file=sys.stderr)
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -315,7 +328,7 @@ def _serve(args: argparse.Namespace) -> None:
                                "or --host") from None
     from minigpt.serve import serve
 
-    engine, tokenizer = _engine_for(args)
+    engine, tokenizer, _ = _engine_for(args)
     model_id = Path(args.checkpoint).stem
     print(f"minigpt: serving {model_id!r} ({type(engine).__name__}, {args.max_batch} rows) at "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)

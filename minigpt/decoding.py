@@ -22,13 +22,16 @@ instead of a full recompute every step.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from minigpt.errors import MiniGPTError
 from minigpt.sampling import Sampler
 from minigpt.tokenizer import CharTokenizer
+
+if TYPE_CHECKING:
+    from minigpt.speculative import Speculator
 
 EMPTY_PROMPT = "\n"  # what an empty prompt starts from: the start of a new line
 
@@ -64,17 +67,20 @@ def prefill(engine: Engine, ids: np.ndarray, first_row: int = 0) -> np.ndarray:
 
 
 def generate_tokens(engine: Engine, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler,
-                    num_samples: int = 1) -> Iterator[np.ndarray]:
+                    num_samples: int = 1, speculator: Speculator | None = None) -> Iterator[np.ndarray]:
     """Yield the (num_samples,) ids chosen at each step, all samples decoded as one batch."""
-    return generate_rows(engine, [prompt_ids] * num_samples, max_new_tokens, sampler)
+    return generate_rows(engine, [prompt_ids] * num_samples, max_new_tokens, sampler, speculator)
 
 
 def generate_rows(engine: Engine, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                  sampler: Sampler) -> Iterator[np.ndarray]:
-    """Yield the (rows,) ids chosen at each step for a batch of prompts of any lengths (one row each)."""
+                  sampler: Sampler, speculator: Speculator | None = None) -> Iterator[np.ndarray]:
+    """Yield the (rows,) ids chosen at each step for a batch of prompts of any lengths (one row each). With a
+    speculator the ids are the same, found several at a time (`minigpt.speculative`)."""
     check_lengths(max_new_tokens, len(prompts))
     if any(len(prompt) == 0 for prompt in prompts):
         raise MiniGPTError("every prompt needs at least one token")
+    if speculator is not None:
+        return speculator.decode(Rows(engine, len(prompts)), prompts, max_new_tokens, sampler)
     return _decode(engine, prompts, max_new_tokens, sampler)
 
 
@@ -162,6 +168,30 @@ class Rows:
         self.room -= 1
         return logits[:, 0]
 
+    def make_room(self) -> int:
+        """Restart the rows that are full, if any; return how many positions every row can still take."""
+        self.room = self.block - int(self.lengths[:self.count].max(initial=0))
+        if self.room == 0:
+            self._restart_full_rows()
+        return self.room
+
+    def extend(self, ids: np.ndarray) -> np.ndarray:
+        """Append (count, k) ids to every row, k <= make_room(); return the (count, k, V) logits."""
+        lengths = self.lengths[:self.count]
+        logits = self.engine.extend(ids, lengths)
+        self.tokens[self._all_rows[:self.count, None], lengths[:, None] + np.arange(ids.shape[1])] = ids
+        lengths += ids.shape[1]
+        self.room -= ids.shape[1]
+        return logits
+
+    def roll_back(self, row: int, length: int) -> None:
+        """Keep only row's first `length` positions (the engine overwrites the rest when it next writes)."""
+        self.lengths[row] = length
+
+    def history(self, row: int) -> np.ndarray:
+        """The tokens row holds (its context window)."""
+        return self.tokens[row, :self.lengths[row]]
+
     def _restart_full_rows(self) -> None:
         full = np.flatnonzero(self.lengths[:self.count] == self.block)
         # Neighbouring full rows (the samples of one prompt, say) restart in one prefill.
@@ -221,7 +251,8 @@ def prompt_ids(tokenizer: CharTokenizer, prompt: str) -> list[int]:
 
 def stream_characters(engine: Engine, tokenizer: CharTokenizer, prompt: str, max_new_tokens: int, *,
                       num_samples: int = 1, temperature: float = 1.0, top_k: int | None = None,
-                      top_p: float | None = None, seed: int | None = None) -> Iterator[list[str]]:
+                      top_p: float | None = None, seed: int | None = None,
+                      speculator: Speculator | None = None) -> Iterator[list[str]]:
     """Yield, at each step, the next character of each of `num_samples` samples.
 
     Bad arguments raise here, before the first step is asked for.
@@ -229,7 +260,7 @@ def stream_characters(engine: Engine, tokenizer: CharTokenizer, prompt: str, max
     sampler = Sampler(temperature, top_k, top_p, seed)
     ids = prompt_ids(tokenizer, prompt)
     check_lengths(max_new_tokens, num_samples)
-    steps = generate_tokens(engine, ids, max_new_tokens, sampler, num_samples)
+    steps = generate_tokens(engine, ids, max_new_tokens, sampler, num_samples, speculator)
     return ([tokenizer.chars[i] for i in next_ids] for next_ids in steps)
 
 

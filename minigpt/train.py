@@ -30,6 +30,7 @@ from minigpt.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, war
 from minigpt.config import GPTConfig, TrainConfig
 from minigpt.data import DataSource, load_corpus, load_recorded_corpus
 from minigpt.devices import resolve_device
+from minigpt.drafts import NGramDraft
 from minigpt.encoded import EncodedCorpus
 from minigpt.errors import DataError, MiniGPTError
 from minigpt.generation import generate
@@ -265,14 +266,16 @@ class Run:
 
     def __init__(self, plan: TrainingPlan, model: MiniGPT, optimizer, is_main: bool):
         self.plan, self.model, self.optimizer, self.is_main = plan, model, optimizer, is_main
-        self.log = None
+        self.log, self.draft = None, None
         if is_main:
             self.log = metrics_path_for(plan.out).open("a" if plan.resume is not None else "w")
 
     def save(self, step: int) -> None:
         if self.is_main:
             plan = self.plan
-            save_checkpoint(plan.out, self.model, plan.tokenizer, step=step, data=plan.corpus.source,
+            if self.draft is None:  # made once, at the first save: what speculative decoding guesses from
+                self.draft = NGramDraft.build(plan.split("train"), plan.tokenizer.vocab_size)
+            save_checkpoint(plan.out, self.model, plan.tokenizer, step=step, data=plan.corpus.source, draft=self.draft,
                             optimizer=self.optimizer, train_config=dataclasses.asdict(plan.config))
 
     def record(self, record: dict) -> None:

@@ -1,0 +1,160 @@
+"""Speculative decoding changes nothing but the speed: k-token extends equal k decode steps on every engine,
+and speculative text equals plain text for every engine and draft, greedy and sampled, across restarts."""
+
+import numpy as np
+import pytest
+
+from minigpt import load_checkpoint, save_checkpoint
+from minigpt.cli import main
+from minigpt.decoding import generate_rows, prefill
+from minigpt.drafts import ContextDraft, NGramDraft
+from minigpt.export.onnx_engine import OnnxEngine
+from minigpt.generation import KVCacheEngine, RecomputeEngine
+from minigpt.sampling import Sampler
+from minigpt.speculative import Speculator
+
+BLOCK = 16  # the tiny model's block_size
+PROMPT_LENGTHS = [1, 7, BLOCK, BLOCK + 7]  # rows fill up and restart at different steps
+NEW_TOKENS = 2 * BLOCK + 3
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_checkpoint):
+    return load_checkpoint(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def onnx_path(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("speculative") / "tiny.onnx"
+    assert main(["export", "--onnx", "--no-verify", "--checkpoint", str(tiny_checkpoint), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture
+def make_engine(checkpoint, onnx_path):
+    def make(name):
+        if name == "onnx":
+            return OnnxEngine(onnx_path)
+        if name == "recompute":
+            return RecomputeEngine(checkpoint.model)
+        checkpoint.model.set_attention_backend("triton" if name == "kv-cache-triton" else "torch")
+        return KVCacheEngine(checkpoint.model)
+
+    yield make
+    checkpoint.model.set_attention_backend("auto")
+
+
+class WrongDraft:
+    """Guesses that are almost always wrong: verification must throw them all away."""
+
+    name = "wrong"
+
+    def propose(self, history, k):
+        return [(history[-1] + 7 + i) % 20 for i in range(k)]
+
+
+def prompts(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [list(rng.integers(0, 20, size=length)) for length in lengths]
+
+
+def tokens(engine, rows, sampler, speculator=None, new_tokens=NEW_TOKENS):
+    return np.stack(list(generate_rows(engine, rows, new_tokens, sampler, speculator)), axis=1).tolist()
+
+
+@pytest.mark.parametrize("engine_name", ["recompute", "kv-cache", "kv-cache-triton", "onnx"])
+def test_an_extend_of_k_tokens_equals_k_decode_steps_in_ragged_rows_and_rolls_back(make_engine, engine_name):
+    rows, k = prompts([3, 7, 5]), 4
+    new = np.random.default_rng(1).integers(0, 20, size=(3, k))
+
+    def prefilled():
+        engine = make_engine(engine_name)
+        engine.start(3)
+        for row, prompt in enumerate(rows):  # each row at its own length
+            prefill(engine, np.array([prompt]), first_row=row)
+        return engine, np.array([len(prompt) for prompt in rows])
+
+    engine, lengths = prefilled()
+    together = engine.extend(new, lengths).copy()
+    stepwise, step_engine = [], prefilled()[0]
+    for j in range(k):
+        stepwise.append(step_engine.extend(new[:, j:j + 1], lengths + j)[:, 0].copy())
+    np.testing.assert_allclose(together, np.stack(stepwise, axis=1), atol=2e-5, rtol=1e-5)
+    # Roll every row back to 2 of the 4 new tokens and write two others: as if the first two were all.
+    other = (new[:, 2:] + 1) % 20
+    rolled = engine.extend(other, lengths + 2).copy()
+    fresh = prefilled()[0]
+    fresh.extend(new[:, :2], lengths)
+    np.testing.assert_allclose(rolled, fresh.extend(other, lengths + 2), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("engine_name", ["recompute", "kv-cache", "onnx"])
+@pytest.mark.parametrize("draft_name", ["ngram", "context", "wrong"])
+def test_speculative_greedy_tokens_equal_plain_decoding(make_engine, checkpoint, engine_name, draft_name):
+    draft = {"ngram": checkpoint.ngram_draft(), "context": ContextDraft(), "wrong": WrongDraft()}[draft_name]
+    rows = prompts(PROMPT_LENGTHS)
+    plain = tokens(make_engine(engine_name), rows, Sampler(temperature=0))
+    speculator = Speculator(draft, max_tokens=4)
+    assert tokens(make_engine(engine_name), rows, Sampler(temperature=0), speculator) == plain
+    assert speculator.steps < NEW_TOKENS or draft_name == "wrong"  # fewer steps than tokens: it guessed right
+
+
+@pytest.mark.parametrize("engine_name", ["kv-cache", "onnx"])
+@pytest.mark.parametrize("options", [dict(temperature=0.8, top_p=0.95, seed=3), dict(temperature=1.3, top_k=5,
+                                                                                    seed=11)])
+def test_speculative_sampling_equals_plain_sampling_for_a_seed(make_engine, checkpoint, engine_name, options):
+    rows = prompts([4, 4, 9], seed=2)
+    plain = tokens(make_engine(engine_name), rows, Sampler(**options))
+    for draft in (checkpoint.ngram_draft(), ContextDraft(), WrongDraft()):
+        assert tokens(make_engine(engine_name), rows, Sampler(**options), Speculator(draft, 6)) == plain
+
+
+def test_a_draft_that_never_guesses_right_falls_back_to_plain_steps(make_engine, checkpoint):
+    class RareDraft:  # always the rarest character of the text: right once in a hundred at most
+        name = "rare"
+
+        def propose(self, history, k):
+            return [checkpoint.tokenizer.id_of("q")] * k
+
+    speculator = Speculator(RareDraft(), max_tokens=8)
+    tokens(make_engine("onnx"), prompts([5]), Sampler(temperature=0), speculator, new_tokens=200)
+    assert speculator.accepted / speculator.guessed < 0.2
+    assert speculator.plain_steps > 0.8 * speculator.steps  # k = 0 for almost every step, with a rare probe
+
+
+def test_the_ngram_table_predicts_its_own_text():
+    text = np.array([0, 1, 2, 3] * 50 + [0, 1, 2, 4], dtype=np.uint8)
+    draft = NGramDraft.build(text, vocab_size=5, order=3)
+    assert draft.propose([3, 0, 1], 4) == [2, 3, 0, 1]  # "0 1" is followed by 2 far more often than by 4
+    assert draft.propose([4], 2) == []  # 4 is never followed by anything: no guess
+    again = NGramDraft.from_metadata(draft.metadata())
+    assert again.table == draft.table and again.order == 3
+
+
+def test_a_trained_checkpoint_carries_its_table_into_the_onnx_export(checkpoint, onnx_path):
+    ngram = checkpoint.ngram_draft()
+    assert ngram is not None and len(ngram.table) > 20
+    assert OnnxEngine(onnx_path).ngram_draft().table == ngram.table
+
+
+def test_generate_prints_the_same_text_with_every_draft(tiny_checkpoint, onnx_path, tmp_path, capsys, cli_error):
+    outputs = []
+    for model in (["--checkpoint", str(tiny_checkpoint)], ["--model", str(onnx_path)]):
+        for draft in ("none", "auto", "ngram", "context"):
+            argv = ["generate", *model, "--prompt", "the ", "--max-new-tokens", "60", "--draft", draft]
+            for sampling in (["--temperature", "0"], ["--temperature", "0.9", "--top-p", "0.9", "--seed", "5"]):
+                assert main(argv + sampling) == 0
+                out, err = capsys.readouterr()
+                outputs.append((tuple(sampling), out))
+                assert ("tokens per step" in err) == (draft != "none"), err
+    by_sampling = {}
+    for sampling, out in outputs:
+        by_sampling.setdefault(sampling, set()).add(out)
+    assert all(len(texts) == 1 for texts in by_sampling.values()), by_sampling
+    # A checkpoint saved without a table (as before minigpt stored one) speculates from the context instead.
+    old = tmp_path / "old.safetensors"
+    save_checkpoint(old, load_checkpoint(tiny_checkpoint).model, load_checkpoint(tiny_checkpoint).tokenizer)
+    assert main(["generate", "--checkpoint", str(old), "--prompt", "the ", "--temperature", "0"]) == 0
+    assert "context draft" in capsys.readouterr().err
+    cli_error(["generate", "--checkpoint", str(old), "--draft", "ngram"], "no n-gram draft table", "--draft context")
+    cli_error(["generate", "--checkpoint", str(old), "--draft-tokens", "0"], "--draft-tokens must be at least 1")
