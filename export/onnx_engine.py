@@ -77,6 +77,10 @@ def _bind(binding, name: str, array: np.ndarray, output: bool = False) -> None:
 class OnnxEngine:
     """Prefill and decode through onnxruntime, rows of a batch at their own lengths (see `minigpt.decoding`)."""
 
+    # GroupQueryAttention appends several tokens after a past to one row per call: verifying guesses for a
+    # batch costs a call per row, which speculative decoding (`minigpt.speculative`) knows not to pay for.
+    verifies_rows_together = False
+
     def __init__(self, model: str | os.PathLike | bytes, threads: int | None = None):
         """threads: intra-op threads; None picks by model size and batch (see `default_threads`)."""
         check_threads(threads)

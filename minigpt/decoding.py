@@ -79,7 +79,7 @@ def generate_rows(engine: Engine, prompts: Sequence[Sequence[int]], max_new_toke
     check_lengths(max_new_tokens, len(prompts))
     if any(len(prompt) == 0 for prompt in prompts):
         raise MiniGPTError("every prompt needs at least one token")
-    if speculator is not None:
+    if speculator is not None and speculator.pays(engine, len(prompts)):
         return speculator.decode(Rows(engine, len(prompts)), prompts, max_new_tokens, sampler)
     return _decode(engine, prompts, max_new_tokens, sampler)
 
@@ -179,7 +179,8 @@ class Rows:
         """Append (count, k) ids to every row, k <= make_room(); return the (count, k, V) logits."""
         lengths = self.lengths[:self.count]
         logits = self.engine.extend(ids, lengths)
-        self.tokens[self._all_rows[:self.count, None], lengths[:, None] + np.arange(ids.shape[1])] = ids
+        for row, (start, row_ids) in enumerate(zip(lengths.tolist(), ids)):  # slices: cheaper than a fancy index
+            self.tokens[row, start:start + len(row_ids)] = row_ids
         lengths += ids.shape[1]
         self.room -= ids.shape[1]
         return logits

@@ -27,7 +27,7 @@ import numpy as np
 from minigpt.errors import CheckpointError
 
 DEFAULT_ORDER = 4  # context characters: ~2.5 accepted tokens a step on the default model at k = 4
-MAX_TABLE_CHARACTERS = 20_000_000  # of training text read into the table (a few seconds of numpy)
+MAX_TABLE_CHARACTERS = 5_000_000  # of training text read into the table: ~2 s of numpy, a few arrays of it
 NGRAM_KEYS, NGRAM_NEXT, NGRAM_META = "draft.ngram.keys", "draft.ngram.next", "draft_ngram"
 
 
@@ -52,30 +52,30 @@ class NGramDraft:
 
     @classmethod
     def build(cls, ids: np.ndarray, vocab_size: int, order: int = DEFAULT_ORDER) -> "NGramDraft":
-        """The table of `ids` (a training split), every context length from 1 to `order`."""
+        """The table of `ids` (a training split, its first MAX_TABLE_CHARACTERS), every context length from 1
+        to `order`, one length at a time so memory stays a few arrays of the text's size."""
         order = min(order, max_order(vocab_size))
         ids = np.asarray(ids[:MAX_TABLE_CHARACTERS], dtype=np.int64)
         base, keys, nexts = _base(vocab_size), [], []
-        for length in range(1, order + 1):
-            if len(ids) <= length:
-                break
-            key = np.zeros(len(ids) - length, dtype=np.int64)
-            for j in range(length):  # the context's characters, newest first, as base-(V+1) digits
-                key = key * base + ids[length - 1 - j:len(ids) - 1 - j] + 1
-            keys.append(key)
-            nexts.append(ids[length:])
-        keys, nexts = np.concatenate(keys), np.concatenate(nexts)
-        pair, counts = np.unique(keys * vocab_size + nexts, return_counts=True)
-        pair_keys, pair_next = pair // vocab_size, pair % vocab_size
-        best = np.lexsort((-counts, pair_keys))  # by key, the most frequent next character first
-        first = np.ones(len(best), dtype=bool)
-        first[1:] = pair_keys[best][1:] != pair_keys[best][:-1]
-        chosen = best[first]
-        return cls(pair_keys[chosen], pair_next[chosen].astype(np.int32), order, vocab_size)
+        key = np.zeros(max(0, len(ids) - 1), dtype=np.int64)
+        for length in range(1, min(order, len(ids) - 1) + 1):
+            # Contexts of this length ending just before each next character, newest character first:
+            # the key of length L is the key of length L - 1 with one more base-(V+1) digit.
+            key = key[1:] * base + ids[:len(ids) - length] + 1 if length > 1 else ids[:-1] + 1
+            pair, counts = np.unique(key * vocab_size + ids[length:], return_counts=True)
+            pair_keys = pair // vocab_size
+            best = np.lexsort((-counts, pair_keys))  # by key, the most frequent next character first
+            first = np.ones(len(best), dtype=bool)
+            first[1:] = pair_keys[best][1:] != pair_keys[best][:-1]
+            keys.append(pair_keys[best[first]])
+            nexts.append((pair[best[first]] % vocab_size).astype(np.int32))
+        if not keys:
+            return cls(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int32), order, vocab_size)
+        return cls(np.concatenate(keys), np.concatenate(nexts), order, vocab_size)
 
-    def propose(self, history: list[int], k: int) -> list[int]:
+    def propose(self, history: np.ndarray, k: int) -> list[int]:
         """k guesses at the characters after `history` (its last `order` characters matter)."""
-        context, table, base, guesses = list(history[-self.order:]), self.table, self.base, []
+        context, table, base, guesses = list(map(int, history[-self.order:])), self.table, self.base, []
         for _ in range(k):
             found, key = None, 0
             for char in reversed(context):  # grow the context one character further back at a time

@@ -31,7 +31,8 @@ import numpy as np
 from minigpt.decoding import Rows
 from minigpt.sampling import Sampler
 
-PROBE_EVERY = 32  # steps at k = 0 before guessing again, to notice a draft that became useful
+DECIDE_EVERY = 4  # steps between choices of k
+PROBE_EVERY = 16  # decisions for k = 0 before one step guesses again, to notice a draft that became useful
 UNMEASURED_COST_PER_TOKEN = 0.2  # a step's cost per extra token until measured (onnxruntime: ~0.15-0.2)
 
 
@@ -58,13 +59,23 @@ class Speculator:
         self.steps, self.tokens = 0, 0.0  # verify steps, and tokens a row emitted in them, for the report
         self.accepted, self.guessed = 1.0, 2.0  # a prior of one accepted guess in two
         self.step_seconds: dict[int, float] = {}  # measured time of a step at each k (moving average)
-        self.plain_steps = 0
+        self.warmed: set[int] = set()
+        self.plain_steps = self.plain_decisions = 0  # steps run at k = 0, and decisions for it
+        self.countdown, self.chosen = 0, 0
+
+    @staticmethod
+    def pays(engine, rows: int) -> bool:
+        """Whether guessing can pay for `rows` rows on `engine`: not for a batch on an engine that verifies
+        several tokens one row per call (onnxruntime), where a verify step costs a call per row."""
+        return rows == 1 or getattr(engine, "verifies_rows_together", True)
 
     @property
     def tokens_per_step(self) -> float:
         return self.tokens / max(1, self.steps)
 
     def report(self) -> str:
+        if not self.steps:
+            return f"off for this batch on this engine ({self.draft.name} draft)"
         return f"{self.tokens_per_step:.2f} tokens per step ({self.draft.name} draft, k <= {self.max_tokens})"
 
     def decode(self, rows: Rows, prompts: Sequence[Sequence[int]], max_new_tokens: int,
@@ -74,86 +85,123 @@ class Speculator:
             return
         streams = sampler.streams(len(prompts))
         pending = sampler(rows.add(prompts), streams)  # each row's next token, not yet in its cache
-        ready = [deque([token]) for token in pending]
-        produced = 0
-        while True:
+        ready = [deque() for _ in prompts]  # tokens found ahead of the others, per row
+        yield pending.copy()
+        produced = 1
+        while produced < max_new_tokens:
+            started = time.perf_counter()
+            k = self._choose_k()
+            if k:
+                k = min(k, rows.make_room() - 1)
+            if k == 0:  # a plain step, as lean as plain decoding's
+                pending = sampler(rows.decode(pending), streams)
+                self._learn(0, None, [], time.perf_counter() - started)
+                emitted = None
+            else:
+                emitted = self._verify_step(rows, pending, k, sampler, streams, started)
+                pending = np.array([tokens[-1] for tokens in emitted], dtype=np.int64)
+            if emitted is None and not any(ready):
+                yield pending.copy()
+                produced += 1
+                continue
+            for row, tokens in enumerate(emitted or [[token] for token in pending.tolist()]):
+                ready[row].extend(tokens)
             while all(ready) and produced < max_new_tokens:  # every row has its next token: hand them out
                 yield np.array([queue.popleft() for queue in ready], dtype=np.int64)
                 produced += 1
-            if produced == max_new_tokens:
-                return
-            for row, emitted in enumerate(self._step(rows, pending, sampler, streams)):
-                ready[row].extend(emitted)
-                pending[row] = emitted[-1]
 
-    def _step(self, rows: Rows, pending: np.ndarray, sampler: Sampler, streams: list) -> list[list[int]]:
-        """One verify step over every row; returns each row's emitted tokens (its new pending one last)."""
-        started = time.perf_counter()
-        k = min(self._choose_k(), rows.make_room() - 1)
-        guesses = [self.draft.propose(rows.history(row).tolist() + [int(pending[row])], k) if k > 0 else []
-                   for row in range(rows.count)]
-        k = max(map(len, guesses), default=0)
-        drafts = np.zeros((rows.count, k), dtype=np.int64)
+    def _verify_step(self, rows: Rows, pending: np.ndarray, k: int, sampler: Sampler, streams: list,
+                     started: float) -> list[list[int]]:
+        """Write each row's next token and up to k guesses after it, verify them; return each row's emitted
+        tokens (its new pending one last)."""
+        lengths = rows.lengths[:rows.count].tolist()
+        for row, length in enumerate(lengths):  # where extend writes it: the drafts see it there
+            rows.tokens[row, length] = pending[row]
+        guesses = [self.draft.propose(rows.tokens[row, :length + 1], k) for row, length in enumerate(lengths)]
+        k = max(map(len, guesses))
+        ids = np.zeros((rows.count, k + 1), dtype=np.int64)
+        ids[:, 0] = pending
         for row, guess in enumerate(guesses):
-            drafts[row, :len(guess)] = guess  # a short guess is padded: a padded guess is verified like any
-        lengths = rows.lengths[:rows.count].copy()
-        logits = rows.extend(np.concatenate([pending[:, None], drafts], axis=1))
-        accepted, picks = verify(logits, drafts, sampler, streams)
-        emitted = []
-        for row in range(rows.count):
-            rows.roll_back(row, int(lengths[row]) + 1 + int(accepted[row]))
-            emitted.append(picks[row])
+            ids[row, 1:len(guess) + 1] = guess  # a short guess is padded: a padded guess is verified like any
+        logits = rows.extend(ids)
+        accepted, emitted = verify(logits, ids[:, 1:], sampler, streams)
+        for row, kept in enumerate(accepted):
+            rows.roll_back(row, lengths[row] + 1 + kept)
         self._learn(k, accepted, [len(guess) for guess in guesses], time.perf_counter() - started)
         return emitted
 
     def _choose_k(self) -> int:
-        """The k with the most expected tokens per second, from the acceptance rate and measured step times."""
+        """The k with the most expected tokens per second, from the acceptance rate and measured step times;
+        decided again every DECIDE_EVERY steps (deciding costs more than a plain step's bookkeeping)."""
+        if 0 not in self.step_seconds:  # time plain steps first: the yardstick every k is weighed against
+            return 0
+        self.countdown -= 1
+        if self.countdown > 0:
+            return self.chosen
+        self.countdown = DECIDE_EVERY
+        self.chosen = self._best_k()
+        return self.chosen
+
+    def _best_k(self) -> int:
         rate = min(self.accepted / self.guessed, 0.99)
-        measured = min(self.step_seconds.items(), default=(0, 1.0))  # the smallest k timed so far
-        base = measured[1] / (1 + UNMEASURED_COST_PER_TOKEN * measured[0])  # what k = 0 would cost, by the model
+        base = self.step_seconds[0]
+        guessing = [k for k in self.step_seconds if k > 0]
+        # What one more guess costs: from the largest k timed (onnxruntime verifies a batch row by row, so for
+        # batches this is steep), else a prior.
+        slope = (max(0.0, (self.step_seconds[max(guessing)] - base) / max(guessing)) if guessing
+                 else UNMEASURED_COST_PER_TOKEN * base)
 
         def cost(k: int) -> float:
-            return self.step_seconds.get(k, base * (1 + UNMEASURED_COST_PER_TOKEN * k))
+            return self.step_seconds.get(k, base + slope * k)
 
         best = max(range(self.max_tokens + 1), key=lambda k: (1 - rate ** (k + 1)) / (1 - rate) / cost(k))
         if best == 0:
-            self.plain_steps += 1
-            if self.plain_steps % PROBE_EVERY == 0:
-                return min(1, self.max_tokens)
+            self.plain_decisions += 1
+            if self.plain_decisions % PROBE_EVERY == 0:  # now and then, see whether guessing pays again
+                return 1
         return best
 
-    def _learn(self, k: int, accepted: np.ndarray, guessed: list[int], seconds: float) -> None:
+    def _learn(self, k: int, accepted: list[int] | None, guessed: list[int], seconds: float) -> None:
         self.steps += 1
-        self.tokens += float(accepted.mean()) + 1
+        self.plain_steps += k == 0
+        self.tokens += 1 + (sum(accepted) / len(accepted) if accepted else 0)
         if k:
             # Guesses a row did not reach (after a wrong one) say nothing about the draft: count up to the first miss.
-            reached = np.minimum(np.array(guessed), accepted + 1)
-            self.accepted = 0.95 * self.accepted + int(accepted.sum())
-            self.guessed = 0.95 * self.guessed + max(1, int(reached.sum()))
+            reached = sum(min(g, a + 1) for g, a in zip(guessed, accepted))
+            self.accepted = 0.95 * self.accepted + sum(accepted)
+            self.guessed = 0.95 * self.guessed + max(1, reached)
+        if k not in self.warmed:  # a shape's first call builds its binding: not what later steps cost
+            self.warmed.add(k)
+            return
         previous = self.step_seconds.get(k)
         self.step_seconds[k] = seconds if previous is None else 0.9 * previous + 0.1 * seconds
 
 
 def verify(logits: np.ndarray, drafts: np.ndarray, sampler: Sampler,
-           streams: list) -> tuple[np.ndarray, list[list[int]]]:
+           streams: list) -> tuple[list[int], list[list[int]]]:
     """For (rows, k + 1, V) logits and (rows, k) guesses: how many guesses each row accepts, and the tokens it
     emits (its picks: the accepted guesses, then the model's own). One draw per pick, as plain decoding."""
     rows, k = drafts.shape
     if sampler.greedy:  # no draws: every position's pick at once
-        picks = np.argmax(logits, axis=-1)
-        accepted = np.cumprod(picks[:, :k] == drafts, axis=1).sum(axis=1) if k else np.zeros(rows, dtype=np.int64)
-        return accepted, [picks[row, :accepted[row] + 1].tolist() for row in range(rows)]
-    accepted, emitted = np.zeros(rows, dtype=np.int64), [[] for _ in range(rows)]
-    active = np.arange(rows)
+        picks, guesses = np.argmax(logits, axis=-1).tolist(), drafts.tolist()
+        accepted = []
+        for row_picks, row_guesses in zip(picks, guesses):
+            kept = 0
+            while kept < k and row_picks[kept] == row_guesses[kept]:
+                kept += 1
+            accepted.append(kept)
+        return accepted, [row_picks[:kept + 1] for row_picks, kept in zip(picks, accepted)]
+    accepted, emitted = [0] * rows, [[] for _ in range(rows)]
+    active = list(range(rows))
     for position in range(k + 1):
-        picks = sampler(logits[active, position], [streams[row] for row in active])
+        picks = sampler(logits[active, position], [streams[row] for row in active]).tolist()
+        still = []
         for row, pick in zip(active, picks):
-            emitted[row].append(int(pick))
-        if position == k:
-            break
-        hit = picks == drafts[active, position]
-        accepted[active[hit]] += 1
-        active = active[hit]
-        if not len(active):
+            emitted[row].append(pick)
+            if position < k and pick == drafts[row, position]:
+                accepted[row] += 1
+                still.append(row)
+        active = still
+        if not active:
             break
     return accepted, emitted

@@ -1,0 +1,200 @@
+"""Speculative decoding on trained weights: plain decoding, each draft, and CTranslate2, side by side.
+
+    pytest bench/test_speculative_throughput.py
+
+Drafts mean nothing on random weights, so the models are trained first, briefly,
+on a corpus every machine has offline (the Python language reference that
+ships with CPython, minigpt's own offline fallback; MINIGPT_BENCH_TEXT names
+another text file), and the n-gram table `minigpt train` stores comes with
+them. Trained checkpoints are kept in the cache folder between runs. With
+timing disabled (`--benchmark-disable`, as CI runs) the models train for a
+few steps and every equality below is still checked.
+
+Each group decodes the same prompts from the corpus's validation split, each
+to the end of the block (so CTranslate2, which cannot slide past it, does
+the same work), one prompt at a time (batch 1) or all at once (batch 8), and
+checks that every engine writes the same text: greedy text equal to plain
+decoding's and CTranslate2's, sampled text equal to plain sampling's for the
+seed. Ratios are to CTranslate2 fp32 (intra_threads=1, its best setting at
+batch 1 here) or, where it cannot take part (sampling), to plain decoding.
+"""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minigpt import Sampler
+from minigpt.data import FALLBACK_SOURCE, load_corpus
+from minigpt.decoding import generate_rows
+from minigpt.drafts import ContextDraft
+from minigpt.speculative import Speculator
+
+CONFIGS = {"default": dict(), "large": dict(block_size=256, embed_dim=384, num_heads=6, num_layers=6)}
+TRAINING = {"default": dict(steps=600, batch_size=32, learning_rate=2e-3),
+            "large": dict(steps=250, batch_size=16, learning_rate=1e-3)}
+PROMPT_CHARACTERS, PROMPTS = 16, 8
+SAMPLING = dict(temperature=0.8, top_p=0.95, seed=7)
+
+
+def timing(request) -> bool:
+    return not request.config.getoption("benchmark_disable", False)
+
+
+@pytest.fixture(scope="module")
+def corpus_source():
+    return os.environ.get("MINIGPT_BENCH_TEXT") or FALLBACK_SOURCE
+
+
+@pytest.fixture(scope="module")
+def trained(request, corpus_source, tmp_path_factory):
+    """config name -> (checkpoint path, onnx path, prompts as ids): trained once, kept in the cache folder."""
+    from minigpt.config import TrainConfig
+    from minigpt.encoded import cache_dir
+    from minigpt.export.onnx_export import export_onnx
+    from minigpt.train import train
+
+    made = {}
+
+    def get(name):
+        if name in made:
+            return made[name]
+        settings = dict(TRAINING[name]) if timing(request) else dict(TRAINING[name], steps=8)
+        stem = f"{name}-{settings['steps']}-{Path(corpus_source).name}"
+        folder = cache_dir() / "bench" if timing(request) else tmp_path_factory.mktemp(name)
+        folder.mkdir(parents=True, exist_ok=True)
+        checkpoint, graph = folder / f"{stem}.safetensors", folder / f"{stem}.onnx"
+        corpus = load_corpus(corpus_source)
+        if not checkpoint.exists():
+            config = TrainConfig(**settings, eval_interval=settings["steps"], eval_iters=2, warmup=20, device="cpu")
+            train(corpus, config, checkpoint, progress=False, force=True, **CONFIGS[name])
+        if not graph.exists():
+            export_onnx(checkpoint, graph, verify=False, force=True)
+        valid = corpus.split("valid")
+        starts = np.linspace(0, len(valid) - PROMPT_CHARACTERS - 1, PROMPTS if timing(request) else 2).astype(int)
+        prompts = [valid[start:start + PROMPT_CHARACTERS].astype(np.int64).tolist() for start in starts]
+        made[name] = checkpoint, graph, prompts
+        return made[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def engines(trained, tmp_path_factory):
+    """(engine name, config name) -> a callable(prompts, new_tokens, sampler) -> (rows, new_tokens) ids."""
+    from minigpt.export.onnx_engine import OnnxEngine
+
+    made = {}
+
+    def make(engine_name, config_name):
+        key = engine_name, config_name
+        if key in made:
+            return made[key]
+        checkpoint, graph, _ = trained(config_name)
+        if engine_name.startswith("ct2"):
+            pytest.importorskip("ctranslate2", reason="peer baseline: pip install ctranslate2 transformers")
+            from gpt2_peers import CTranslate2Peer
+
+            from minigpt.export.hf_export import export_hf
+
+            hf_dir = tmp_path_factory.mktemp(config_name) / "hf"
+            export_hf(checkpoint, hf_dir, verify=False)
+            peer = CTranslate2Peer(hf_dir, "float32" if engine_name == "ct2-fp32" else "int8")
+            made[key] = lambda prompts, count, sampler: peer.greedy(prompts, count)
+            return made[key]
+        engine = OnnxEngine(graph)
+        draft = {"onnx-ngram": engine.ngram_draft(), "onnx-context": ContextDraft()}.get(engine_name)
+
+        def run(prompts, count, sampler):
+            speculator = Speculator(draft) if draft is not None else None  # fresh: it learns within the call
+            return np.stack(list(generate_rows(engine, prompts, count, sampler, speculator)), axis=1)
+
+        made[key] = run
+        return made[key]
+
+    return make
+
+
+def decode(engine, prompts, count, sampler, batch):
+    """Every prompt's continuation, `batch` prompts at a time."""
+    return np.concatenate([engine(prompts[i:i + batch], count, sampler) for i in range(0, len(prompts), batch)])
+
+
+@pytest.fixture(scope="module")
+def plain(trained, engines):
+    """(config name, sampling options) -> plain decoding's ids for the config's prompts, made once."""
+    made = {}
+
+    def get(config_name, options, batch=1):
+        key = config_name, tuple(sorted(options.items()))
+        if key not in made:
+            _, _, prompts = trained(config_name)
+            count = CONFIGS[config_name].get("block_size", 128) - PROMPT_CHARACTERS
+            made[key] = decode(engines("onnx-plain", config_name), prompts, count, Sampler(**options), batch)
+        return made[key]
+
+    return get
+
+
+GREEDY_GROUPS = [("default", 1), ("default", 8), ("large", 1)]
+GREEDY_ENGINES = ["onnx-plain", "onnx-ngram", "onnx-context", "ct2-fp32", "ct2-int8"]
+
+
+@pytest.mark.parametrize("engine_name", GREEDY_ENGINES)
+@pytest.mark.parametrize("config_name,batch", GREEDY_GROUPS)
+def test_speculative_greedy(benchmark, record_throughput, trained, engines, plain, engine_name, config_name, batch):
+    benchmark.group = f"speculative {config_name} batch {batch}"
+    _, _, prompts = trained(config_name)
+    count = CONFIGS[config_name].get("block_size", 128) - PROMPT_CHARACTERS
+    engine = engines(engine_name, config_name)
+    rounds = 5 if config_name == "default" else 2
+    ids = benchmark.pedantic(decode, args=(engine, prompts, count, Sampler(temperature=0), batch), rounds=rounds,
+                             warmup_rounds=1)
+    if not engine_name.endswith("int8"):  # int8 weights round differently: their text may differ
+        expected = plain(config_name, dict(temperature=0))  # rows are independent: any batch, the same text
+        assert (ids == expected).all(), f"{int((ids == expected).sum())}/{expected.size} tokens equal plain decoding"
+    record_throughput(benchmark, engine_name, len(prompts) * count)
+
+
+@pytest.mark.parametrize("engine_name", ["onnx-plain", "onnx-ngram", "onnx-context"])
+def test_speculative_sampling(benchmark, record_throughput, trained, engines, plain, engine_name):
+    """Temperature 0.8, top-p 0.95, one seed: the same text as plain sampling, faster."""
+    benchmark.group = "speculative sampled default batch 1"
+    _, _, prompts = trained("default")
+    count = 128 - PROMPT_CHARACTERS
+    engine = engines(engine_name, "default")
+    ids = benchmark.pedantic(decode, args=(engine, prompts, count, Sampler(**SAMPLING), 1), rounds=5,
+                             warmup_rounds=1)
+    assert (ids == plain("default", SAMPLING)).all()
+    record_throughput(benchmark, engine_name, len(prompts) * count)
+
+
+@pytest.mark.parametrize("speculate", [False, True])
+def test_speculative_on_random_weights(benchmark, record_throughput, trained, tmp_path_factory, speculate):
+    """No draft is any good for an untrained model: speculation must cost (almost) nothing there."""
+    import torch
+
+    from minigpt import MiniGPT, load_checkpoint, save_checkpoint
+    from minigpt.export.onnx_engine import OnnxEngine
+    from minigpt.export.onnx_export import export_onnx
+
+    benchmark.group = "speculative random weights default batch 1"
+    checkpoint, _, prompts = trained("default")
+    folder = tmp_path_factory.mktemp("random")
+    loaded = load_checkpoint(checkpoint)
+    torch.manual_seed(0)
+    save_checkpoint(folder / "random.safetensors", MiniGPT(loaded.model.config), loaded.tokenizer,
+                    draft=loaded.ngram_draft())
+    export_onnx(folder / "random.safetensors", folder / "random.onnx", verify=False)
+    engine = OnnxEngine(folder / "random.onnx")
+    count = 128 - PROMPT_CHARACTERS
+
+    def run():
+        speculator = Speculator(engine.ngram_draft()) if speculate else None
+        return np.concatenate([np.stack(list(generate_rows(engine, [prompt], count, Sampler(temperature=0),
+                                                           speculator)), axis=1) for prompt in prompts])
+
+    ids = benchmark.pedantic(run, rounds=5, warmup_rounds=1)
+    assert ids.shape == (len(prompts), count)
+    record_throughput(benchmark, "onnx-ngram" if speculate else "onnx-plain", len(prompts) * count)
