@@ -57,7 +57,7 @@ class Speculator:
     def __init__(self, draft, max_tokens: int = 4):
         self.draft, self.max_tokens = draft, max_tokens
         self.steps, self.tokens = 0, 0.0  # verify steps, and tokens a row emitted in them, for the report
-        self.accepted, self.guessed = 1.0, 2.0  # a prior of one accepted guess in two
+        self.accepted, self.guessed = 0.5, 1.0  # a weak prior: one guess, half right
         self.step_seconds: dict[int, float] = {}  # measured time of a step at each k (moving average)
         self.warmed: set[int] = set()
         self.plain_steps = self.plain_decisions = 0  # steps run at k = 0, and decisions for it
@@ -94,8 +94,9 @@ class Speculator:
             if k:
                 k = min(k, rows.make_room() - 1)
             if k == 0:  # a plain step, as lean as plain decoding's
-                pending = sampler(rows.decode(pending), streams)
+                logits = rows.decode(pending)
                 self._learn(0, None, [], time.perf_counter() - started)
+                pending = sampler(logits, streams)
                 emitted = None
             else:
                 emitted = self._verify_step(rows, pending, k, sampler, streams, started)
@@ -124,10 +125,12 @@ class Speculator:
         for row, guess in enumerate(guesses):
             ids[row, 1:len(guess) + 1] = guess  # a short guess is padded: a padded guess is verified like any
         logits = rows.extend(ids)
+        # Timed to here: what guessing costs. Picking tokens costs the same per token as in plain decoding.
+        seconds = time.perf_counter() - started
         accepted, emitted = verify(logits, ids[:, 1:], sampler, streams)
         for row, kept in enumerate(accepted):
             rows.roll_back(row, lengths[row] + 1 + kept)
-        self._learn(k, accepted, [len(guess) for guess in guesses], time.perf_counter() - started)
+        self._learn(k, accepted, [len(guess) for guess in guesses], seconds)
         return emitted
 
     def _choose_k(self) -> int:
@@ -157,7 +160,8 @@ class Speculator:
         best = max(range(self.max_tokens + 1), key=lambda k: (1 - rate ** (k + 1)) / (1 - rate) / cost(k))
         if best == 0:
             self.plain_decisions += 1
-            if self.plain_decisions % PROBE_EVERY == 0:  # now and then, see whether guessing pays again
+            if self.plain_decisions % PROBE_EVERY == 0:  # now and then, one step sees whether guessing pays again
+                self.countdown = 1
                 return 1
         return best
 
