@@ -188,10 +188,10 @@ def test_speculative_on_random_weights(benchmark, record_throughput, trained, tm
                     draft=loaded.ngram_draft())
     export_onnx(folder / "random.safetensors", folder / "random.onnx", verify=False)
     engine = OnnxEngine(folder / "random.onnx")
-    count = 128 - PROMPT_CHARACTERS
+    draft, count = engine.ngram_draft(), 128 - PROMPT_CHARACTERS
 
     def run():
-        speculator = Speculator(engine.ngram_draft()) if speculate else None
+        speculator = Speculator(draft) if speculate else None
         return np.concatenate([np.stack(list(generate_rows(engine, [prompt], count, Sampler(temperature=0),
                                                            speculator)), axis=1) for prompt in prompts])
 
