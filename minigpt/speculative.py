@@ -32,7 +32,7 @@ from minigpt.decoding import Rows
 from minigpt.sampling import Sampler
 
 DECIDE_EVERY = 4  # steps between choices of k
-PROBE_EVERY = 16  # decisions for k = 0 before one step guesses again, to notice a draft that became useful
+PROBE_EVERY = 8  # decisions for k = 0 (16 steps each) before guessing again, to notice a draft that helps now
 UNMEASURED_COST_PER_TOKEN = 0.2  # a step's cost per extra token until measured (onnxruntime: ~0.15-0.2)
 
 
@@ -93,13 +93,12 @@ class Speculator:
             k = self._choose_k()
             if k:
                 k = min(k, rows.make_room() - 1)
-            if k == 0:  # a plain step, as lean as plain decoding's
+            emitted = self._verify_step(rows, pending, k, sampler, streams, started) if k else None
+            if emitted is None:  # a plain step, as lean as plain decoding's
                 logits = rows.decode(pending)
                 self._learn(0, None, [], time.perf_counter() - started)
                 pending = sampler(logits, streams)
-                emitted = None
             else:
-                emitted = self._verify_step(rows, pending, k, sampler, streams, started)
                 pending = np.array([tokens[-1] for tokens in emitted], dtype=np.int64)
             if emitted is None and not any(ready):
                 yield pending.copy()
@@ -114,12 +113,15 @@ class Speculator:
     def _verify_step(self, rows: Rows, pending: np.ndarray, k: int, sampler: Sampler, streams: list,
                      started: float) -> list[list[int]]:
         """Write each row's next token and up to k guesses after it, verify them; return each row's emitted
-        tokens (its new pending one last)."""
+        tokens (its new pending one last), or None when the draft had no guess (a plain step then)."""
         lengths = rows.lengths[:rows.count].tolist()
         for row, length in enumerate(lengths):  # where extend writes it: the drafts see it there
             rows.tokens[row, length] = pending[row]
         guesses = [self.draft.propose(rows.tokens[row, :length + 1], k) for row, length in enumerate(lengths)]
         k = max(map(len, guesses))
+        if k == 0:  # nothing to verify: a miss for every row
+            self.accepted, self.guessed = 0.95 * self.accepted, 0.95 * self.guessed + rows.count
+            return None
         ids = np.zeros((rows.count, k + 1), dtype=np.int64)
         ids[:, 0] = pending
         for row, guess in enumerate(guesses):
@@ -141,8 +143,8 @@ class Speculator:
         self.countdown -= 1
         if self.countdown > 0:
             return self.chosen
-        self.countdown = DECIDE_EVERY
         self.chosen = self._best_k()
+        self.countdown = DECIDE_EVERY if self.chosen else 4 * DECIDE_EVERY  # plain stays plain a while
         return self.chosen
 
     def _best_k(self) -> int:
@@ -160,8 +162,7 @@ class Speculator:
         best = max(range(self.max_tokens + 1), key=lambda k: (1 - rate ** (k + 1)) / (1 - rate) / cost(k))
         if best == 0:
             self.plain_decisions += 1
-            if self.plain_decisions % PROBE_EVERY == 0:  # now and then, one step sees whether guessing pays again
-                self.countdown = 1
+            if self.plain_decisions % PROBE_EVERY == 0:  # now and then, a few steps see whether guessing pays
                 return 1
         return best
 
