@@ -168,6 +168,8 @@ BAD_REQUESTS = [
     ({"max_tokens": True}, 400, "max_tokens", "must be an integer"),
     ({"temperature": -1}, 400, "temperature", "temperature must be >= 0"),
     ({"temperature": "hot"}, 400, "temperature", "must be a number"),
+    ({"temperature": 2.5}, 400, "temperature", "from 0 to 2"),
+    ({"temperature": 10**400}, 400, "temperature", "from 0 to 2"),  # once an OverflowError that stopped the engine
     ({"top_p": 1.5}, 400, "top_p", "top_p must be in (0, 1]"),
     ({"seed": -1}, 400, "seed", "seed must be an integer from 0"),
     ({"n": 0}, 400, "n", "(this server's --max-batch)"),
@@ -201,6 +203,32 @@ def test_malformed_and_oversized_bodies(server):
     assert status == 400 and "byte limit" in body["error"]["message"]
     status, body, _ = server.post([1, 2])
     assert status == 400 and "JSON object" in body["error"]["message"]
+
+
+def test_bodies_that_once_broke_the_server_get_400_and_it_keeps_serving(server):
+    """An integer beyond float range as temperature (it raised OverflowError in the scheduler and every later
+    request got 503), Infinity, an integer of 5,000 digits, arrays nested 100,000 deep: each a 400 in OpenAI's
+    shape, and a greedy request afterwards still gets its text."""
+    before = server.post({"model": MODEL_ID, "prompt": "the ", "max_tokens": 12, "temperature": 0})[1]
+    for raw in (b'{"model": "tiny", "prompt": "the ", "max_tokens": 5, "temperature": 1' + b"0" * 309 + b"}",
+                b'{"model": "tiny", "prompt": "the ", "max_tokens": 5, "temperature": Infinity}',
+                b'{"model": "tiny", "prompt": "the ", "max_tokens": 1' + b"0" * 5000 + b"}",
+                b"[" * 100_000 + b"]" * 100_000):
+        status, body, _ = server.post(raw)
+        assert status == 400 and body["error"]["type"] == "invalid_request_error", body
+        assert server.get("/health")[0] == 200
+    after = server.post({"model": MODEL_ID, "prompt": "the ", "max_tokens": 12, "temperature": 0})[1]
+    assert after["choices"][0]["text"] == before["choices"][0]["text"]
+
+
+def test_unknown_routes_methods_and_chat_answer_in_openais_error_shape(server):
+    for method, path, status, fragment in (("GET", "/v1/nothing", 404, "no route /v1/nothing"),
+                                           ("GET", "/v1/completions", 405, "GET is not allowed"),
+                                           ("POST", "/v1/chat/completions", 404, "is a completion model")):
+        code, text, _ = server.request(method, path, {"model": MODEL_ID, "messages": []})
+        assert code == status and fragment in json.loads(text)["error"]["message"], text
+    with pytest.raises(openai.NotFoundError, match="completion model"):
+        server.client().chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "hi"}])
 
 
 def test_models_health_and_metrics(server):
@@ -360,6 +388,44 @@ def test_an_engine_that_fails_ends_its_requests_with_500_and_later_ones_with_503
         status, body, _ = probe.post({"model": MODEL_ID, "prompt": "a", "max_tokens": 10})
         assert status == 503 and body["error"]["code"] == "engine_stopped", body
         assert probe.get("/health")[0] == 503
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_request_whose_sampling_fails_fails_alone(onnx_model, wait_for, free_port, monkeypatch):
+    """In process: sampling breaks for one request's parameters; it gets a 500, the others go on."""
+    import threading
+
+    import uvicorn
+
+    from minigpt.export.onnx_engine import OnnxEngine
+    from minigpt.sampling import Sampler
+    from minigpt.serve import create_app
+
+    real = Sampler.__call__
+
+    def fragile(self, logits, streams=None):
+        if self.temperature == 1.25:
+            raise FloatingPointError("a broken sampler")
+        return real(self, logits, streams)
+
+    monkeypatch.setattr(Sampler, "__call__", fragile)
+    engine = OnnxEngine(onnx_model)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, engine.tokenizer, model_id=MODEL_ID), port=port,
+                                           log_level="critical", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        probe = Client(port)
+        assert wait_for(probe.healthy, timeout=30)
+        status, body, _ = probe.post({"model": MODEL_ID, "prompt": "a", "max_tokens": 10, "temperature": 1.25})
+        assert status == 500 and "sampling failed for this request" in body["error"]["message"], body
+        status, body, _ = probe.post({"model": MODEL_ID, "prompt": "a", "max_tokens": 10, "temperature": 0})
+        assert status == 200 and body["usage"]["completion_tokens"] == 10, body
+        assert probe.get("/health")[0] == 200
     finally:
         server.should_exit = True
         thread.join(timeout=30)

@@ -81,6 +81,19 @@ class CompletionsAPI:
         self.metrics.answered(200)
         return JSONResponse(completion_body(completion_id, created, self.model_id, texts, reasons, job_usage(job)))
 
+    async def chat(self, request):
+        return self.fail(RequestError(f"{self.model_id!r} is a completion model: it continues text and has no chat "
+                                      "template; send a prompt to /v1/completions", status=404,
+                                      code="model_not_chat"))
+
+    async def not_found(self, request, exc):
+        return self.fail(RequestError(f"no route {request.url.path}; this server has POST /v1/completions, GET "
+                                      "/v1/models, /health and /metrics", status=404, code="not_found"))
+
+    async def not_allowed(self, request, exc):
+        return self.fail(RequestError(f"{request.method} is not allowed on {request.url.path}", status=405,
+                                      code="method_not_allowed"))
+
     async def models(self, request):
         from starlette.responses import JSONResponse
 
@@ -111,8 +124,9 @@ async def read_json(request):
             raise RequestError(f"the request body is over the {MAX_BODY_BYTES:,}-byte limit")
     try:
         return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RequestError(f"the request body is not valid JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, an integer of over 4,300 digits, deep nesting
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise RequestError(f"the request body is not valid JSON ({reason})") from None
 
 
 def job_usage(job: Job) -> dict:
@@ -204,9 +218,11 @@ def create_app(engine: Engine, tokenizer: CharTokenizer, *, model_id: str, max_b
         scheduler.stop()
 
     app = Starlette(routes=[Route("/v1/completions", api.completions, methods=["POST"]),
+                            Route("/v1/chat/completions", api.chat, methods=["POST"]),
                             Route("/v1/models", api.models, methods=["GET"]),
                             Route("/health", api.health, methods=["GET"]),
-                            Route("/metrics", api.prometheus, methods=["GET"])], lifespan=lifespan)
+                            Route("/metrics", api.prometheus, methods=["GET"])], lifespan=lifespan,
+                    exception_handlers={404: api.not_found, 405: api.not_allowed})
     app.state.scheduler, app.state.metrics = scheduler, metrics
     return app
 

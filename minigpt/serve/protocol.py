@@ -7,6 +7,7 @@ a socket, so every rule of the API can be read (and tested) on its own.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 from minigpt.decoding import prompt_ids
@@ -15,6 +16,7 @@ from minigpt.sampling import Sampler
 from minigpt.tokenizer import CharTokenizer
 
 MAX_STOP_STRINGS = 4  # as OpenAI's API
+MAX_TEMPERATURE = 2  # likewise
 UNSUPPORTED = {"logprobs": None, "echo": False, "suffix": None, "best_of": None, "frequency_penalty": 0,
                "presence_penalty": 0, "logit_bias": None}  # fields accepted only at their neutral value
 
@@ -124,6 +126,12 @@ def _parse_sampler(body: dict) -> Sampler:
                 "top_k": _typed(body, "top_k", (int,), None, "an integer"),
                 "top_p": _typed(body, "top_p", (int, float), None, "a number"),
                 "seed": _typed(body, "seed", (int,), None, "an integer")}
+    temperature = sampling["temperature"]
+    # OpenAI's range, checked before anything turns the number into a float: an integer of 2**1024 or
+    # more, or Infinity, would otherwise reach the sampler.
+    if temperature > MAX_TEMPERATURE or isinstance(temperature, float) and not math.isfinite(temperature):
+        raise RequestError(f"temperature must be a number from 0 to {MAX_TEMPERATURE} (0 is greedy), as in "
+                           f"OpenAI's API; got {json.dumps(temperature)[:40]}", "temperature")
     try:
         return Sampler(**sampling)
     except ConfigError as exc:  # the CLI's checks and messages, naming the field at fault

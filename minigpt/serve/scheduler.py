@@ -178,8 +178,19 @@ class Scheduler:
             rows_alike.setdefault((sampler.temperature, sampler.top_k, sampler.top_p), []).append(row)
         for rows in rows_alike.values():
             sampler = running[rows[0]][0].request.sampler
-            ids[rows] = sampler(logits[rows], [running[row][1].stream for row in rows])
+            try:
+                ids[rows] = sampler(logits[rows], [running[row][1].stream for row in rows])
+            except Exception as exc:  # these requests alone fail (500); their rows are freed, the rest go on
+                ids[rows] = 0
+                for job in {id(running[row][0]): running[row][0] for row in rows}.values():
+                    self._fail(job, f"sampling failed for this request: {exc!r}")
         return ids
+
+    @staticmethod
+    def _fail(job: Job, message: str) -> None:
+        if not job.cancelled:
+            job.cancel()
+            job.loop.call_soon_threadsafe(job.events.put_nowait, RuntimeError(message))
 
     def _deliver(self, ids: np.ndarray) -> None:
         now = time.perf_counter()
