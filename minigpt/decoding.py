@@ -189,10 +189,6 @@ class Rows:
         """Keep only row's first `length` positions (the engine overwrites the rest when it next writes)."""
         self.lengths[row] = length
 
-    def history(self, row: int) -> np.ndarray:
-        """The tokens row holds (its context window)."""
-        return self.tokens[row, :self.lengths[row]]
-
     def _restart_full_rows(self) -> None:
         full = np.flatnonzero(self.lengths[:self.count] == self.block)
         # Neighbouring full rows (the samples of one prompt, say) restart in one prefill.

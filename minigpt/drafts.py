@@ -123,7 +123,7 @@ class ContextDraft:
     def __init__(self, match: int = 3):
         self.match = match
 
-    def propose(self, history: list[int], k: int) -> list[int]:
+    def propose(self, history: np.ndarray, k: int) -> list[int]:
         tokens = np.asarray(history)
         for match in range(min(self.match, len(tokens) - 1), 0, -1):
             tail = tokens[-match:]

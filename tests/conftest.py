@@ -61,6 +61,45 @@ def one_line_error():
     return lambda code, out, err, *fragments: _one_line_error(code, out, err, fragments)
 
 
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_checkpoint):
+    """The tiny checkpoint, loaded once (model, tokenizer, its n-gram draft table)."""
+    from minigpt import load_checkpoint
+
+    return load_checkpoint(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint exported to ONNX once."""
+    from minigpt.cli import main
+
+    out = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    assert main(["export", "--onnx", "--no-verify", "--checkpoint", str(tiny_checkpoint), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture
+def make_engine(tiny_loaded, tiny_onnx):
+    """make_engine(name): a fresh engine over the tiny model: "recompute", "kv-cache", "kv-cache-triton" (the
+    Triton kernels, through the interpreter here) or "onnx"."""
+    from minigpt.export.onnx_engine import OnnxEngine
+    from minigpt.generation import KVCacheEngine, RecomputeEngine
+
+    model = tiny_loaded.model
+
+    def make(name):
+        if name == "onnx":
+            return OnnxEngine(tiny_onnx)
+        if name == "recompute":
+            return RecomputeEngine(model)
+        model.set_attention_backend("triton" if name == "kv-cache-triton" else "torch")
+        return KVCacheEngine(model)
+
+    yield make
+    model.set_attention_backend("auto")
+
+
 @pytest.fixture
 def cli_error(capsys):
     """cli_error(argv, *fragments): run the CLI in this process and hold it to the bad-input contract."""

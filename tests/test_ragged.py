@@ -3,44 +3,16 @@
 import numpy as np
 import pytest
 
-from minigpt import load_checkpoint
 from minigpt.cli import main
 from minigpt.decoding import Rows, generate_rows, prefill
 from minigpt.errors import MiniGPTError
-from minigpt.export.onnx_engine import OnnxEngine
-from minigpt.generation import KVCacheEngine, RecomputeEngine
+from minigpt.generation import KVCacheEngine
 from minigpt.sampling import Sampler
 
 BLOCK = 16  # TINY_MODEL's block_size
 # One token, a few, exactly a block, and longer than a block: rows fill up and restart at different steps.
 PROMPT_LENGTHS = [1, 7, BLOCK, BLOCK + 7]
 NEW_TOKENS = 2 * BLOCK + 3
-
-
-@pytest.fixture(scope="module")
-def model(tiny_checkpoint):
-    return load_checkpoint(tiny_checkpoint).model
-
-
-@pytest.fixture(scope="module")
-def onnx_path(tiny_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ragged") / "tiny.onnx"
-    assert main(["export", "--onnx", "--checkpoint", str(tiny_checkpoint), "--out", str(out)]) == 0
-    return out
-
-
-@pytest.fixture
-def make_engine(model, onnx_path):
-    def make(name):
-        if name == "onnx":
-            return OnnxEngine(onnx_path)
-        if name == "recompute":
-            return RecomputeEngine(model)
-        model.set_attention_backend("triton" if name == "kv-cache-triton" else "torch")
-        return KVCacheEngine(model)
-
-    yield make
-    model.set_attention_backend("auto")
 
 
 def prompts(lengths, seed=0):
@@ -111,19 +83,19 @@ def test_prefill_outside_the_batch_or_past_the_block_is_a_clear_error(make_engin
         engine.extend(np.zeros((1, 2), dtype=np.int64), np.array([BLOCK - 1]))
 
 
-def test_an_empty_prompt_in_a_batch_is_a_clear_error(model):
+def test_an_empty_prompt_in_a_batch_is_a_clear_error(tiny_loaded):
     with pytest.raises(MiniGPTError, match="at least one token"):
-        list(generate_rows(KVCacheEngine(model), [[1, 2], []], 3, Sampler(temperature=0)))
+        list(generate_rows(KVCacheEngine(tiny_loaded.model), [[1, 2], []], 3, Sampler(temperature=0)))
 
 
-def test_cli_threads_flag(tiny_checkpoint, onnx_path, capsys):
+def test_cli_threads_flag(tiny_checkpoint, tiny_onnx, capsys):
     outputs = []
-    for flags in (["--checkpoint", str(tiny_checkpoint), "--threads", "1"], ["--model", str(onnx_path)],
-                  ["--model", str(onnx_path), "--threads", "2"]):
+    for flags in (["--checkpoint", str(tiny_checkpoint), "--threads", "1"], ["--model", str(tiny_onnx)],
+                  ["--model", str(tiny_onnx), "--threads", "2"]):
         assert main(["generate", *flags, "--prompt", "the", "--max-new-tokens", "20", "--temperature", "0"]) == 0
         outputs.append(capsys.readouterr().out)
     assert outputs[0] == outputs[1] == outputs[2]
-    for model_flags in (["--checkpoint", str(tiny_checkpoint)], ["--model", str(onnx_path)]):
+    for model_flags in (["--checkpoint", str(tiny_checkpoint)], ["--model", str(tiny_onnx)]):
         assert main(["generate", *model_flags, "--threads", "0"]) == 2
         out, err = capsys.readouterr()
         assert out == "" and len(err.strip().splitlines()) == 1 and "threads" in err

@@ -2,6 +2,7 @@
 raw HTTP for what a client library hides, and the signals an operator sends."""
 
 import concurrent.futures
+import contextlib
 import http.client
 import json
 import os
@@ -76,6 +77,29 @@ class Server(Client):
             self.process.send_signal(signal.SIGTERM)
         out, err = self.process.communicate(timeout=timeout)
         return self.process.returncode, err
+
+
+@contextlib.contextmanager
+def in_process(engine, port, wait_for):
+    """The app around `engine` served by uvicorn on a thread of this process (so a test can break the engine or
+    the sampler); yields a Client once /health answers."""
+    import threading
+
+    import uvicorn
+
+    from minigpt.serve import create_app
+
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, engine.tokenizer, model_id=MODEL_ID), port=port,
+                                           log_level="critical", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        probe = Client(port)
+        assert wait_for(probe.healthy, timeout=30)
+        yield probe
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -358,12 +382,7 @@ def test_bad_serve_flags_are_one_line_errors(onnx_model, cli_error, cli_without)
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the failure, as logged
 def test_an_engine_that_fails_ends_its_requests_with_500_and_later_ones_with_503(onnx_model, wait_for, free_port):
     """In process: the app around an engine whose decode breaks on its third step."""
-    import threading
-
-    import uvicorn
-
     from minigpt.export.onnx_engine import OnnxEngine
-    from minigpt.serve import create_app
 
     class Breaking(OnnxEngine):
         steps = 0
@@ -374,35 +393,19 @@ def test_an_engine_that_fails_ends_its_requests_with_500_and_later_ones_with_503
                 raise RuntimeError("a broken engine")
             return super().extend(ids, start_pos, first_row)
 
-    engine = Breaking(onnx_model)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, engine.tokenizer, model_id=MODEL_ID), port=port,
-                                           log_level="critical", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        probe = Client(port)
-        assert wait_for(probe.healthy, timeout=30)
+    with in_process(Breaking(onnx_model), free_port(), wait_for) as probe:
         status, body, _ = probe.post({"model": MODEL_ID, "prompt": "a", "max_tokens": 10})
         assert status == 500 and "the engine failed" in body["error"]["message"], body
         status, body, _ = probe.post({"model": MODEL_ID, "prompt": "a", "max_tokens": 10})
         assert status == 503 and body["error"]["code"] == "engine_stopped", body
         assert probe.get("/health")[0] == 503
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_request_whose_sampling_fails_fails_alone(onnx_model, wait_for, free_port, monkeypatch):
     """In process: sampling breaks for one request's parameters; it gets a 500, the others go on."""
-    import threading
-
-    import uvicorn
-
     from minigpt.export.onnx_engine import OnnxEngine
     from minigpt.sampling import Sampler
-    from minigpt.serve import create_app
 
     real = Sampler.__call__
 
@@ -412,23 +415,12 @@ def test_a_request_whose_sampling_fails_fails_alone(onnx_model, wait_for, free_p
         return real(self, logits, streams)
 
     monkeypatch.setattr(Sampler, "__call__", fragile)
-    engine = OnnxEngine(onnx_model)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, engine.tokenizer, model_id=MODEL_ID), port=port,
-                                           log_level="critical", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        probe = Client(port)
-        assert wait_for(probe.healthy, timeout=30)
+    with in_process(OnnxEngine(onnx_model), free_port(), wait_for) as probe:
         status, body, _ = probe.post({"model": MODEL_ID, "prompt": "a", "max_tokens": 10, "temperature": 1.25})
         assert status == 500 and "sampling failed for this request" in body["error"]["message"], body
         status, body, _ = probe.post({"model": MODEL_ID, "prompt": "a", "max_tokens": 10, "temperature": 0})
         assert status == 200 and body["usage"]["completion_tokens"] == 10, body
         assert probe.get("/health")[0] == 200
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def test_a_stopped_server_can_start_again_on_its_port_at_once(onnx_model, free_port):

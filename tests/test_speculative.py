@@ -9,39 +9,12 @@ from minigpt.cli import main
 from minigpt.decoding import generate_rows, prefill
 from minigpt.drafts import ContextDraft, NGramDraft
 from minigpt.export.onnx_engine import OnnxEngine
-from minigpt.generation import KVCacheEngine, RecomputeEngine
 from minigpt.sampling import Sampler
 from minigpt.speculative import Speculator
 
 BLOCK = 16  # the tiny model's block_size
 PROMPT_LENGTHS = [1, 7, BLOCK, BLOCK + 7]  # rows fill up and restart at different steps
 NEW_TOKENS = 2 * BLOCK + 3
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tiny_checkpoint):
-    return load_checkpoint(tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def onnx_path(tiny_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("speculative") / "tiny.onnx"
-    assert main(["export", "--onnx", "--no-verify", "--checkpoint", str(tiny_checkpoint), "--out", str(out)]) == 0
-    return out
-
-
-@pytest.fixture
-def make_engine(checkpoint, onnx_path):
-    def make(name):
-        if name == "onnx":
-            return OnnxEngine(onnx_path)
-        if name == "recompute":
-            return RecomputeEngine(checkpoint.model)
-        checkpoint.model.set_attention_backend("triton" if name == "kv-cache-triton" else "torch")
-        return KVCacheEngine(checkpoint.model)
-
-    yield make
-    checkpoint.model.set_attention_backend("auto")
 
 
 class WrongDraft:
@@ -90,8 +63,8 @@ def test_an_extend_of_k_tokens_equals_k_decode_steps_in_ragged_rows_and_rolls_ba
 
 @pytest.mark.parametrize("engine_name", ["recompute", "kv-cache", "onnx"])
 @pytest.mark.parametrize("draft_name", ["ngram", "context", "wrong"])
-def test_speculative_greedy_tokens_equal_plain_decoding(make_engine, checkpoint, engine_name, draft_name):
-    draft = {"ngram": checkpoint.ngram_draft(), "context": ContextDraft(), "wrong": WrongDraft()}[draft_name]
+def test_speculative_greedy_tokens_equal_plain_decoding(make_engine, tiny_loaded, engine_name, draft_name):
+    draft = {"ngram": tiny_loaded.ngram_draft(), "context": ContextDraft(), "wrong": WrongDraft()}[draft_name]
     rows = prompts(PROMPT_LENGTHS)
     plain = tokens(make_engine(engine_name), rows, Sampler(temperature=0))
     speculator = Speculator(draft, max_tokens=4)
@@ -105,10 +78,10 @@ def test_speculative_greedy_tokens_equal_plain_decoding(make_engine, checkpoint,
 @pytest.mark.parametrize("engine_name", ["kv-cache", "onnx"])
 @pytest.mark.parametrize("options", [dict(temperature=0.8, top_p=0.95, seed=3), dict(temperature=1.3, top_k=5,
                                                                                     seed=11)])
-def test_speculative_sampling_equals_plain_sampling_for_a_seed(make_engine, checkpoint, engine_name, options):
+def test_speculative_sampling_equals_plain_sampling_for_a_seed(make_engine, tiny_loaded, engine_name, options):
     rows = prompts([4, 4, 9], seed=2)
     plain = tokens(make_engine(engine_name), rows, Sampler(**options))
-    for draft in (checkpoint.ngram_draft(), ContextDraft(), WrongDraft()):
+    for draft in (tiny_loaded.ngram_draft(), ContextDraft(), WrongDraft()):
         assert tokens(make_engine(engine_name), rows, Sampler(**options), Speculator(draft, 6)) == plain
         for row in rows:  # alone, each row draws from stream 0 of the seed
             alone = tokens(make_engine(engine_name), [row], Sampler(**options), Speculator(draft, 6))[0]
@@ -156,15 +129,15 @@ def test_the_ngram_table_predicts_its_own_text():
     assert again.table == draft.table and again.order == 3
 
 
-def test_a_trained_checkpoint_carries_its_table_into_the_onnx_export(checkpoint, onnx_path):
-    ngram = checkpoint.ngram_draft()
+def test_a_trained_checkpoint_carries_its_table_into_the_onnx_export(tiny_loaded, tiny_onnx):
+    ngram = tiny_loaded.ngram_draft()
     assert ngram is not None and len(ngram.table) > 20
-    assert OnnxEngine(onnx_path).ngram_draft().table == ngram.table
+    assert OnnxEngine(tiny_onnx).ngram_draft().table == ngram.table
 
 
-def test_generate_prints_the_same_text_with_every_draft(tiny_checkpoint, onnx_path, tmp_path, capsys, cli_error):
+def test_generate_prints_the_same_text_with_every_draft(tiny_checkpoint, tiny_onnx, tmp_path, capsys, cli_error):
     outputs = []
-    for model in (["--checkpoint", str(tiny_checkpoint)], ["--model", str(onnx_path)]):
+    for model in (["--checkpoint", str(tiny_checkpoint)], ["--model", str(tiny_onnx)]):
         for draft in ("none", "auto", "ngram", "context"):
             argv = ["generate", *model, "--prompt", "the ", "--max-new-tokens", "60", "--draft", draft]
             for sampling in (["--temperature", "0"], ["--temperature", "0.9", "--top-p", "0.9", "--seed", "5"]):
