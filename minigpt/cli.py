@@ -327,11 +327,15 @@ def _serve(args: argparse.Namespace) -> None:
             raise MiniGPTError(f"cannot listen on {args.host}:{args.port} ({exc.strerror}); choose another --port "
                                "or --host") from None
     from minigpt.serve import serve
+    from minigpt.serve.protocol import lm_eval_model_args
 
     engine, tokenizer, _ = _engine_for(args)
     model_id = Path(args.checkpoint).stem
     print(f"minigpt: serving {model_id!r} ({type(engine).__name__}, {args.max_batch} rows) at "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    print(f"minigpt: lm-eval scores it with --model local-completions --model_args "
+          f"{lm_eval_model_args(model_id, f'http://{args.host}:{args.port}/v1', tokenizer, engine.block_size)}",
+          file=sys.stderr, flush=True)
     serve(engine, tokenizer, model_id=model_id, host=args.host, port=args.port, max_batch=args.max_batch,
           max_queue=args.max_queue, api_key=args.api_key or os.environ.get("MINIGPT_API_KEY") or None,
           max_tokens_limit=args.max_tokens, shutdown_timeout=args.shutdown_timeout)
@@ -392,8 +396,11 @@ def _export(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     import math
 
+    import numpy as np
+
     from minigpt.checkpoint import load_checkpoint
     from minigpt.data import load_corpus, load_recorded_corpus
+    from minigpt.decoding import EMPTY_PROMPT
     from minigpt.devices import resolve_device
     from minigpt.train import evaluate_split, split_ids
 
@@ -401,6 +408,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     corpus = (load_corpus(args.data, args.cache_dir) if args.data
               else load_recorded_corpus(checkpoint.metadata, args.cache_dir))
     ids = split_ids(corpus, "".join(checkpoint.tokenizer.chars), args.split, 1)
+    if EMPTY_PROMPT in checkpoint.tokenizer:  # every character scored, the first after a newline, as a text begins
+        ids = np.concatenate([[checkpoint.tokenizer.id_of(EMPTY_PROMPT)], ids])
     loss = evaluate_split(checkpoint.model, ids, args.batch_size)
     print(f"{args.split}: loss {loss:.4f} nats, {loss / math.log(2):.4f} bits/char "
           f"over {len(ids) - 1:,} characters of {corpus.source}")

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
@@ -33,8 +32,9 @@ from minigpt.devices import resolve_device
 from minigpt.drafts import NGramDraft
 from minigpt.encoded import EncodedCorpus
 from minigpt.errors import DataError, MiniGPTError
-from minigpt.generation import generate
+from minigpt.generation import KVCacheEngine, generate
 from minigpt.model import MiniGPT
+from minigpt.scoring import score
 from minigpt.tokenizer import CharTokenizer
 from minigpt.training_checks import (NonFiniteLoss, StopSignals, TrainingInterrupted, check_compiler,
                                      check_one_start, check_out_path, check_resumable, flag_list, metrics_path_for,
@@ -124,25 +124,13 @@ def estimate_loss(model: MiniGPT, ids: np.ndarray, config: TrainConfig, device: 
     return sum(losses) / len(losses)
 
 
-@torch.no_grad()
 def evaluate_split(model: MiniGPT, ids: np.ndarray, batch_size: int = 64) -> float:
-    """Mean next-token loss (nats) over a whole split, read in consecutive block_size windows."""
-    block = model.config.block_size
-    device = next(model.parameters()).device
+    """Mean next-token loss (nats) over a whole split, read in consecutive block_size windows, `batch_size` of
+    them a pass: the scoring the server's `echo` and lm-eval share (`minigpt.scoring`)."""
     model.eval()
-    num_full = (len(ids) - 1) // block
-    inputs = ids[:num_full * block].reshape(num_full, block)
-    targets = ids[1:num_full * block + 1].reshape(num_full, block)
-    batches = [(inputs[i:i + batch_size], targets[i:i + batch_size]) for i in range(0, num_full, batch_size)]
-    if len(ids) - 1 > num_full * block:  # the short last window
-        batches.append((ids[num_full * block:-1][None], ids[num_full * block + 1:][None]))
-    total = 0.0
-    for x, y in batches:
-        x, y = (torch.from_numpy(a.astype(np.int64)).to(device) for a in (x, y))
-        with autocast_for(device):
-            logits, _ = model(x)
-        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
-    return total / (len(ids) - 1)
+    engine = KVCacheEngine(model)
+    engine.start(batch_size)
+    return -score(engine, ids, rows=batch_size).total / (len(ids) - 1)
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:

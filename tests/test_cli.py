@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from minigpt.cli import main
@@ -56,10 +57,17 @@ def test_same_seed_same_text_and_greedy_is_repeatable(tiny_checkpoint, capsys):
 
 
 def test_eval_counts_every_character_of_the_split(tiny_checkpoint, tiny_text_file, capsys):
+    """Every character, the first scored after a newline (as a text begins): the loss is the split's own."""
+    from minigpt import load_checkpoint
+    from minigpt.train import evaluate_split
+
     code, out, _ = run(capsys, "eval", "--checkpoint", str(tiny_checkpoint), "--data", str(tiny_text_file))
     assert code == 0
-    valid_chars = len(tiny_text_file.read_text()) - int(len(tiny_text_file.read_text()) * 0.9)
-    assert f"over {valid_chars - 1:,} characters" in out
+    text = tiny_text_file.read_text()
+    valid = text[int(len(text) * 0.9):]
+    loaded = load_checkpoint(tiny_checkpoint)
+    loss = evaluate_split(loaded.model, np.array(loaded.tokenizer.encode("\n" + valid)))
+    assert f"valid: loss {loss:.4f} nats" in out and f"over {len(valid):,} characters" in out
 
 
 @pytest.mark.parametrize("argv,fragments", [

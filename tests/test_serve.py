@@ -2,15 +2,11 @@
 raw HTTP for what a client library hides, and the signals an operator sends."""
 
 import concurrent.futures
-import contextlib
 import http.client
 import json
-import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
@@ -20,93 +16,12 @@ pytest.importorskip("uvicorn", reason="minigpt serve needs the serve extra")
 
 from minigpt.cli import main  # noqa: E402
 
-MODEL_ID = "tiny"
-
-
-class Client:
-    """Raw HTTP and the openai client against a server on a localhost port."""
-
-    def __init__(self, port):
-        self.port = port
-
-    def healthy(self) -> bool:
-        try:
-            return self.get("/health")[0] == 200
-        except OSError:
-            return False
-
-    def request(self, method, path, body=None, headers=None):
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
-        connection.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
-        response = connection.getresponse()
-        return response.status, response.read().decode(), response
-
-    def get(self, path):
-        return self.request("GET", path)
-
-    def post(self, body, **kwargs):
-        status, text, response = self.request("POST", "/v1/completions", body, **kwargs)
-        return status, json.loads(text), response
-
-    def client(self, api_key="none"):
-        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=api_key, max_retries=0)
-
-    def metric(self, name) -> float:
-        text = self.get("/metrics")[1]
-        return float(re.search(rf"^{name} (\S+)$", text, flags=re.M).group(1))
-
-
-class Server(Client):
-    """`minigpt serve` in a subprocess, ready once /health answers."""
-
-    def __init__(self, model, *flags, port, env=None):
-        super().__init__(port)
-        self.process = subprocess.Popen([sys.executable, "-m", "minigpt", "serve", "--model", str(model),
-                                         "--port", str(self.port), *map(str, flags)],
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                        env={**os.environ, **(env or {})})
-        deadline = time.monotonic() + 60
-        while not self.healthy():
-            assert self.process.poll() is None, self.process.communicate()[1]
-            assert time.monotonic() < deadline, "the server never became healthy"
-            time.sleep(0.1)
-
-    def stop(self, timeout=60):
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        out, err = self.process.communicate(timeout=timeout)
-        return self.process.returncode, err
-
-
-@contextlib.contextmanager
-def in_process(engine, port, wait_for):
-    """The app around `engine` served by uvicorn on a thread of this process (so a test can break the engine or
-    the sampler); yields a Client once /health answers."""
-    import threading
-
-    import uvicorn
-
-    from minigpt.serve import create_app
-
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, engine.tokenizer, model_id=MODEL_ID), port=port,
-                                           log_level="critical", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        probe = Client(port)
-        assert wait_for(probe.healthy, timeout=30)
-        yield probe
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+from serving import MODEL_ID, Server, generate_cli, in_process  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def onnx_model(tiny_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("serve") / f"{MODEL_ID}.onnx"
-    assert main(["export", "--onnx", "--no-verify", "--checkpoint", str(tiny_checkpoint), "--out", str(out)]) == 0
-    return out
+def onnx_model(tiny_onnx):
+    return tiny_onnx
 
 
 @pytest.fixture(scope="module")
@@ -115,13 +30,6 @@ def server(onnx_model, free_port):
     yield server
     code, err = server.stop()
     assert code == 0, err
-
-
-def generate_cli(model, *flags):
-    result = subprocess.run([sys.executable, "-m", "minigpt", "generate", "--model", str(model), *map(str, flags)],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
 
 
 def test_a_completion_is_the_text_minigpt_generate_prints(server, onnx_model):
@@ -185,9 +93,13 @@ def test_stop_strings_end_the_text_before_them(server):
 
 BAD_REQUESTS = [
     ({"prompt": "THE"}, 400, "prompt", "character(s) the model never saw"),
-    ({"prompt": 42}, 400, "prompt", "must be a string or a non-empty list of strings"),
-    ({"max_tokens": 0}, 400, "max_tokens", "from 1 to"),
-    ({"max_tokens": 10**6}, 400, "max_tokens", "from 1 to"),
+    ({"prompt": 42}, 400, "prompt", "must be a string, a non-empty list of strings, a list of token ids"),
+    ({"prompt": ["the", [1, 2]]}, 400, "prompt", "must be a string, a non-empty list of strings"),
+    ({"prompt": [[1, 2], []]}, 400, "prompt", "at least one a prompt"),
+    ({"prompt": [3, 10**6]}, 400, "prompt", "token ids must be from 0 to"),
+    ({"prompt": [True]}, 400, "prompt", "must be a string, a non-empty list of strings"),
+    ({"max_tokens": -1}, 400, "max_tokens", "from 0 to"),
+    ({"max_tokens": 10**6}, 400, "max_tokens", "from 0 to"),
     ({"max_tokens": "ten"}, 400, "max_tokens", "must be an integer"),
     ({"max_tokens": True}, 400, "max_tokens", "must be an integer"),
     ({"temperature": -1}, 400, "temperature", "temperature must be >= 0"),
@@ -200,7 +112,11 @@ BAD_REQUESTS = [
     ({"n": 41}, 400, "n", "(this server's --max-batch)"),
     ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "up to 4"),
     ({"stream": "yes"}, 400, "stream", "true or false"),
-    ({"logprobs": 2}, 400, "logprobs", "not supported"),
+    ({"logprobs": 6}, 400, "logprobs", "from 0 to 5"),
+    ({"logprobs": "all"}, 400, "logprobs", "must be an integer"),
+    ({"echo": 1}, 400, "echo", "true or false"),
+    ({"echo": True, "prompt": "a" * 9000}, 400, "prompt", "at most 8,192 tokens"),
+    ({"suffix": "end"}, 400, "suffix", "not supported"),
     ({"model": "gpt-4"}, 404, "model", "does not exist"),
     ({"model": None}, 400, "model", "model is required"),
 ]

@@ -21,8 +21,9 @@ import uuid
 from contextlib import asynccontextmanager
 
 from minigpt.decoding import Engine
+from minigpt.errors import MiniGPTError
 from minigpt.serve.metrics import Metrics
-from minigpt.serve.protocol import ChunkFormat, Limits, RequestError, completion_body, error_body, \
+from minigpt.serve.protocol import ChunkFormat, Limits, RequestError, Scores, completion_body, error_body, \
     parse_completion, usage
 from minigpt.serve.scheduler import Job, Scheduler
 from minigpt.tokenizer import CharTokenizer
@@ -38,6 +39,7 @@ class CompletionsAPI:
                  limits: Limits, max_queue: int, api_key: str | None):
         self.scheduler, self.metrics, self.tokenizer = scheduler, metrics, tokenizer
         self.model_id, self.limits, self.max_queue, self.api_key = model_id, limits, max_queue, api_key
+        self.block_size = scheduler.rows.block
         self.created = int(time.time())
         # Unique per server start and request; uuid4 cost 30 µs of the event loop a request.
         self.completion_ids = (f"cmpl-{uuid.uuid4().hex[:16]}{number:08x}" for number in itertools.count())
@@ -73,13 +75,14 @@ class CompletionsAPI:
             return EventStream(stream_events(job, ChunkFormat(completion_id, created, self.model_id)),
                                on_close=job.cancel)
         try:
-            texts, reasons = await collect(job, request)
+            texts, reasons, scores = await collect(job, request)
         except RuntimeError as exc:  # the engine failed
             return self.fail(RequestError(str(exc), status=500))
         finally:
             job.cancel()  # a no-op when it finished; frees its rows when the client went away
         self.metrics.answered(200)
-        return JSONResponse(completion_body(completion_id, created, self.model_id, texts, reasons, job_usage(job)))
+        return JSONResponse(completion_body(completion_id, created, self.model_id, texts, reasons, scores,
+                                            job_usage(job)))
 
     async def chat(self, request):
         return self.fail(RequestError(f"{self.model_id!r} is a completion model: it continues text and has no chat "
@@ -94,6 +97,10 @@ class CompletionsAPI:
         return self.fail(RequestError(f"{request.method} is not allowed on {request.url.path}", status=405,
                                       code="method_not_allowed"))
 
+    def model_card(self) -> dict:
+        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "minigpt",
+                "max_model_len": self.block_size}  # vLLM's field: the context the model reads at once
+
     async def models(self, request):
         from starlette.responses import JSONResponse
 
@@ -101,8 +108,57 @@ class CompletionsAPI:
             self.check_key(request)
         except RequestError as error:
             return self.fail(error)
-        return JSONResponse({"object": "list", "data": [{"id": self.model_id, "object": "model",
-                                                         "created": self.created, "owned_by": "minigpt"}]})
+        return JSONResponse({"object": "list", "data": [self.model_card()]})
+
+    async def model(self, request):
+        from starlette.responses import JSONResponse
+
+        try:
+            self.check_key(request)
+            if request.path_params["model"] != self.model_id:
+                raise RequestError(f"the model {request.path_params['model']!r} does not exist; this server serves "
+                                   f"{self.model_id!r}", "model", 404, "model_not_found")
+        except RequestError as error:
+            return self.fail(error)
+        return JSONResponse(self.model_card())
+
+    async def tokenizer_info(self, request):
+        """vLLM's tokenizer routes, which lm-eval's `local-completions` finds and uses on its own: a character
+        vocabulary has no special tokens."""
+        from starlette.responses import JSONResponse
+
+        return JSONResponse({"tokenizer_class": "CharTokenizer", "vocab_size": len(self.tokenizer.chars),
+                             "model_max_length": self.block_size, "bos_token": None, "eos_token": None,
+                             "pad_token": None, "unk_token": None, "chat_template": None})
+
+    async def tokenize(self, request):
+        from starlette.responses import JSONResponse
+
+        try:
+            body = await read_json(request)
+            text = body.get("prompt") if isinstance(body, dict) else None
+            if not isinstance(text, str):
+                raise RequestError("send {\"prompt\": TEXT}", "prompt")
+            ids = self.tokenizer.encode(text)
+        except MiniGPTError as exc:  # unknown characters: the CLI's message
+            return self.fail(RequestError(str(exc), "prompt"))
+        except RequestError as error:
+            return self.fail(error)
+        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": self.block_size})
+
+    async def detokenize(self, request):
+        from starlette.responses import JSONResponse
+
+        try:
+            body = await read_json(request)
+            ids = body.get("tokens") if isinstance(body, dict) else None
+            vocab = len(self.tokenizer.chars)
+            if not (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab
+                                                  for i in ids)):
+                raise RequestError(f"send {{\"tokens\": [ids from 0 to {vocab - 1}]}}", "tokens")
+        except RequestError as error:
+            return self.fail(error)
+        return JSONResponse({"prompt": self.tokenizer.decode(ids)})
 
     async def health(self, request):
         from starlette.responses import JSONResponse
@@ -133,22 +189,25 @@ def job_usage(job: Job) -> dict:
     return usage(job.request.prompt_tokens, job.completion_tokens)
 
 
-async def collect(job: Job, request) -> tuple[list[str], list[str]]:
-    """A whole completion's texts and finish reasons (empty when the client went away)."""
-    texts, reasons = [""] * len(job.choices), [None] * len(job.choices)
+async def collect(job: Job, request) -> tuple[list[str], list[str], list[Scores | None]]:
+    """A whole completion's texts, finish reasons and scores (all empty when the client went away)."""
+    count = len(job.choices)
+    texts, reasons, scores = [""] * count, [None] * count, [None] * count
     while None in reasons:
         try:
             events = await asyncio.wait_for(job.events.get(), timeout=0.25)
         except asyncio.TimeoutError:
             if await request.is_disconnected():
-                return [], []
+                return [], [], []
             continue
         if isinstance(events, Exception):
             raise events
-        for index, piece, reason in events:
+        for index, piece, reason, run in events:
             texts[index] += piece
             reasons[index] = reason
-    return texts, reasons
+            if run is not None:
+                scores[index] = run if scores[index] is None else scores[index] + run
+    return texts, reasons, scores
 
 
 async def stream_events(job: Job, chunks: ChunkFormat):
@@ -164,7 +223,7 @@ async def stream_events(job: Job, chunks: ChunkFormat):
                 yield "".join(text) + chunks.error(str(events))
                 return
             text.append(chunks.choices(events))
-            unfinished -= sum(reason is not None for _, _, reason in events)
+            unfinished -= sum(reason is not None for _, _, reason, _ in events)
         yield "".join(text)
     if job.request.include_usage:
         yield chunks.usage(job_usage(job))
@@ -220,6 +279,10 @@ def create_app(engine: Engine, tokenizer: CharTokenizer, *, model_id: str, max_b
     app = Starlette(routes=[Route("/v1/completions", api.completions, methods=["POST"]),
                             Route("/v1/chat/completions", api.chat, methods=["POST"]),
                             Route("/v1/models", api.models, methods=["GET"]),
+                            Route("/v1/models/{model:path}", api.model, methods=["GET"]),
+                            Route("/tokenizer_info", api.tokenizer_info, methods=["GET"]),
+                            Route("/tokenize", api.tokenize, methods=["POST"]),
+                            Route("/detokenize", api.detokenize, methods=["POST"]),
                             Route("/health", api.health, methods=["GET"]),
                             Route("/metrics", api.prometheus, methods=["GET"])], lifespan=lifespan,
                     exception_handlers={404: api.not_found, 405: api.not_allowed})

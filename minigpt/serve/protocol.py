@@ -10,14 +10,16 @@ import json
 import math
 from dataclasses import dataclass
 
-from minigpt.decoding import prompt_ids
+from minigpt.decoding import EMPTY_PROMPT, prompt_ids
 from minigpt.errors import ConfigError, MiniGPTError
 from minigpt.sampling import Sampler
 from minigpt.tokenizer import CharTokenizer
 
 MAX_STOP_STRINGS = 4  # as OpenAI's API
 MAX_TEMPERATURE = 2  # likewise
-UNSUPPORTED = {"logprobs": None, "echo": False, "suffix": None, "best_of": None, "frequency_penalty": 0,
+MAX_LOGPROBS = 5  # likewise
+MAX_SCORED_TOKENS = 8192  # an echoed prompt is scored on the scheduler's thread: a bound on how long that takes
+UNSUPPORTED = {"suffix": None, "best_of": None, "frequency_penalty": 0,
                "presence_penalty": 0, "logit_bias": None}  # fields accepted only at their neutral value
 
 
@@ -46,6 +48,8 @@ class CompletionRequest:
     stream: bool
     include_usage: bool
     sampler: Sampler
+    logprobs: int | None = None  # how many likeliest tokens to list at each position; None: no log-probabilities
+    echo: bool = False  # the prompt comes back before the completion, with its own log-probabilities
 
     @property
     def prompt_tokens(self) -> int:
@@ -76,8 +80,9 @@ def parse_completion(body, tokenizer: CharTokenizer, model_id: str, limits: Limi
     _check_model(body, model_id)
     prompts, ids = _parse_prompts(body, tokenizer)
     max_tokens = _typed(body, "max_tokens", (int,), 16, "an integer")
-    if not 1 <= max_tokens <= limits.max_tokens:
-        raise RequestError(f"max_tokens must be from 1 to {limits.max_tokens}, got {max_tokens}", "max_tokens")
+    if not 0 <= max_tokens <= limits.max_tokens:
+        raise RequestError(f"max_tokens must be from 0 to {limits.max_tokens} (0 with echo scores the prompt "
+                           f"alone), got {max_tokens}", "max_tokens")
     n = _typed(body, "n", (int,), 1, "an integer")
     if not 1 <= n <= limits.max_batch or n * len(prompts) > limits.max_batch:
         raise RequestError(f"n × prompts must be from 1 to {limits.max_batch} (this server's --max-batch), got "
@@ -88,8 +93,9 @@ def parse_completion(body, tokenizer: CharTokenizer, model_id: str, limits: Limi
     for name, neutral in UNSUPPORTED.items():
         if body.get(name, neutral) not in (neutral, None) and not (name == "best_of" and body[name] == n):
             raise RequestError(f"{name} is not supported by this server; leave it out", name)
+    logprobs, echo = _parse_logprobs(body, ids)
     return CompletionRequest(prompts, ids, max_tokens, n, stop, stream, bool(options.get("include_usage")),
-                             _parse_sampler(body))
+                             _parse_sampler(body), logprobs, echo)
 
 
 def _check_model(body: dict, model_id: str) -> None:
@@ -102,14 +108,41 @@ def _check_model(body: dict, model_id: str) -> None:
 
 
 def _parse_prompts(body: dict, tokenizer: CharTokenizer) -> tuple[list[str], list[list[int]]]:
+    """Prompts as OpenAI takes them: a string, a list of strings, token ids, or a list of lists of token ids."""
     prompt = body.get("prompt", "")
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise RequestError("prompt must be a string or a non-empty list of strings", "prompt")
-    try:
-        return prompts, [prompt_ids(tokenizer, p) for p in prompts]
-    except MiniGPTError as exc:  # unknown characters: the CLI's message
-        raise RequestError(str(exc), "prompt") from None
+    if isinstance(prompt, str) or _is_ids(prompt):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt or not (all(isinstance(p, str) for p in prompt)
+                                                          or all(_is_ids(p) for p in prompt)):
+        raise RequestError("prompt must be a string, a non-empty list of strings, a list of token ids or a list of "
+                           "such lists", "prompt")
+    if isinstance(prompt[0], str):
+        try:
+            return prompt, [prompt_ids(tokenizer, p) for p in prompt]
+        except MiniGPTError as exc:  # unknown characters: the CLI's message
+            raise RequestError(str(exc), "prompt") from None
+    vocab = len(tokenizer.chars)
+    for ids in prompt:
+        if not ids or not all(0 <= i < vocab for i in ids):
+            raise RequestError(f"token ids must be from 0 to {vocab - 1} (this model's vocabulary), at least one a "
+                               "prompt", "prompt")
+    return [tokenizer.decode(ids) for ids in prompt], prompt
+
+
+def _is_ids(value) -> bool:
+    return isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
+
+
+def _parse_logprobs(body: dict, ids: list[list[int]]) -> tuple[int | None, bool]:
+    logprobs = _typed(body, "logprobs", (int,), None, "an integer")
+    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+        raise RequestError(f"logprobs must be from 0 to {MAX_LOGPROBS}, as in OpenAI's API; got {logprobs}",
+                           "logprobs")
+    echo = _typed(body, "echo", (bool,), False, "true or false")
+    if echo and max(map(len, ids)) > MAX_SCORED_TOKENS:
+        raise RequestError(f"an echoed prompt can have at most {MAX_SCORED_TOKENS:,} tokens (each is scored), got "
+                           f"{max(map(len, ids)):,}; split the text", "prompt")
+    return logprobs, echo
 
 
 def _parse_stop(body: dict) -> list[str]:
@@ -138,8 +171,38 @@ def _parse_sampler(body: dict) -> Sampler:
         raise RequestError(str(exc), exc.field) from None
 
 
+def lm_eval_model_args(model_id: str, base_url: str, tokenizer: CharTokenizer, block_size: int) -> str:
+    """lm-eval's `--model_args` for `--model local-completions` against this server (its tokenizer comes from
+    /tokenize on its own). A character vocabulary has no special token to begin a text with: the newline an
+    empty prompt starts from is named instead. max_length - 2 a multiple of the block makes lm-eval's rolling
+    windows `minigpt eval`'s own (each request is scored in whole blocks from its context token on)."""
+    max_length = -(-2048 // block_size) * block_size + 2
+    args = f"model={model_id},base_url={base_url}/completions,max_length={max_length}"
+    if EMPTY_PROMPT in tokenizer:
+        args += f",custom_prefix_token_id={tokenizer.id_of(EMPTY_PROMPT)}"
+    return args
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Responses
+
+
+@dataclass
+class Scores:
+    """The log-probabilities of a run of characters (a character is a token), as OpenAI's legacy completions
+    list them: an echoed prompt's first token has none."""
+
+    offset: int  # where the run starts in the prompt + completion text
+    tokens: list[str]
+    entries: list[tuple[float | None, dict[str, float] | None]]  # (logprob, the likeliest tokens' logprobs)
+
+    def __add__(self, later: Scores) -> Scores:
+        return Scores(self.offset, self.tokens + later.tokens, self.entries + later.entries)
+
+    def as_json(self) -> dict:
+        return {"tokens": self.tokens, "token_logprobs": [logprob for logprob, _ in self.entries],
+                "top_logprobs": [top for _, top in self.entries],
+                "text_offset": list(range(self.offset, self.offset + len(self.tokens)))}
 
 
 def error_body(message: str, param: str | None = None, code: str | None = None,
@@ -153,9 +216,9 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def completion_body(completion_id: str, created: int, model_id: str, texts: list[str], reasons: list[str],
-                    token_usage: dict) -> dict:
-    choices = [{"text": text, "index": i, "logprobs": None, "finish_reason": reason}
-               for i, (text, reason) in enumerate(zip(texts, reasons))]
+                    scores: list[Scores | None], token_usage: dict) -> dict:
+    choices = [{"text": text, "index": i, "logprobs": None if run is None else run.as_json(), "finish_reason": reason}
+               for i, (text, reason, run) in enumerate(zip(texts, reasons, scores))]
     return {"id": completion_id, "object": "text_completion", "created": created, "model": model_id,
             "choices": choices, "usage": token_usage}
 
@@ -168,10 +231,11 @@ class ChunkFormat:
         self.head = "data: " + json.dumps({"id": completion_id, "object": "text_completion", "created": created,
                                            "model": model_id})[:-1] + ', "choices": ['
 
-    def choices(self, events: list[tuple[int, str, str | None]]) -> str:
-        """One chunk of (index, text, finish_reason) events."""
-        choices = (f'{{"text": {json.dumps(piece)}, "index": {index}, "logprobs": null, '
-                   f'"finish_reason": {json.dumps(reason)}}}' for index, piece, reason in events)
+    def choices(self, events: list[tuple[int, str, str | None, Scores | None]]) -> str:
+        """One chunk of (index, text, finish_reason, scores) events."""
+        choices = (f'{{"text": {json.dumps(piece)}, "index": {index}, '
+                   f'"logprobs": {"null" if run is None else json.dumps(run.as_json())}, '
+                   f'"finish_reason": {json.dumps(reason)}}}' for index, piece, reason, run in events)
         return self.head + ", ".join(choices) + "]}\n\n"
 
     def usage(self, token_usage: dict) -> str:

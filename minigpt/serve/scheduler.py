@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from minigpt.decoding import Engine, Rows
-from minigpt.serve.protocol import CompletionRequest, RequestError
+from minigpt.scoring import log_softmax, score, top_tokens
+from minigpt.serve.protocol import CompletionRequest, RequestError, Scores
 from minigpt.serve.stop_strings import StopMatcher
 from minigpt.tokenizer import CharTokenizer
 
@@ -39,29 +40,36 @@ class Choice:
     prompt: list[int]
     stream: np.random.Generator
     stops: StopMatcher
+    scored: list | None = None  # (logprob, top) of each generated character, when the request asked for them
     text: str = ""
     sent: int = 0  # characters of `text` handed out; the rest may yet begin a stop string
     tokens: int = 0
     finish_reason: str | None = None
 
-    def add(self, char: str, max_tokens: int) -> str:
-        """Take one generated character; return the new text that can be handed out now (setting
-        finish_reason when the choice is done)."""
+    def add(self, char: str, max_tokens: int, scored: tuple | None = None) -> tuple[str, Scores | None]:
+        """Take one generated character (and its log-probabilities); return the new text that can be handed out
+        now with its scores (setting finish_reason when the choice is done)."""
         self.tokens += 1
         self.text += char
+        if self.scored is not None:
+            self.scored.append(scored)
         stop = self.stops.feed(char)
         if stop is not None:
             self.text, self.finish_reason = self.text[:-len(stop)], "stop"
         elif self.tokens == max_tokens:
             self.finish_reason = "length"
         end = len(self.text) if self.finish_reason else len(self.text) - self.stops.held_back
-        piece, self.sent = self.text[self.sent:end], max(self.sent, end)
-        return piece
+        start = self.sent
+        piece, self.sent = self.text[start:end], max(start, end)
+        if self.scored is None:
+            return piece, None
+        return piece, Scores(len(self.prompt) + start, list(piece), self.scored[start:start + len(piece)])
 
 
 @dataclass
 class Job:
-    """A request in the scheduler; events go to its asyncio queue as lists of (index, text, finish_reason)."""
+    """A request in the scheduler; events go to its asyncio queue as lists of (index, text, finish_reason,
+    scores or None)."""
 
     request: CompletionRequest
     loop: asyncio.AbstractEventLoop
@@ -74,8 +82,9 @@ class Job:
     def __post_init__(self):
         request = self.request
         streams = request.sampler.streams(request.n * len(request.prompt_ids))  # as `generate --num-samples`
-        self.choices = [Choice(i, request.prompt_ids[i // request.n], stream, StopMatcher(request.stop))
-                        for i, stream in enumerate(streams)]
+        scored = request.logprobs is not None
+        self.choices = [Choice(i, request.prompt_ids[i // request.n], stream, StopMatcher(request.stop),
+                               [] if scored else None) for i, stream in enumerate(streams)]
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -163,7 +172,7 @@ class Scheduler:
     def _step(self, logits: np.ndarray) -> np.ndarray:
         """Sample every row, deliver, free the rows that are done, decode the rest; return their logits."""
         ids = self._sample(logits)
-        self._deliver(ids)
+        self._deliver(ids, self._logprobs(logits, ids))
         done = [row for row, (job, choice) in enumerate(self.rows.payloads) if choice.finish_reason or job.cancelled]
         ids = self.rows.remove(done, carry=ids)
         return self.rows.decode(ids) if self.rows.count else logits[:0]
@@ -186,28 +195,51 @@ class Scheduler:
                     self._fail(job, f"sampling failed for this request: {exc!r}")
         return ids
 
+    def _logprobs(self, logits: np.ndarray, ids: np.ndarray) -> list[tuple | None]:
+        """Of each row whose request asked: the model's log-probability of its token and its likeliest tokens
+        (temperature 1, whatever the request samples with, as OpenAI documents); None for the other rows."""
+        running = self.rows.payloads
+        wanted = [row for row, (job, _) in enumerate(running) if job.request.logprobs is not None]
+        scored: list[tuple | None] = [None] * len(running)
+        if not wanted:
+            return scored
+        logprobs = log_softmax(logits[wanted])
+        chosen = logprobs[np.arange(len(wanted)), ids[wanted]].tolist()
+        top_ids, top_logprobs = top_tokens(logprobs, max(running[row][0].request.logprobs for row in wanted))
+        for i, row in enumerate(wanted):
+            scored[row] = (chosen[i], self._top(top_ids[i], top_logprobs[i], running[row][0].request.logprobs))
+        return scored
+
+    def _top(self, ids: np.ndarray, logprobs: np.ndarray, count: int) -> dict[str, float]:
+        return dict(zip(map(self.tokenizer.chars.__getitem__, ids[:count].tolist()), logprobs[:count].tolist()))
+
     @staticmethod
     def _fail(job: Job, message: str) -> None:
         if not job.cancelled:
             job.cancel()
             job.loop.call_soon_threadsafe(job.events.put_nowait, RuntimeError(message))
 
-    def _deliver(self, ids: np.ndarray) -> None:
+    def _deliver(self, ids: np.ndarray, scored: list[tuple | None]) -> None:
         now = time.perf_counter()
         if self.last_step_at is not None:  # every row that was in the last step waited this long for its token
             self.observer.inter_token_latency.observe(now - self.last_step_at)
         self.last_step_at = now
         events: dict[int, tuple[Job, list]] = {}
-        for (job, choice), token in zip(self.rows.payloads, ids):
+        for (job, choice), token, token_scores in zip(self.rows.payloads, ids, scored):
             if job.cancelled:
                 continue
             if job.first_token_at is None:
                 job.first_token_at = now
                 self.observer.time_to_first_token.observe(now - job.arrived)
-            piece = choice.add(self.tokenizer.chars[token], job.request.max_tokens)
+            piece, piece_scores = choice.add(self.tokenizer.chars[token], job.request.max_tokens, token_scores)
             if piece or choice.finish_reason:
-                events.setdefault(id(job), (job, []))[1].append((choice.index, piece, choice.finish_reason))
+                events.setdefault(id(job), (job, []))[1].append((choice.index, piece, choice.finish_reason,
+                                                                  piece_scores))
         self.observer.tokens.inc(len(ids))
+        self._send(events)
+
+    @staticmethod
+    def _send(events: dict[int, tuple[Job, list]]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for job, batch in events.values():
             by_loop.setdefault(job.loop, []).append((job, batch))
@@ -226,7 +258,37 @@ class Scheduler:
             self.observer.queue_depth.set(len(self.waiting))
         if not jobs:
             return logits
+        self._echo([job for job in jobs if job.request.echo or not job.request.max_tokens])
+        jobs = [job for job in jobs if job.request.max_tokens]  # max_tokens 0: scored (or empty) and done
+        if not jobs:
+            return logits
         # One prefill for every new row, sorted by length so that prompts of one length run as one batch.
         joining = sorted(((job, choice) for job in jobs for choice in job.choices), key=lambda j: len(j[1].prompt))
         new_logits = self.rows.add([choice.prompt for _, choice in joining], payloads=joining)
         return np.concatenate([logits, new_logits]) if len(logits) else new_logits
+
+    def _echo(self, jobs: list[Job]) -> None:
+        """Hand out each echoed prompt, scored in rows no sequence is using (`minigpt.scoring`, the windows of
+        `minigpt eval`), and end the jobs that generate nothing."""
+        events: dict[int, tuple[Job, list]] = {}
+        free = self.max_batch - self.rows.count
+        for job in jobs:
+            request, scored = job.request, {}
+            for choice in job.choices:
+                reason = None if request.max_tokens else "length"
+                text = self.tokenizer.decode(choice.prompt) if request.echo else ""
+                scores = None
+                if request.logprobs is not None:
+                    key = tuple(choice.prompt)
+                    if request.echo and key not in scored:  # the samples of one prompt share its scores
+                        scored[key] = self._prompt_scores(choice.prompt, request.logprobs, free)
+                    scores = scored.get(key, Scores(len(choice.prompt), [], []))
+                events.setdefault(id(job), (job, []))[1].append((choice.index, text, reason, scores))
+        self._send(events)
+
+    def _prompt_scores(self, prompt: list[int], top: int, free: int) -> Scores:
+        token_scores = score(self.rows.engine, prompt, first_row=self.rows.count, rows=free, top=top)
+        entries = [(None, None)] + [(logprob, self._top(ids, logprobs, top)) for logprob, ids, logprobs in
+                                    zip(token_scores.logprobs.tolist(), token_scores.top_ids,
+                                        token_scores.top_logprobs)]
+        return Scores(0, list(self.tokenizer.decode(prompt)), entries)
