@@ -155,6 +155,11 @@ def _add_serve(commands) -> None:
             help="requests that may wait for rows; one more gets 429 (default 256)")
     _option(serve, "max_tokens", type=int, default=4096, metavar="N",
             help="the largest max_tokens a request may ask for (default 4096)")
+    _option(serve, "max_connections", type=int, default=512, metavar="N",
+            help="connections open at once; one more is answered 503 and closed (default 512)")
+    _option(serve, "read_timeout", type=float, default=10.0, metavar="SECONDS",
+            help="how long a request's headers, and then its body, may take to arrive; slower ones get 408 "
+                 "(default 10)")
     _option(serve, "api_key", default=None, metavar="KEY",
             help="require 'Authorization: Bearer KEY' on /v1 (default $MINIGPT_API_KEY, or no key)")
     _option(serve, "shutdown_timeout", type=float, default=10.0, metavar="SECONDS",
@@ -307,11 +312,14 @@ def _serve(args: argparse.Namespace) -> None:
     import socket
 
     for name, value, low in (("max_batch", args.max_batch, 1), ("max_queue", args.max_queue, 1),
-                             ("max_tokens", args.max_tokens, 1), ("port", args.port, 0)):
+                             ("max_tokens", args.max_tokens, 1), ("max_connections", args.max_connections, 1),
+                             ("port", args.port, 0)):
         if value < low:
             raise MiniGPTError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
     if args.shutdown_timeout < 0:
         raise MiniGPTError(f"--shutdown-timeout must be zero or more seconds, got {args.shutdown_timeout}")
+    if not args.read_timeout > 0:
+        raise MiniGPTError(f"--read-timeout must be more than 0 seconds, got {args.read_timeout}")
     try:
         import prometheus_client  # noqa: F401
         import starlette  # noqa: F401
@@ -327,7 +335,7 @@ def _serve(args: argparse.Namespace) -> None:
             raise MiniGPTError(f"cannot listen on {args.host}:{args.port} ({exc.strerror}); choose another --port "
                                "or --host") from None
     from minigpt.serve import serve
-    from minigpt.serve.protocol import lm_eval_model_args
+    from minigpt.serve.protocol import Limits, lm_eval_model_args
 
     engine, tokenizer, _ = _engine_for(args)
     model_id = Path(args.checkpoint).stem
@@ -336,9 +344,10 @@ def _serve(args: argparse.Namespace) -> None:
     print(f"minigpt: lm-eval scores it with --model local-completions --model_args "
           f"{lm_eval_model_args(model_id, f'http://{args.host}:{args.port}/v1', tokenizer, engine.block_size)}",
           file=sys.stderr, flush=True)
-    serve(engine, tokenizer, model_id=model_id, host=args.host, port=args.port, max_batch=args.max_batch,
-          max_queue=args.max_queue, api_key=args.api_key or os.environ.get("MINIGPT_API_KEY") or None,
-          max_tokens_limit=args.max_tokens, shutdown_timeout=args.shutdown_timeout)
+    limits = Limits(max_batch=args.max_batch, max_tokens=args.max_tokens, max_queue=args.max_queue,
+                    max_connections=args.max_connections, read_timeout=args.read_timeout)
+    serve(engine, tokenizer, model_id=model_id, host=args.host, port=args.port, limits=limits,
+          api_key=args.api_key or os.environ.get("MINIGPT_API_KEY") or None, shutdown_timeout=args.shutdown_timeout)
 
 
 def _plot(args: argparse.Namespace) -> None:

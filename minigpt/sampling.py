@@ -20,9 +20,12 @@ from minigpt.config import check_seed
 from minigpt.errors import ConfigError
 
 
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy
+
+
 @dataclass
 class Sampler:
-    """temperature 0 is greedy; top_k keeps the k likeliest tokens; top_p the smallest set holding p of the mass."""
+    """temperature 0 (or under 1e-5) is greedy; top_k keeps the k likeliest tokens; top_p the smallest set holding p of the mass."""
 
     temperature: float = 1.0
     top_k: int | None = None
@@ -35,8 +38,9 @@ class Sampler:
             raise ConfigError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}", "temperature")
         if self.top_k is not None and (isinstance(self.top_k, bool) or self.top_k < 1):
             raise ConfigError(f"top_k must be a positive integer, got {self.top_k}", "top_k")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
+        if self.top_p is not None and not 0 <= self.top_p <= 1:
+            raise ConfigError(f"top_p must be in [0, 1] (0 keeps the likeliest token alone), got {self.top_p}",
+                              "top_p")
         if self.seed is not None:
             check_seed(self.seed)
 
@@ -46,7 +50,8 @@ class Sampler:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # As vLLM: below 1e-5 sampling is greedy in all but name, and dividing logits by 5e-324 overflows.
+        return self.temperature < GREEDY_BELOW
 
     def filtered_logits(self, logits: np.ndarray) -> np.ndarray:
         """(B, V) logits scaled by temperature, with filtered tokens set to -inf."""
@@ -60,8 +65,10 @@ class Sampler:
             # Drop a token once the tokens ranked above it already hold top_p
             # of the mass; the likeliest token always stays.
             mass_before = np.cumsum(sorted_probs, axis=-1) - sorted_probs
+            drop_sorted = mass_before >= self.top_p
+            drop_sorted[:, 0] = False  # at top_p 0 too
             drop = np.zeros_like(scaled, dtype=bool)
-            np.put_along_axis(drop, order, mass_before >= self.top_p, axis=-1)
+            np.put_along_axis(drop, order, drop_sorted, axis=-1)
             scaled = np.where(drop, -np.inf, scaled)
         return scaled
 

@@ -115,7 +115,7 @@ def test_empty_prompt_starts_from_a_newline(trained):
         generate(model, tokenizer, "\n", 10, temperature=0)[1:]
 
 
-@pytest.mark.parametrize("options", [{"num_samples": 0}, {"top_p": 0}, {"temperature": -0.5}])
+@pytest.mark.parametrize("options", [{"num_samples": 0}, {"top_p": 1.01}, {"temperature": -0.5}])
 def test_bad_arguments_raise_before_any_work(trained, options):
     model, tokenizer = trained
     with pytest.raises(MiniGPTError):

@@ -8,6 +8,19 @@ def random_logits(seed, batch=4, vocab=30):
     return np.random.default_rng(seed).normal(size=(batch, vocab)) * 3
 
 
+@pytest.mark.parametrize("temperature", [5e-324, 1e-300, 9e-6])
+def test_a_vanishing_temperature_is_greedy_not_nan(temperature):
+    """Dividing logits by 5e-324 overflows to inf, and inf - inf is NaN: such temperatures sample greedily."""
+    logits = np.random.default_rng(0).normal(size=(4, 30)) * 3
+    with np.errstate(all="raise"):
+        assert np.array_equal(Sampler(temperature=temperature, seed=1)(logits), logits.argmax(-1))
+
+
+def test_top_p_0_keeps_the_likeliest_token_alone():
+    logits = np.random.default_rng(0).normal(size=(4, 30))
+    assert np.array_equal(Sampler(temperature=1.5, top_p=0, seed=2)(logits), logits.argmax(-1))
+
+
 def test_temperature_zero_is_argmax():
     logits = random_logits(0)
     assert np.array_equal(Sampler(temperature=0)(logits), logits.argmax(-1))
@@ -51,7 +64,7 @@ def test_sampling_follows_the_distribution():
     assert np.allclose(counts, [0.7, 0.2, 0.1], atol=0.03)
 
 
-@pytest.mark.parametrize("kwargs", [{"temperature": -1}, {"top_k": 0}, {"top_p": 0.0}, {"top_p": 1.5}])
+@pytest.mark.parametrize("kwargs", [{"temperature": -1}, {"top_k": 0}, {"top_p": -0.1}, {"top_p": 1.5}])
 def test_bad_settings_are_refused(kwargs):
     with pytest.raises(MiniGPTError):
         Sampler(**kwargs)

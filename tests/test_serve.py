@@ -2,6 +2,7 @@
 raw HTTP for what a client library hides, and the signals an operator sends."""
 
 import concurrent.futures
+import contextlib
 import http.client
 import json
 import re
@@ -106,7 +107,8 @@ BAD_REQUESTS = [
     ({"temperature": "hot"}, 400, "temperature", "must be a number"),
     ({"temperature": 2.5}, 400, "temperature", "from 0 to 2"),
     ({"temperature": 10**400}, 400, "temperature", "from 0 to 2"),  # once an OverflowError that stopped the engine
-    ({"top_p": 1.5}, 400, "top_p", "top_p must be in (0, 1]"),
+    ({"top_p": 1.5}, 400, "top_p", "top_p must be in [0, 1]"),
+    ({"top_p": -0.5}, 400, "top_p", "top_p must be in [0, 1]"),
     ({"seed": -1}, 400, "seed", "seed must be an integer from 0"),
     ({"n": 0}, 400, "n", "(this server's --max-batch)"),
     ({"n": 41}, 400, "n", "(this server's --max-batch)"),
@@ -152,6 +154,7 @@ def test_bodies_that_once_broke_the_server_get_400_and_it_keeps_serving(server):
     before = server.post({"model": MODEL_ID, "prompt": "the ", "max_tokens": 12, "temperature": 0})[1]
     for raw in (b'{"model": "tiny", "prompt": "the ", "max_tokens": 5, "temperature": 1' + b"0" * 309 + b"}",
                 b'{"model": "tiny", "prompt": "the ", "max_tokens": 5, "temperature": Infinity}',
+                b'{"model": "tiny", "prompt": "the ", "max_tokens": 5, "temperature": 1e400}',
                 b'{"model": "tiny", "prompt": "the ", "max_tokens": 1' + b"0" * 5000 + b"}",
                 b"[" * 100_000 + b"]" * 100_000):
         status, body, _ = server.post(raw)
@@ -159,6 +162,8 @@ def test_bodies_that_once_broke_the_server_get_400_and_it_keeps_serving(server):
         assert server.get("/health")[0] == 200
     after = server.post({"model": MODEL_ID, "prompt": "the ", "max_tokens": 12, "temperature": 0})[1]
     assert after["choices"][0]["text"] == before["choices"][0]["text"]
+    tiny = server.post({"model": MODEL_ID, "prompt": "the ", "max_tokens": 12, "temperature": 5e-324})[1]
+    assert tiny["choices"][0]["text"] == before["choices"][0]["text"]  # was a row of newlines: NaN probabilities
 
 
 def test_unknown_routes_methods_and_chat_answer_in_openais_error_shape(server):
@@ -349,3 +354,87 @@ def test_a_stopped_server_can_start_again_on_its_port_at_once(onnx_model, free_p
         assert again.post({"model": MODEL_ID, "prompt": "a", "max_tokens": 3})[0] == 200
     finally:
         assert again.stop()[0] == 0
+
+
+@pytest.fixture(scope="module")
+def strict_server(onnx_model, free_port):
+    """A server with a short read deadline and few connections, to be held to them."""
+    server = Server(onnx_model, "--read-timeout", 1, "--max-connections", 24, port=free_port())
+    yield server
+    code, err = server.stop()
+    assert code == 0, err
+    assert "Traceback" not in err, err
+
+
+def open_connections(port, count, first_bytes=b""):
+    sockets = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(first_bytes)
+        sockets.append(sock)
+    return sockets
+
+
+def answer(sock) -> bytes:
+    """What the server sends before it closes the connection."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def test_slow_and_silent_connections_are_cut_while_a_client_is_served(strict_server):
+    greedy = {"model": MODEL_ID, "prompt": "the ", "max_tokens": 10, "temperature": 0}
+    expected = strict_server.post(greedy)[1]["choices"][0]["text"]
+    silent = open_connections(strict_server.port, 10)
+    slow = open_connections(strict_server.port, 10, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-")
+    started = time.monotonic()
+    status, body, _ = strict_server.post(greedy)
+    assert status == 200 and body["choices"][0]["text"] == expected and time.monotonic() - started < 1
+    for sock in silent + slow:  # each answered 408 within the read timeout (and a little), then closed
+        reply = answer(sock)
+        assert reply.startswith(b"HTTP/1.1 408") and b"did not arrive within 1 s" in reply, reply
+        sock.close()
+    assert time.monotonic() - started < 5
+
+
+def test_connections_past_the_cap_get_503_at_once(strict_server):
+    held = open_connections(strict_server.port, 24)  # the cap
+    try:
+        extra = open_connections(strict_server.port, 3)
+        for sock in extra:
+            reply = answer(sock)
+            assert reply.startswith(b"HTTP/1.1 503") and b"too_many_connections" in reply, reply
+            sock.close()
+    finally:
+        for sock in held:
+            sock.close()
+    assert strict_server.healthy()
+
+
+def test_a_head_over_the_limit_gets_431_and_a_stalled_body_408(strict_server):
+    (sock,) = open_connections(strict_server.port, 1, b"GET /health HTTP/1.1\r\nX-Big: ")
+    with contextlib.suppress(OSError):  # the server may close before the last of it is written
+        for _ in range(64):
+            sock.sendall(b"a" * 16384)
+    reply = answer(sock)
+    assert reply.startswith(b"HTTP/1.1 431") and b"65,536-byte limit" in reply, reply
+    (sock,) = open_connections(strict_server.port, 1, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                                                      b"Content-Type: application/json\r\nContent-Length: 100\r\n"
+                                                      b"\r\n{\"model\": ")
+    reply = answer(sock)
+    assert reply.startswith(b"HTTP/1.1 408") and b"the request body did not arrive within 1 s" in reply, reply
+
+
+def test_a_client_that_leaves_mid_body_costs_one_log_line(onnx_model, free_port):
+    server = Server(onnx_model, port=free_port())
+    for _ in range(3):
+        (sock,) = open_connections(server.port, 1, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                                                   b"Content-Length: 1000\r\n\r\n{\"model\": ")
+        time.sleep(0.2)
+        sock.close()
+    time.sleep(0.5)
+    assert server.healthy()
+    code, err = server.stop()
+    assert code == 0 and "Traceback" not in err, err
+    assert err.count("went away while sending its request body") == 3, err

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import signal
 import threading
 import time
@@ -22,6 +23,7 @@ from contextlib import asynccontextmanager
 
 from minigpt.decoding import Engine
 from minigpt.errors import MiniGPTError
+from minigpt.serve.connections import guarded_protocol
 from minigpt.serve.metrics import Metrics
 from minigpt.serve.protocol import ChunkFormat, Limits, RequestError, Scores, completion_body, error_body, \
     parse_completion, usage
@@ -29,6 +31,8 @@ from minigpt.serve.scheduler import Job, Scheduler
 from minigpt.tokenizer import CharTokenizer
 
 MAX_BODY_BYTES = 1 << 20
+MAX_HEAD_BYTES = 64 << 10  # the request line and headers; nginx's default is 32 KiB
+LOG = logging.getLogger("uvicorn.error")  # where uvicorn writes its own lines
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
 
 
@@ -36,9 +40,9 @@ class CompletionsAPI:
     """The route handlers, over one scheduler."""
 
     def __init__(self, scheduler: Scheduler, metrics: Metrics, tokenizer: CharTokenizer, *, model_id: str,
-                 limits: Limits, max_queue: int, api_key: str | None):
+                 limits: Limits, api_key: str | None):
         self.scheduler, self.metrics, self.tokenizer = scheduler, metrics, tokenizer
-        self.model_id, self.limits, self.max_queue, self.api_key = model_id, limits, max_queue, api_key
+        self.model_id, self.limits, self.api_key = model_id, limits, api_key
         self.block_size = scheduler.rows.block
         self.created = int(time.time())
         # Unique per server start and request; uuid4 cost 30 µs of the event loop a request.
@@ -62,10 +66,10 @@ class CompletionsAPI:
 
         try:
             self.check_key(request)
-            parsed = parse_completion(await read_json(request), self.tokenizer, self.model_id, self.limits)
+            parsed = parse_completion(await read_json(request, self.limits.read_timeout), self.tokenizer, self.model_id, self.limits)
             job = Job(parsed, asyncio.get_running_loop())
             if not self.scheduler.submit(job):
-                raise RequestError(f"the server is busy ({self.max_queue} requests are waiting); retry shortly",
+                raise RequestError(f"the server is busy ({self.limits.max_queue} requests are waiting); retry shortly",
                                    status=429, code="queue_full")
         except RequestError as error:
             return self.fail(error)
@@ -135,7 +139,7 @@ class CompletionsAPI:
         from starlette.responses import JSONResponse
 
         try:
-            body = await read_json(request)
+            body = await read_json(request, self.limits.read_timeout)
             text = body.get("prompt") if isinstance(body, dict) else None
             if not isinstance(text, str):
                 raise RequestError("send {\"prompt\": TEXT}", "prompt")
@@ -150,7 +154,7 @@ class CompletionsAPI:
         from starlette.responses import JSONResponse
 
         try:
-            body = await read_json(request)
+            body = await read_json(request, self.limits.read_timeout)
             ids = body.get("tokens") if isinstance(body, dict) else None
             vocab = len(self.tokenizer.chars)
             if not (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab
@@ -172,17 +176,32 @@ class CompletionsAPI:
         return Response(self.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-async def read_json(request):
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise RequestError(f"the request body is over the {MAX_BODY_BYTES:,}-byte limit")
+async def read_json(request, timeout: float):
+    """The body as JSON; what goes wrong is a RequestError: too big, too slow (408), not JSON, the client gone."""
+    from starlette.requests import ClientDisconnect
+
+    try:
+        body = await asyncio.wait_for(_read_body(request), timeout)
+    except asyncio.TimeoutError:
+        raise RequestError(f"the request body did not arrive within {timeout:g} s", status=408,
+                           code="read_timeout") from None
+    except ClientDisconnect:  # one line in the log, not a traceback
+        LOG.info("minigpt: a client went away while sending its request body")
+        raise RequestError("the client went away while sending its body", code="client_disconnected") from None
     try:
         return json.loads(body)
     except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, an integer of over 4,300 digits, deep nesting
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise RequestError(f"the request body is not valid JSON ({reason})") from None
+
+
+async def _read_body(request) -> bytearray:
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise RequestError(f"the request body is over the {MAX_BODY_BYTES:,}-byte limit")
+    return body
 
 
 def job_usage(job: Job) -> dict:
@@ -259,16 +278,16 @@ class EventStream:
         stream.cancel()
 
 
-def create_app(engine: Engine, tokenizer: CharTokenizer, *, model_id: str, max_batch: int = 32,
-               max_queue: int = 256, api_key: str | None = None, max_tokens_limit: int = 4096):
+def create_app(engine: Engine, tokenizer: CharTokenizer, *, model_id: str, limits: Limits | None = None,
+               api_key: str | None = None):
     """The Starlette app; its lifespan starts and stops the scheduler."""
     from starlette.applications import Starlette
     from starlette.routing import Route
 
+    limits = limits or Limits()
     metrics = Metrics()
-    scheduler = Scheduler(engine, tokenizer, max_batch, max_queue, metrics)
-    api = CompletionsAPI(scheduler, metrics, tokenizer, model_id=model_id, limits=Limits(max_batch, max_tokens_limit),
-                         max_queue=max_queue, api_key=api_key)
+    scheduler = Scheduler(engine, tokenizer, limits.max_batch, limits.max_queue, metrics)
+    api = CompletionsAPI(scheduler, metrics, tokenizer, model_id=model_id, limits=limits, api_key=api_key)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -291,17 +310,18 @@ def create_app(engine: Engine, tokenizer: CharTokenizer, *, model_id: str, max_b
 
 
 def serve(engine: Engine, tokenizer: CharTokenizer, *, model_id: str, host: str = "127.0.0.1", port: int = 8000,
-          max_batch: int = 32, max_queue: int = 256, api_key: str | None = None, max_tokens_limit: int = 4096,
-          shutdown_timeout: float = 10.0) -> None:
+          limits: Limits | None = None, api_key: str | None = None, shutdown_timeout: float = 10.0) -> None:
     """Serve until SIGTERM or Ctrl-C: then stop accepting, let requests in flight finish within
     `shutdown_timeout` seconds, cancel the rest, and return."""
     import uvicorn
 
-    app = create_app(engine, tokenizer, model_id=model_id, max_batch=max_batch, max_queue=max_queue,
-                     api_key=api_key, max_tokens_limit=max_tokens_limit)
+    limits = limits or Limits()
+    app = create_app(engine, tokenizer, model_id=model_id, limits=limits, api_key=api_key)
+    protocol = guarded_protocol(limits.read_timeout, MAX_HEAD_BYTES, limits.max_connections,
+                                app.state.metrics.answered)
     # No access log: a line per request costs more than a decode step at these sizes.
-    config = uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False,
-                            timeout_graceful_shutdown=shutdown_timeout, lifespan="on")
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False, http=protocol,
+                            timeout_keep_alive=5, timeout_graceful_shutdown=shutdown_timeout, lifespan="on")
     # uvicorn raises the signal it stopped on again once it is done; the graceful stop was the answer to that
     # signal, so the raised copy meets a handler that does nothing, and `minigpt serve` exits 0.
     handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()

@@ -58,10 +58,13 @@ class CompletionRequest:
 
 @dataclass
 class Limits:
-    """What this server accepts beyond the API's own rules (its command-line flags)."""
+    """What this server accepts beyond the API's own rules: its command-line flags."""
 
-    max_batch: int = 32
-    max_tokens: int = 4096
+    max_batch: int = 32  # rows decoded together; n × prompts of one request fit in them
+    max_tokens: int = 4096  # per request
+    max_queue: int = 256  # requests waiting for rows; more get 429
+    max_connections: int = 512  # open at once; more are answered 503 and closed
+    read_timeout: float = 10.0  # seconds for a request's head, and again for its body, to arrive
 
 
 def _typed(body: dict, name: str, kinds: tuple, default, what: str):
