@@ -143,7 +143,7 @@ def test_cli_num_samples_prints_each_sample(tiny_checkpoint, capsys):
 
 @pytest.mark.parametrize("flags,fragment", [(["--num_samples", "0"], "num_samples"),
                                             (["--max_new_tokens", "-1"], "max_new_tokens"),
-                                            (["--top_p", "0"], "top_p")])
+                                            (["--top_p", "-1"], "top_p")])
 def test_cli_bad_arguments_exit_2(tiny_checkpoint, capsys, flags, fragment):
     assert main(["generate", "--checkpoint", str(tiny_checkpoint), *flags]) == 2
     out, err = capsys.readouterr()
