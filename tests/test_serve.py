@@ -11,6 +11,8 @@ import socket
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 openai = pytest.importorskip("openai", reason="the server is tested with the openai client (the test extra)")
 pytest.importorskip("uvicorn", reason="minigpt serve needs the serve extra")
@@ -438,3 +440,52 @@ def test_a_client_that_leaves_mid_body_costs_one_log_line(onnx_model, free_port)
     code, err = server.stop()
     assert code == 0 and "Traceback" not in err, err
     assert err.count("went away while sending its request body") == 3, err
+
+
+FIELDS = {"model": st.sampled_from([MODEL_ID, "other"]), "prompt": st.text(alphabet="the quick", max_size=40),
+          "max_tokens": st.integers(-2, 70), "n": st.integers(-1, 10), "temperature": st.floats(-1, 3),
+          "top_p": st.floats(-0.5, 1.5), "top_k": st.integers(-1, 80), "seed": st.integers(-5, 2**70),
+          "stop": st.lists(st.text(max_size=5), max_size=6), "stream": st.booleans(), "echo": st.booleans(),
+          "logprobs": st.integers(-1, 7), "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()})}
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                  max_size=4), max_leaves=12)
+
+
+@st.composite
+def request_bodies(draw):
+    """Bodies near the API (each field plausible, or any JSON at all), and now and then not an object."""
+    if draw(st.integers(0, 9)) == 0:
+        return draw(JSON)
+    names = draw(st.lists(st.sampled_from(sorted(FIELDS)), unique=True, max_size=len(FIELDS)))
+    return {name: draw(FIELDS[name] | JSON if draw(st.integers(0, 4)) == 0 else FIELDS[name]) for name in names}
+
+
+GREEDY = {"model": MODEL_ID, "prompt": "the ", "max_tokens": 8, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def fuzzed_server(onnx_model, free_port):
+    server = Server(onnx_model, "--max-tokens", 64, "--max-batch", 12, port=free_port())
+    server.greedy_text = server.post(GREEDY)[1]["choices"][0]["text"]
+    yield server
+    code, err = server.stop()
+    assert code == 0 and "Traceback" not in err, err
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=request_bodies())
+def test_no_request_body_breaks_the_server(fuzzed_server, body):
+    """Whatever the body: never a 500, every error in OpenAI's shape, and afterwards /health is 200 and a fixed
+    greedy request still gets its text."""
+    status, text, _ = fuzzed_server.request("POST", "/v1/completions", json.dumps(body).encode())
+    assert status in (200, 400, 404), (status, text)
+    if status != 200:
+        error = json.loads(text)["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"], error
+    elif isinstance(body, dict) and body.get("stream") is True:
+        assert text.endswith("data: [DONE]\n\n"), text[-200:]
+    else:
+        assert json.loads(text)["choices"]
+    assert fuzzed_server.get("/health")[0] == 200
+    assert fuzzed_server.post(GREEDY)[1]["choices"][0]["text"] == fuzzed_server.greedy_text
