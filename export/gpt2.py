@@ -24,7 +24,7 @@ def gpt2_config(config: GPTConfig) -> dict:
     return dict(vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.embed_dim,
                 n_layer=config.num_layers, n_head=config.num_heads, n_inner=config.mlp_ratio * config.embed_dim,
                 activation_function="gelu_new", layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0,
-                attn_pdrop=0.0, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
+                attn_pdrop=0.0, tie_word_embeddings=True, bos_token_id=None, eos_token_id=None)
 
 
 def gpt2_state_dict(state: dict) -> dict:

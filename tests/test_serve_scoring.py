@@ -3,9 +3,6 @@ prompts as token ids, the tokenizer routes, and lm-eval scoring the model throug
 
 import json
 import math
-import random
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +10,7 @@ import pytest
 pytest.importorskip("openai", reason="the server is tested with the openai client (the test extra)")
 pytest.importorskip("uvicorn", reason="minigpt serve needs the serve extra")
 
-from conftest import TINY_TEXT  # noqa: E402
+from conftest import LM_EVAL_TEXT, TINY_TEXT, eval_bits, run_lm_eval  # noqa: E402
 from minigpt.serve.protocol import lm_eval_model_args  # noqa: E402
 from serving import MODEL_ID, Server, generate_cli  # noqa: E402
 
@@ -35,11 +32,8 @@ def complete(server, **fields):
 
 
 def eval_total(loaded, text) -> float:
-    """`minigpt eval`'s total log-likelihood of a text: every character scored, the first after a newline."""
-    from minigpt.train import evaluate_split
-
-    ids = np.array(loaded.tokenizer.encode("\n" + text))
-    return -evaluate_split(loaded.model, ids) * (len(ids) - 1)
+    """`minigpt eval`'s total log-likelihood of a text."""
+    return eval_bits(loaded, text) * -len(text) * math.log(2)
 
 
 def test_echo_scores_a_text_as_minigpt_eval_does(server, tiny_loaded):
@@ -125,42 +119,15 @@ def test_tokenizer_and_model_routes(server, tiny_loaded):
     assert status == 404 and json.loads(text)["error"]["code"] == "model_not_found"
 
 
-def lm_eval_tasks(folder, text, prompts):
-    """A loglikelihood_rolling task over one text and a generate_until task over prompts, as local json data."""
-    (folder / "text.jsonl").write_text(json.dumps({"text": text}) + "\n")
-    (folder / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-    for name, data, kind, extra in (
-            ("minigpt_text", "text.jsonl", "loglikelihood_rolling",
-             'doc_to_text: ""\ndoc_to_target: "{{text}}"\nmetric_list:\n  - metric: bits_per_byte\n'),
-            ("minigpt_prompts", "prompts.jsonl", "generate_until",
-             'doc_to_text: "{{prompt}}"\ndoc_to_target: ""\ngeneration_kwargs:\n  until: ["\\n"]\n'
-             '  max_gen_toks: 30\nmetric_list:\n  - metric: exact_match\n')):
-        (folder / f"{name}.yaml").write_text(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-                                             f"    test: {folder / data}\ntest_split: test\noutput_type: {kind}\n"
-                                             + extra)
-
-
 def test_lm_eval_scores_the_model_through_the_server(server, tiny_loaded, tiny_onnx, tmp_path):
     """lm-eval's own `local-completions` model with the arguments `minigpt serve` prints: bits per byte as
     `minigpt eval` counts bits per character, and greedy generations as `minigpt generate` writes them. The
     text's length is a multiple of the block, so lm-eval's last window is a whole block too and the two agree
     to rounding (otherwise its last window is cut differently: measured within 0.002 bits on real text)."""
-    words, pick = TINY_TEXT.split(" "), random.Random(0)
-    text = " ".join(pick.choice(words) for _ in range(700))[:3200]  # not periodic; 200 blocks
     prompts = ["the quick", "a small "]
-    lm_eval_tasks(tmp_path, text, prompts)
     args = lm_eval_model_args(MODEL_ID, f"http://127.0.0.1:{server.port}/v1", tiny_loaded.tokenizer, 16)
-    result = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args", args,
-                             "--tasks", "minigpt_text,minigpt_prompts", "--include_path", str(tmp_path),
-                             "--output_path", str(tmp_path / "out"), "--log_samples"],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (results,) = (tmp_path / "out").rglob("results_*.json")
-    bits = json.loads(results.read_text())["results"]["minigpt_text"]["bits_per_byte,none"]
-    assert len(text) == 3200 and bits == pytest.approx(eval_total(tiny_loaded, text) / -len(text) / math.log(2), abs=1e-5)
-    (samples,) = (tmp_path / "out").rglob("samples_minigpt_prompts_*.jsonl")
-    generated = {json.loads(line)["doc"]["prompt"]: json.loads(line)["resps"][0][0]
-                 for line in samples.read_text().splitlines()}
+    bits, generated = run_lm_eval(tmp_path, "local-completions", args, LM_EVAL_TEXT, prompts)
+    assert bits == pytest.approx(eval_bits(tiny_loaded, LM_EVAL_TEXT), abs=1e-5)
     for prompt in prompts:
         printed = generate_cli(tiny_onnx, "--prompt", prompt, "--max-new-tokens", 30, "--temperature", 0)
         assert generated[prompt] == printed[len(prompt):].split("\n")[0]
