@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import LM_EVAL_TEXT, eval_bits, run_lm_eval
+from tiny import LM_EVAL_TEXT, eval_bits, run_lm_eval
 from minigpt import load_checkpoint
 from minigpt.cli import main
 from minigpt.generation import generate

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_TEXT
+from tiny import TINY_TEXT
 from minigpt.scoring import score, windows
 
 

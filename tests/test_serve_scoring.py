@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("openai", reason="the server is tested with the openai client (the test extra)")
 pytest.importorskip("uvicorn", reason="minigpt serve needs the serve extra")
 
-from conftest import LM_EVAL_TEXT, TINY_TEXT, eval_bits, run_lm_eval  # noqa: E402
+from tiny import LM_EVAL_TEXT, TINY_TEXT, eval_bits, run_lm_eval  # noqa: E402
 from minigpt.serve.protocol import lm_eval_model_args  # noqa: E402
 from serving import MODEL_ID, Server, generate_cli  # noqa: E402
 
