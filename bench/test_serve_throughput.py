@@ -121,10 +121,10 @@ def run_load(port, requests_per_client: list[list[dict]]) -> dict:
             "itl_p95_ms": 1e3 * float(np.percentile(between, 95))}
 
 
-def requests_for(clients: int, total: int = REQUESTS) -> list[list[dict]]:
+def requests_for(clients: int, total: int = REQUESTS, **fields) -> list[list[dict]]:
     """The same `total` requests (prompt and seed fixed by the request's number), dealt to `clients`."""
-    bodies = [{"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": NEW_TOKENS, "temperature": 0.8, "seed": i}
-              for i in range(total)]
+    bodies = [{"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": NEW_TOKENS, "temperature": 0.8, "seed": i,
+               **fields} for i in range(total)]
     return [bodies[c::clients] for c in range(clients)]
 
 
@@ -141,6 +141,25 @@ def test_serving_throughput_and_latency(benchmark, served_model, record_throughp
     print(f"\n{load}: {result['tokens_per_s']:,.0f} tokens/s; time to first token p50 {result['ttft_p50_ms']:.1f} ms, "
           f"p95 {result['ttft_p95_ms']:.1f} ms; between tokens p50 {result['itl_p50_ms']:.2f} ms, "
           f"p95 {result['itl_p95_ms']:.2f} ms")
+
+
+def test_logprobs_cost_at_32_clients(benchmark, served_model):
+    """The load of 32 clients with `logprobs: 5` on every request against the same load without, alternating
+    on one server (plain, logprobs, plain, logprobs); the ratio of the medians is in `extra_info`."""
+    benchmark.group = "serve logprobs"
+    with serving(served_model, "--max-batch", "32") as (port, _):
+        run_load(port, requests_for(32, total=32, logprobs=5))  # warm-up
+        rates = {"plain": [], "logprobs": []}
+
+        def alternate():
+            for _ in range(2):
+                for name, fields in (("plain", {}), ("logprobs", {"logprobs": 5})):
+                    rates[name].append(run_load(port, requests_for(32, **fields))["tokens_per_s"])
+
+        benchmark.pedantic(alternate, rounds=1, iterations=1)
+    plain, scored = (float(np.median(rates[name])) for name in ("plain", "logprobs"))
+    benchmark.extra_info.update(plain_tokens_per_s=plain, logprobs_tokens_per_s=scored, cost=plain / scored)
+    print(f"\n32 clients: {plain:,.0f} tokens/s plain, {scored:,.0f} with logprobs 5: they cost {plain / scored:.2f}x")
 
 
 def resident_mb(pid: int) -> float:

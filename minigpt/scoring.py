@@ -39,13 +39,15 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def top_tokens(logprobs: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
-    """The `top` likeliest ids of each row of (..., V) log-probabilities and theirs, likeliest first (ties: the
-    lower id first)."""
+    """The `top` likeliest ids of each row of (..., V) log-probabilities and theirs, likeliest first."""
     if top == 0:
         return (np.zeros(logprobs.shape[:-1] + (0,), dtype=np.int64),
                 np.zeros(logprobs.shape[:-1] + (0,), dtype=np.float64))
-    ids = np.argsort(-logprobs, axis=-1, kind="stable")[..., :top]
-    return ids, np.take_along_axis(logprobs, ids, axis=-1)
+    ids = np.argpartition(-logprobs, top - 1, axis=-1)[..., :top] if top < logprobs.shape[-1] else \
+        np.broadcast_to(np.arange(logprobs.shape[-1]), logprobs.shape)
+    chosen = np.take_along_axis(logprobs, ids, axis=-1)
+    order = np.argsort(-chosen, axis=-1, kind="stable")  # a partition is unordered: sort the few it keeps
+    return np.take_along_axis(ids, order, axis=-1), np.take_along_axis(chosen, order, axis=-1)
 
 
 def windows(length: int, block_size: int) -> list[tuple[int, int]]:

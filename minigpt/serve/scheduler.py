@@ -104,6 +104,7 @@ class Scheduler:
 
     def __init__(self, engine: Engine, tokenizer: CharTokenizer, max_batch: int, max_queue: int, observer):
         self.tokenizer, self.max_batch, self.max_queue, self.observer = tokenizer, max_batch, max_queue, observer
+        self.vocabulary = np.array(tokenizer.chars, dtype=object)  # ids to characters, many at once
         self.rows = Rows(engine, max_batch)  # rows.payloads[i]: the (job, choice) in row i
         self.waiting: deque[Job] = deque()
         self.wake = threading.Condition()
@@ -199,15 +200,18 @@ class Scheduler:
         """Of each row whose request asked: the model's log-probability of its token and its likeliest tokens
         (temperature 1, whatever the request samples with, as OpenAI documents); None for the other rows."""
         running = self.rows.payloads
-        wanted = [row for row, (job, _) in enumerate(running) if job.request.logprobs is not None]
+        counts = [job.request.logprobs for job, _ in running]
+        wanted = [row for row, count in enumerate(counts) if count is not None]
         scored: list[tuple | None] = [None] * len(running)
         if not wanted:
             return scored
         logprobs = log_softmax(logits[wanted])
         chosen = logprobs[np.arange(len(wanted)), ids[wanted]].tolist()
-        top_ids, top_logprobs = top_tokens(logprobs, max(running[row][0].request.logprobs for row in wanted))
-        for i, row in enumerate(wanted):
-            scored[row] = (chosen[i], self._top(top_ids[i], top_logprobs[i], running[row][0].request.logprobs))
+        top_ids, top_logprobs = top_tokens(logprobs, max(counts[row] for row in wanted))
+        top_chars = self.vocabulary[top_ids].tolist()
+        for row, logprob, chars, values in zip(wanted, chosen, top_chars, top_logprobs.tolist()):
+            count = counts[row]
+            scored[row] = (logprob, dict(zip(chars[:count], values[:count])))
         return scored
 
     def _top(self, ids: np.ndarray, logprobs: np.ndarray, count: int) -> dict[str, float]:
