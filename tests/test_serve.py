@@ -115,6 +115,8 @@ BAD_REQUESTS = [
     ({"n": 0}, 400, "n", "(this server's --max-batch)"),
     ({"n": 41}, 400, "n", "(this server's --max-batch)"),
     ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "up to 4"),
+    ({"stop": ["x" * 4097]}, 400, "stop", "1 to 4,096 characters"),
+    ({"stop": [""]}, 400, "stop", "1 to 4,096 characters"),
     ({"stream": "yes"}, 400, "stream", "true or false"),
     ({"logprobs": 6}, 400, "logprobs", "from 0 to 5"),
     ({"logprobs": "all"}, 400, "logprobs", "must be an integer"),

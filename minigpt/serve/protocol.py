@@ -17,6 +17,7 @@ from minigpt.sampling import Sampler
 from minigpt.tokenizer import CharTokenizer
 
 MAX_STOP_STRINGS = 4  # as OpenAI's API
+MAX_STOP_LENGTH = 4096  # characters: a stop string's matcher is built when the request arrives
 MAX_TEMPERATURE = 2  # likewise
 MAX_LOGPROBS = 5  # likewise
 MAX_SCORED_TOKENS = 8192  # an echoed prompt is scored on the scheduler's thread: a bound on how long that takes
@@ -153,8 +154,9 @@ def _parse_stop(body: dict) -> list[str]:
     stop = body.get("stop")
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if (not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS
-            or not all(isinstance(s, str) and s for s in stop)):
-        raise RequestError(f"stop must be a non-empty string or a list of up to {MAX_STOP_STRINGS} of them", "stop")
+            or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_LENGTH for s in stop)):
+        raise RequestError(f"stop must be a string of 1 to {MAX_STOP_LENGTH:,} characters or a list of up to "
+                           f"{MAX_STOP_STRINGS} of them", "stop")
     return stop
 
 
