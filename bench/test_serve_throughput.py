@@ -15,6 +15,7 @@ import contextlib
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -160,6 +161,57 @@ def test_logprobs_cost_at_32_clients(benchmark, served_model):
     plain, scored = (float(np.median(rates[name])) for name in ("plain", "logprobs"))
     benchmark.extra_info.update(plain_tokens_per_s=plain, logprobs_tokens_per_s=scored, cost=plain / scored)
     print(f"\n32 clients: {plain:,.0f} tokens/s plain, {scored:,.0f} with logprobs 5: they cost {plain / scored:.2f}x")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads the server's CPU time from /proc")
+def test_the_playground_costs_the_server_what_an_sse_client_does(benchmark, served_model):
+    """The server's CPU time per token while the playground page (headless Chromium) streams 2,000 tokens,
+    against an SSE client sending the same request (`logprobs: 5`), alternating twice; in `extra_info`."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the page is driven with Playwright")
+    chromium = next(filter(None, map(shutil.which, ("chromium", "chromium-browser"))), None)
+    if chromium is None:
+        pytest.skip("needs Chromium: apt-get install chromium")
+    tokens, body = 2000, {"prompt": "THE ", "max_tokens": 2000, "temperature": 0.8, "seed": 1, "logprobs": 5}
+    costs = {"page": [], "sse client": []}
+    with serving(served_model) as (port, pid), sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{port}/")
+
+        def through_page():
+            for name, value in (("prompt", "THE "), ("max_tokens", tokens), ("temperature", 0.8), ("seed", 1)):
+                page.fill(f"#{name}", str(value))
+            page.click("#generate")
+            page.wait_for_function("!document.querySelector('#generate').disabled", timeout=120_000)
+            assert page.eval_on_selector_all(".char", "chars => chars.length") == tokens
+
+        def through_client():  # plain blocking HTTP: Playwright's event loop runs on this thread
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            connection.request("POST", "/v1/completions", json.dumps({"model": "model", "stream": True, **body}),
+                               {"Content-Type": "application/json"})
+            assert connection.getresponse().read().count(b"data: {") == tokens
+
+        def alternate():
+            for _ in range(2):
+                for name, run in (("page", through_page), ("sse client", through_client)):
+                    before = cpu_seconds(pid)
+                    run()
+                    costs[name].append((cpu_seconds(pid) - before) / tokens)
+
+        through_client()  # warm-up
+        benchmark.pedantic(alternate, rounds=1, iterations=1)
+        browser.close()
+    page_cost, client_cost = (1e6 * float(np.median(costs[name])) for name in ("page", "sse client"))
+    benchmark.extra_info.update(page_us_per_token=page_cost, client_us_per_token=client_cost)
+    print(f"\nserver CPU per token: {page_cost:.0f} µs through the page, {client_cost:.0f} µs for an SSE client "
+          f"({page_cost / client_cost:.2f}x)")
 
 
 def resident_mb(pid: int) -> float:

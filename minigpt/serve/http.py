@@ -12,6 +12,7 @@ onnxruntime and numpy alone.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import logging
@@ -20,13 +21,14 @@ import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from minigpt.decoding import Engine
 from minigpt.errors import MiniGPTError
 from minigpt.serve.connections import guarded_protocol
 from minigpt.serve.metrics import Metrics
 from minigpt.serve.protocol import ChunkFormat, Limits, RequestError, Scores, completion_body, error_body, \
-    parse_completion, usage
+    parse_completion, parse_prompt, usage
 from minigpt.serve.scheduler import Job, Scheduler
 from minigpt.tokenizer import CharTokenizer
 
@@ -95,7 +97,7 @@ class CompletionsAPI:
 
     async def not_found(self, request, exc):
         return self.fail(RequestError(f"no route {request.url.path}; this server has POST /v1/completions, GET "
-                                      "/v1/models, /health and /metrics", status=404, code="not_found"))
+                                      "/v1/models, /health, /metrics and the playground at /", status=404, code="not_found"))
 
     async def not_allowed(self, request, exc):
         return self.fail(RequestError(f"{request.method} is not allowed on {request.url.path}", status=405,
@@ -164,6 +166,33 @@ class CompletionsAPI:
             return self.fail(error)
         return JSONResponse({"prompt": self.tokenizer.decode(ids)})
 
+    async def attention(self, request):
+        """What the model attended to as it wrote the character after `prompt`: the last position's weights in
+        every layer and head over the characters it reads (the last block_size), from the model's own forward
+        pass, as `minigpt attention` draws them; run on the scheduler's thread, between steps."""
+        from starlette.responses import JSONResponse
+
+        try:
+            self.check_key(request)
+            ids = parse_prompt(await read_json(request, self.limits.read_timeout), self.tokenizer, self.model_id)
+            model = getattr(self.scheduler.rows.engine, "model", None)
+            if not hasattr(model, "attention_maps"):
+                raise RequestError("attention weights need the PyTorch engine: serve a .safetensors checkpoint "
+                                   "(an .onnx graph fuses attention and keeps no weights)", status=501,
+                                   code="attention_unavailable")
+            window = ids[-self.block_size:]
+            weights = await asyncio.wrap_future(self.scheduler.call(lambda: last_attention(model, window)))
+        except RequestError as error:
+            return self.fail(error)
+        return JSONResponse({"tokens": [self.tokenizer.chars[i] for i in window], "weights": weights})
+
+    async def page(self, request):
+        """The playground (`minigpt/serve/playground/`): static files, read once."""
+        from starlette.responses import Response
+
+        name = request.url.path.strip("/") or "index.html"
+        return Response(playground_file(name), media_type=PAGE_TYPES[name.rsplit(".", 1)[1]])
+
     async def health(self, request):
         from starlette.responses import JSONResponse
 
@@ -202,6 +231,25 @@ async def _read_body(request) -> bytearray:
         if len(body) > MAX_BODY_BYTES:
             raise RequestError(f"the request body is over the {MAX_BODY_BYTES:,}-byte limit")
     return body
+
+
+def last_attention(model, ids: list[int]) -> list:
+    """(layers, heads, T) weights of the last of `ids` over all of them, as nested lists."""
+    import torch
+
+    with torch.inference_mode():
+        maps = model.attention_maps(torch.tensor([ids], device=next(model.parameters()).device))
+    return maps[:, 0, :, -1].double().cpu().numpy().round(6).tolist()
+
+
+PLAYGROUND = Path(__file__).parent / "playground"  # shipped in the package: nothing is fetched from elsewhere
+PAGE_TYPES = {"html": "text/html; charset=utf-8", "js": "text/javascript; charset=utf-8",
+              "css": "text/css; charset=utf-8"}
+
+
+@functools.cache
+def playground_file(name: str) -> bytes:
+    return (PLAYGROUND / name).read_bytes()
 
 
 def job_usage(job: Job) -> dict:
@@ -302,6 +350,10 @@ def create_app(engine: Engine, tokenizer: CharTokenizer, *, model_id: str, limit
                             Route("/tokenizer_info", api.tokenizer_info, methods=["GET"]),
                             Route("/tokenize", api.tokenize, methods=["POST"]),
                             Route("/detokenize", api.detokenize, methods=["POST"]),
+                            Route("/v1/attention", api.attention, methods=["POST"]),
+                            Route("/", api.page, methods=["GET"]),
+                            Route("/playground.js", api.page, methods=["GET"]),
+                            Route("/playground.css", api.page, methods=["GET"]),
                             Route("/health", api.health, methods=["GET"]),
                             Route("/metrics", api.prometheus, methods=["GET"])], lifespan=lifespan,
                     exception_handlers={404: api.not_found, 405: api.not_allowed})

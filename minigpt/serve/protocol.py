@@ -103,6 +103,17 @@ def parse_completion(body, tokenizer: CharTokenizer, model_id: str, limits: Limi
                              _parse_sampler(body), logprobs, echo)
 
 
+def parse_prompt(body, tokenizer: CharTokenizer, model_id: str) -> list[int]:
+    """One prompt, as /v1/completions takes it (the body of /v1/attention)."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    _check_model(body, model_id)
+    _, ids = _parse_prompts(body, tokenizer)
+    if len(ids) != 1:
+        raise RequestError("give one prompt: a string or a list of token ids", "prompt")
+    return ids[0]
+
+
 def _check_model(body: dict, model_id: str) -> None:
     model = body.get("model")
     if not isinstance(model, str):

@@ -18,6 +18,7 @@ worth counting goes to an observer (`metrics`).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 import time
 from collections import deque
@@ -107,6 +108,7 @@ class Scheduler:
         self.vocabulary = np.array(tokenizer.chars, dtype=object)  # ids to characters, many at once
         self.rows = Rows(engine, max_batch)  # rows.payloads[i]: the (job, choice) in row i
         self.waiting: deque[Job] = deque()
+        self.calls: deque[tuple] = deque()  # (fn, future): work on the engine's model from outside, between steps
         self.wake = threading.Condition()
         self.stopping = False
         self.last_step_at: float | None = None  # None: no step ran since the batch was last empty
@@ -138,6 +140,26 @@ class Scheduler:
             self.wake.notify()
         return True
 
+    def call(self, fn) -> concurrent.futures.Future:
+        """Run fn() on the scheduler's thread between two steps: whatever reads the engine's model (attention
+        maps write into its layers) must not run beside a step."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self.wake:
+            if self.stopping:
+                raise RequestError("the engine has stopped (see the server's log); restart the server",
+                                   status=503, code="engine_stopped")
+            self.calls.append((fn, future))
+            self.wake.notify()
+        return future
+
+    def _run_calls(self) -> None:
+        while self.calls:
+            fn, future = self.calls.popleft()
+            try:
+                future.set_result(fn())
+            except Exception as exc:  # the caller's to report; the engine is not hurt
+                future.set_exception(exc)
+
     def _run(self) -> None:
         try:
             self._loop()
@@ -157,16 +179,19 @@ class Scheduler:
             if not self.rows.count:
                 self.last_step_at = None
             logits = self._admit(logits)
+            self._run_calls()
             self.observer.rows_in_use.set(self.rows.count)
             if self.rows.count:
                 self.observer.batch_rows.observe(self.rows.count)
         for job, _ in self.rows.payloads:  # stopped with work in flight: its requests end
             job.cancel()
+        for _, future in self.calls:
+            future.cancel()
 
     def _wait_for_work(self) -> bool:
         """Sleep while there is nothing to do; False once the scheduler is stopping."""
         with self.wake:
-            while not self.stopping and not self.waiting and not self.rows.count:
+            while not self.stopping and not self.waiting and not self.rows.count and not self.calls:
                 self.wake.wait()
             return not self.stopping
 
