@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 
 pytest.importorskip("uvicorn", reason="minigpt serve needs the serve extra")
@@ -140,6 +141,21 @@ def test_the_api_key_protects_the_pages_calls(tiny_onnx, free_port, browser):
         assert not page.is_visible("#error") and len(page.text_content("#text")) == 4 + 5
     finally:
         assert server.stop()[0] == 0
+
+
+def test_attention_is_the_models_own_for_the_last_position_of_the_last_block(checkpoint_server, tiny_loaded):
+    import torch
+
+    text = "the quick brown fox jumps"  # 25 characters: the model reads the last 16
+    _, body, _ = checkpoint_server.request("POST", "/v1/attention", {"model": "tiny", "prompt": text})
+    body = json.loads(body)
+    ids = tiny_loaded.tokenizer.encode(text)[-16:]
+    with torch.no_grad():
+        maps = tiny_loaded.model.attention_maps(torch.tensor([ids]))[:, 0, :, -1].numpy()
+    assert body["tokens"] == list(text[-16:])
+    np.testing.assert_allclose(np.array(body["weights"]), maps, atol=1e-6)
+    status, text, _ = checkpoint_server.request("POST", "/v1/attention", {"model": "tiny", "prompt": ["a", "b"]})
+    assert status == 400 and "give one prompt" in json.loads(text)["error"]["message"]
 
 
 def test_the_page_is_served_offline_from_the_package(checkpoint_server):
