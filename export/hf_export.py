@@ -40,9 +40,6 @@ from minigpt.tokenizer import CharTokenizer
 ROUND_TRIP_CHARACTERS = 20_000
 
 
-END_OF_TEXT = "<|endoftext|>"
-
-
 def require_transformers():
     try:
         import transformers
@@ -55,7 +52,7 @@ def require_transformers():
 
 def tokenizer_json(tokenizer: CharTokenizer) -> str:
     """A `tokenizers` tokenizer that gives every character its minigpt id and joins ids back without spaces."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
     from tokenizers.models import WordLevel
 
     # WordLevel insists on an unknown token; the first character stands in. Text with characters outside the
@@ -63,20 +60,17 @@ def tokenizer_json(tokenizer: CharTokenizer) -> str:
     hf = Tokenizer(WordLevel({c: i for i, c in enumerate(tokenizer.chars)}, unk_token=tokenizer.chars[0]))
     hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character, \n too
     hf.decoder = decoders.Fuse()  # ids back to text with nothing between characters
-    hf.add_special_tokens([AddedToken(END_OF_TEXT, special=True)])  # id vocab_size: see tokenizer_config
     return hf.to_str(pretty=True)
 
 
 def tokenizer_config(block_size: int) -> dict:
-    """A character vocabulary has no character to spare for "end of text": declaring the newline special would
-    make transformers drop every newline from decoded text. So the tokenizer gets one token of its own past the
-    model's vocabulary, END_OF_TEXT, for clients that insist on an end token (lm-eval's `hf` model stops at it):
-    the model never writes it, and text never holds it. No begin token: a text begins after a newline, as
-    `minigpt eval` reads one (lm-eval: `prefix_token_id=` the newline's id). GPT-2 takes no token_type_ids:
-    without model_input_names the tokenizer would hand generate() some."""
+    """No special tokens. A character vocabulary has no character to spare for "begin" or "end": declaring the
+    newline one would make transformers drop every newline from decoded text, and a token of the tokenizer's
+    own past the model's vocabulary breaks CTranslate2's conversion (its vocabulary must be the model's). A
+    text begins after a newline, as `minigpt eval` reads one (lm-eval: `prefix_token_id=` the newline's id).
+    GPT-2 takes no token_type_ids: without model_input_names the tokenizer would hand generate() some."""
     return {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-            "model_max_length": block_size, "model_input_names": ["input_ids", "attention_mask"],
-            "eos_token": END_OF_TEXT}
+            "model_max_length": block_size, "model_input_names": ["input_ids", "attention_mask"]}
 
 
 def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike = "minigpt-hf", *, force: bool = False,

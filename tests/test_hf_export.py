@@ -101,23 +101,17 @@ def test_generate_takes_the_tokenizers_output_as_it_is(tiny_loaded, hf_dir, hf_t
     out = model.generate(**inputs, max_new_tokens=10, do_sample=False)
     expected = generate(tiny_loaded.model, tiny_loaded.tokenizer, "the \n", 10, temperature=0)
     assert hf_tokenizer.decode(out[0], skip_special_tokens=True) == expected
-    # The one special token lies past the model's vocabulary: no character is special, and the model never
-    # writes it.
-    assert hf_tokenizer.all_special_ids == [len(tiny_loaded.tokenizer.chars)] == [hf_tokenizer.eos_token_id]
-    assert model.config.bos_token_id is None and model.config.vocab_size == len(tiny_loaded.tokenizer.chars)
+    assert hf_tokenizer.all_special_ids == [] and model.config.bos_token_id is model.config.eos_token_id is None
+    assert len(hf_tokenizer) == model.config.vocab_size  # as CTranslate2's conversion requires
 
 
 def test_lm_eval_hf_model_scores_the_export_as_minigpt_eval_does(tiny_loaded, hf_dir, tmp_path):
     """lm-eval's `hf` model on the directory, with the one argument a character vocabulary needs (the newline
-    to begin a text after): the bits per character of `minigpt eval`, and `minigpt generate`'s greedy text.
-    GPT-2's positions end at the block (16 here), and lm-eval keeps prompt + new tokens within them."""
-    prompts = ["the ", "a sm"]
+    to begin a text after): the bits per character of `minigpt eval`. Its generation tasks want an end token,
+    which the export does not declare (see tokenizer_config): they go through `minigpt serve`."""
     args = f"pretrained={hf_dir},prefix_token_id={tiny_loaded.tokenizer.id_of(chr(10))}"
-    bits, generated = run_lm_eval(tmp_path, "hf", args, LM_EVAL_TEXT, prompts, max_gen_toks=10)
+    bits, _ = run_lm_eval(tmp_path, "hf", args, LM_EVAL_TEXT, prompts=[])
     assert bits == pytest.approx(eval_bits(tiny_loaded, LM_EVAL_TEXT), abs=1e-5)
-    for prompt in prompts:
-        expected = generate(tiny_loaded.model, tiny_loaded.tokenizer, prompt, 10, temperature=0)[len(prompt):]
-        assert generated[prompt] == expected.split("\n")[0]
 
 
 def test_bad_input(tiny_checkpoint, hf_dir, tmp_path, cli_error):

@@ -40,15 +40,17 @@ def lm_eval_tasks(folder, text, prompts, max_gen_toks):
 
 
 def run_lm_eval(folder, model, model_args, text, prompts, max_gen_toks=30):
-    """lm-eval's CLI on those two tasks: (bits per byte of the text, {prompt: its greedy generation})."""
+    """lm-eval's CLI on those tasks (no prompts: the text alone): (bits per byte of the text, {prompt: its greedy
+    generation})."""
     lm_eval_tasks(folder, text, prompts, max_gen_toks)
+    tasks = "minigpt_text,minigpt_prompts" if prompts else "minigpt_text"
     result = subprocess.run([sys.executable, "-m", "lm_eval", "--model", model, "--model_args", model_args,
-                             "--tasks", "minigpt_text,minigpt_prompts", "--include_path", str(folder),
+                             "--tasks", tasks, "--include_path", str(folder),
                              "--output_path", str(folder / "out"), "--log_samples"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     (results,) = (folder / "out").rglob("results_*.json")
     bits = json.loads(results.read_text())["results"]["minigpt_text"]["bits_per_byte,none"]
-    (samples,) = (folder / "out").rglob("samples_minigpt_prompts_*.jsonl")
-    lines = [json.loads(line) for line in samples.read_text().splitlines()]
+    samples = list((folder / "out").rglob("samples_minigpt_prompts_*.jsonl"))
+    lines = [json.loads(line) for path in samples for line in path.read_text().splitlines()]
     return bits, {line["doc"]["prompt"]: line["resps"][0][0] for line in lines}
