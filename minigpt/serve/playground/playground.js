@@ -57,14 +57,21 @@ function requestBody() {
 
 async function generate() {
   showError("");
-  if (!model && !(await loadModel())) return;
-  const body = requestBody();
+  setRunning(true);  // at once: a click is answered before anything is fetched
+  try {
+    if (model || (await loadModel())) await stream(requestBody());
+  } finally {
+    setRunning(false);
+    showLive();
+  }
+}
+
+async function stream(body) {
   // The server reads an empty prompt as a newline: so does the attention view.
   run = {context: body.prompt || "\n", pieces: [], started: performance.now()};
   $("text").replaceChildren(document.createTextNode(body.prompt));
   $("details").hidden = true;
   controller = new AbortController();
-  setRunning(true);
   const poll = setInterval(showLive, 500);
   try {
     const response = await fetch("/v1/completions", {method: "POST", headers: headers(),
@@ -75,8 +82,6 @@ async function generate() {
     if (error.name !== "AbortError") showError(String(error));
   } finally {
     clearInterval(poll);
-    setRunning(false);
-    showLive();
   }
 }
 
