@@ -33,7 +33,7 @@ from minigpt.export.gpt2 import gpt2_config, gpt2_state_dict
 from minigpt.export.onnx_export import LOGIT_TOLERANCE, VERIFY_NEW_TOKENS, ExportReport, quiet
 from minigpt.generation import KVCacheEngine
 from minigpt.model import MiniGPT
-from minigpt.paths import check_output_folder
+from minigpt.paths import check_output_folder, check_replaceable
 from minigpt.sampling import Sampler
 from minigpt.tokenizer import CharTokenizer
 
@@ -79,8 +79,7 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike = "minigpt-h
     transformers = require_transformers()
     out = Path(out)
     check_output_folder(out)
-    if out.exists() and not force:
-        raise MiniGPTError(f"{out} already exists; pass --force to replace it or choose another --out")
+    check_replaceable(out, writes="hf", force=force, inputs=[("--checkpoint", checkpoint)])
     loaded = load_checkpoint(checkpoint)
     model, tokenizer = loaded.model, loaded.tokenizer
     start = time.perf_counter()

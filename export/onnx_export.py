@@ -28,7 +28,7 @@ from minigpt.export.onnx_engine import OnnxEngine, graph_metadata
 from minigpt.export.onnx_graph import DEFAULT_OPSET, MIN_OPSET, build_graph
 from minigpt.generation import KVCacheEngine
 from minigpt.model import MiniGPT
-from minigpt.paths import check_output_file
+from minigpt.paths import check_output_file, check_replaceable
 from minigpt.sampling import Sampler
 
 LOGIT_TOLERANCE = 1e-4
@@ -106,8 +106,7 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike = "minigpt
     if opset < MIN_OPSET:
         raise MiniGPTError(f"--opset must be at least {MIN_OPSET} for this exporter, got {opset}")
     check_output_file(out)
-    if out.exists() and not force:
-        raise MiniGPTError(f"{out} already exists; pass --force to overwrite it or choose another --out")
+    check_replaceable(out, writes="onnx", force=force, inputs=[("--checkpoint", checkpoint)])
     loaded = load_checkpoint(checkpoint)
     start = time.perf_counter()
     metadata = graph_metadata(loaded.model.config, loaded.tokenizer)

@@ -178,6 +178,7 @@ def _add_plot(commands) -> None:
             help="draw this pytest-benchmark JSON (pytest bench/ --benchmark-json=FILE) instead")
     _option(plot, "out", default=None, metavar="PATH",
             help="the picture, .png or .svg (default curves.png, or bench.png with --bench)")
+    _option(plot, "force", action="store_true", help="replace an existing picture at --out")
 
 
 def _add_attention(commands) -> None:
@@ -191,6 +192,7 @@ def _add_attention(commands) -> None:
     _option(attention, "head", type=int, default=None, metavar="H", help="only this head (from 0)")
     _option(attention, "out", default="attention.png", metavar="PATH",
             help="the picture, .png or .svg (default attention.png)")
+    _option(attention, "force", action="store_true", help="replace an existing picture at --out")
 
 
 def _add_eval(commands) -> None:
@@ -355,17 +357,20 @@ def _plot(args: argparse.Namespace) -> None:
 
     if args.bench and args.metrics:
         raise MiniGPTError("--bench draws a benchmark, --metrics training curves: give one of them")
-    out = plot.check_output(args.out or ("bench.png" if args.bench else "curves.png"))
+    metrics = args.metrics or [DEFAULT_METRICS]
+    inputs = [("--bench", args.bench)] if args.bench else [("--metrics", path) for path in metrics]
+    out = plot.check_output(args.out or ("bench.png" if args.bench else "curves.png"), force=args.force,
+                            inputs=inputs)
     plot.pyplot()  # a missing matplotlib is reported before any file is read
     if args.bench:
         figure = plot.bench_chart(plot.read_bench(args.bench))
     else:
         runs = {}
-        for path in args.metrics or [DEFAULT_METRICS]:
+        for path, label in zip(metrics, plot.run_labels(metrics)):
             records, note = plot.read_metrics(path)
             if note:
                 print(f"minigpt: {note}", file=sys.stderr)
-            runs[Path(path).name.removesuffix(".metrics.jsonl").removesuffix(".jsonl")] = records
+            runs[label] = records
         figure = plot.training_curves(runs)
     print(f"minigpt: wrote {plot.save(figure, out)}", file=sys.stderr)
 
@@ -374,7 +379,7 @@ def _attention(args: argparse.Namespace) -> None:
     from minigpt import plot
     from minigpt.checkpoint import load_checkpoint
 
-    out = plot.check_output(args.out)
+    out = plot.check_output(args.out, force=args.force, inputs=[("--checkpoint", args.checkpoint)])
     plot.pyplot()
     checkpoint = load_checkpoint(args.checkpoint)
     figure, note = plot.attention_of(checkpoint.model, checkpoint.tokenizer, args.prompt, layer=args.layer,

@@ -127,3 +127,49 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+KINDS = {"safetensors": "a minigpt checkpoint", "onnx": "an ONNX model", "pt": "a torch checkpoint",
+         "hf": "a transformers directory", "picture": "a picture", "folder": "a folder", "text": "a text file",
+         "unknown": "a file of unknown kind"}
+
+
+def output_kind(path: str | os.PathLike) -> str:
+    """file_kind, telling a transformers directory ("hf") and a PNG or SVG picture ("picture") apart too."""
+    path, kind = Path(path), file_kind(path)
+    if kind == "folder" and (path / "config.json").is_file():
+        return "hf"
+    if kind in ("text", "unknown") and path.suffix.lower() in (".png", ".svg"):
+        with path.open("rb") as f:
+            head = f.read(SNIFF_BYTES)
+        if head.startswith(b"\x89PNG") or b"<svg" in head:
+            return "picture"
+    return kind
+
+
+def check_replaceable(out: str | os.PathLike, *, writes: str, force: bool, inputs=(), flag: str = "--out",
+                      hint: str = "") -> None:
+    """The one rule for what a command writes: never one of its own inputs (`inputs`: (flag, path) pairs), an
+    existing output replaced only with --force, and --force replaces only what this command writes (`writes`,
+    an output_kind): a checkpoint by a checkpoint, never the corpus or a graph."""
+    out = Path(out)
+    for name, path in inputs:
+        if path is not None and _same_path(out, path):
+            raise MiniGPTError(f"{flag} {out} is also this command's {name}: writing it would destroy what the "
+                               f"command reads; choose another {flag}")
+    if not out.exists() and not out.is_symlink():
+        return
+    kind = output_kind(out)
+    if kind != writes:
+        raise MiniGPTError(f"{flag} {out} is {KINDS[kind]}; this writes {KINDS[writes]} and replaces only "
+                           f"{KINDS[writes]} (--force too): choose another {flag}")
+    if not force:
+        raise MiniGPTError(f"{out} already holds {KINDS[writes]}; pass --force to replace it{hint}, or choose "
+                           f"another {flag}")
+
+
+def _same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False

@@ -32,21 +32,31 @@ def pyplot():
     return plt
 
 
-def check_output(path: str | os.PathLike) -> Path:
-    from minigpt.paths import check_output_file
+def check_output(path: str | os.PathLike, *, force: bool = True, inputs=()) -> Path:
+    """A picture's path: .png or .svg, writable; an existing picture replaced only with force, never one of
+    `inputs` ((flag, path) pairs) or a file that is not a picture."""
+    from minigpt.paths import check_output_file, check_replaceable
 
     path = Path(path)
     if path.suffix.lower() not in FORMATS:
         raise MiniGPTError(f"--out {path} must end in .png or .svg")
     check_output_file(path)
+    check_replaceable(path, writes="picture", force=force, inputs=inputs)
     return path
+
+
+def run_labels(paths: list[str]) -> list[str]:
+    """A legend label for each metrics log: its name without .metrics.jsonl, or the path as given where two
+    names are the same (two folders' minigpt.metrics.jsonl are two runs)."""
+    names = [Path(path).name.removesuffix(".metrics.jsonl").removesuffix(".jsonl") for path in paths]
+    return [str(path) if names.count(name) > 1 else name for path, name in zip(paths, names)]
 
 
 def save(figure, path: str | os.PathLike) -> Path:
     """Write `figure` to `path` (checked first), PNG or SVG by its suffix, whole or not at all."""
     from minigpt.paths import atomic_write_bytes
 
-    path = check_output(path)
+    path = Path(path)
     import io
 
     buffer = io.BytesIO()

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -36,7 +37,7 @@ from minigpt.generation import KVCacheEngine, generate
 from minigpt.model import MiniGPT
 from minigpt.scoring import score
 from minigpt.tokenizer import CharTokenizer
-from minigpt.training_checks import (NonFiniteLoss, StopSignals, TrainingInterrupted, check_compiler,
+from minigpt.training_checks import (NonFiniteLoss, OutputLock, StopSignals, TrainingInterrupted, check_compiler,
                                      check_one_start, check_out_path, check_resumable, flag_list, metrics_path_for,
                                      resumed_settings)
 
@@ -160,6 +161,20 @@ class TrainingPlan:
         return split_ids(self.corpus, "".join(self.tokenizer.chars), name, self.model.config.block_size)
 
 
+def _input_paths(data, init_from, cache_dir) -> list[tuple[str, Path]]:
+    """What a run reads from files, as (flag, path): an --out must be none of them."""
+    paths = []
+    if isinstance(data, (str, os.PathLike)) and DataSource.parse(data).kind == "path":
+        paths.append(("--data", Path(data)))
+    elif isinstance(data, DataSource) and data.kind == "path":
+        paths.append(("--data", Path(data.name)))
+    if init_from is not None:
+        paths.append(("--init-from", Path(init_from.path if isinstance(init_from, Checkpoint) else init_from)))
+    if cache_dir is not None:
+        paths.append(("--cache-dir", Path(cache_dir)))
+    return paths
+
+
 def plan_training(out: str | Path, *, data: EncodedCorpus | DataSource | str | None = None,
                   config: TrainConfig | dict | None = None, resume: str | Path | None = None,
                   init_from: str | Path | Checkpoint | None = None, force: bool = False, compile: bool = False,
@@ -188,7 +203,7 @@ def plan_training(out: str | Path, *, data: EncodedCorpus | DataSource | str | N
     device = resolve_device(config.device)
     if compile:
         check_compiler(device)
-    check_out_path(out, force=force, resume=resume)
+    check_out_path(out, force=force, resume=resume, inputs=_input_paths(data, init_from, cache_dir))
     if resumed is not None:
         check_resumable(resumed, resume, config.steps)
     if isinstance(data, EncodedCorpus):
@@ -235,7 +250,9 @@ def run_training(plan: TrainingPlan, *, progress: bool = True,
                  on_step: Callable[[dict], None] | None = None) -> TrainResult:
     """Train to plan.config.steps; under torchrun every process runs this and they stop together."""
     group, device_name = distributed.join(plan.config.device)
+    lock = None
     try:
+        lock = OutputLock(plan.out) if group.is_main else None  # one writer per checkpoint
         if group.enabled:
             plan.device = resolve_device(device_name)
         result = _train(plan, group, progress, on_step)
@@ -245,6 +262,9 @@ def run_training(plan: TrainingPlan, *, progress: bool = True,
     except BaseException:  # maybe in this process alone: waiting for the others could wait forever
         distributed.leave(group, together=False)
         raise
+    finally:
+        if lock is not None:
+            lock.release()
     distributed.leave(group)
     return result
 

@@ -19,7 +19,7 @@ import torch
 from minigpt.checkpoint import Checkpoint, read_metadata
 from minigpt.config import TrainConfig
 from minigpt.errors import CheckpointError, MiniGPTError
-from minigpt.paths import check_output_file
+from minigpt.paths import check_output_file, check_replaceable
 
 
 def check_compiler(device: torch.device) -> None:
@@ -75,21 +75,57 @@ def metrics_path_for(out: str | Path) -> Path:
     return out.with_name(f"{out.stem}.metrics.jsonl")
 
 
-def check_out_path(out: Path, *, force: bool, resume: Path | None) -> None:
-    """Never replace an existing checkpoint unless asked to, or it is the one being resumed."""
+def check_out_path(out: Path, *, force: bool, resume: Path | None, inputs=()) -> None:
+    """Never replace an existing checkpoint unless asked to, or it is the one being resumed; never write over
+    one of the run's inputs (`inputs`: (flag, path) pairs), nor replace anything but a checkpoint."""
     check_output_file(out)
     log = metrics_path_for(out)
     if log.is_dir():
         raise MiniGPTError(f"the metrics log {log} (written beside {out}) is a folder; move it away or choose "
                            "another --out")
-    if force or not out.exists() or (resume is not None and out.resolve() == resume.resolve()):
+    for name, path in inputs:
+        if path is not None and Path(path).resolve() == log.resolve():
+            raise MiniGPTError(f"{name} {path} is the metrics log this run writes beside {out}; choose another "
+                               "--out")
+    if resume is not None and out.resolve() == resume.resolve():
         return
-    try:
-        what = f"a trained model (step {read_metadata(out).get('step', '?')})"
-    except MiniGPTError:  # unreadable, or not a minigpt checkpoint: still not ours to overwrite
-        what = "a file that is not a minigpt checkpoint"
-    raise MiniGPTError(f"{out} already holds {what}; pass --force to replace it, --resume {out} to continue "
-                       "training it, or choose another --out")
+    check_replaceable(out, writes="safetensors", force=True, inputs=inputs)  # an input, or another kind of file
+    if out.exists() and not force:
+        try:
+            what = f"a trained model (step {read_metadata(out).get('step', '?')})"
+        except MiniGPTError:  # unreadable, or not a minigpt checkpoint: still not ours to overwrite
+            what = "a file that is not a minigpt checkpoint"
+        raise MiniGPTError(f"{out} already holds {what}; pass --force to replace it, --resume {out} to continue "
+                           "training it, or choose another --out")
+
+
+class OutputLock:
+    """One writer per checkpoint: an exclusive lock on a file beside it (.NAME.lock, holding the writer's
+    process id), taken before training and removed after. The kernel drops the lock when the process ends,
+    however it ends, so a lock left by a killed run is recognised as stale and taken over."""
+
+    def __init__(self, out: Path):
+        import fcntl
+
+        self.path = out.with_name(f".{out.name}.lock")
+        self.file = self.path.open("a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "?"
+            self.file.close()
+            raise MiniGPTError(f"another minigpt train (process {holder}) is writing {out}; wait for it to "
+                               "finish, or choose another --out") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"{os.getpid()}\n")
+        self.file.flush()
+
+    def release(self) -> None:
+        if not self.file.closed:
+            self.path.unlink(missing_ok=True)
+            self.file.close()
 
 
 def check_one_start(resume, init_from) -> None:

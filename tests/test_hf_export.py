@@ -120,9 +120,12 @@ def test_bad_input(tiny_checkpoint, hf_dir, tmp_path, cli_error):
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "keep.txt").write_text("keep me")
-    cli_error(["export", "--hf", "--checkpoint", str(tiny_checkpoint), "--out", str(existing)],
-              "already exists", "--force")
+    for force in ([], ["--force"]):  # a folder that is not an export is never replaced, --force or not
+        cli_error(["export", "--hf", "--checkpoint", str(tiny_checkpoint), "--out", str(existing), *force],
+                  "is a folder", "replaces only a transformers directory")
     assert (existing / "keep.txt").read_text() == "keep me"
+    cli_error(["export", "--hf", "--checkpoint", str(hf_dir), "--out", str(hf_dir), "--force"],
+              "is also this command's --checkpoint")
     cli_error(["export", "--hf", "--quantize", "int8", "--checkpoint", str(tiny_checkpoint)],
               "--onnx")
     cli_error(["generate", "--checkpoint", str(existing)], "not a minigpt/GPT-2 export")

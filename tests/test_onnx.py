@@ -116,7 +116,7 @@ def test_export_bad_input(tiny_checkpoint, tmp_path, cli_error):
     existing = tmp_path / "exists.onnx"
     existing.write_bytes(b"keep me")
     cli_error(["export", "--onnx", "--checkpoint", str(tiny_checkpoint), "--out", str(existing)],
-              "already exists", "--force")
+              "already holds", "--force")
     assert existing.read_bytes() == b"keep me"
     cli_error(["export", "--onnx", "--checkpoint", str(tiny_checkpoint), "--out",
                str(tmp_path / "b.onnx"), "--opset", "12"], "opset")

@@ -1,0 +1,105 @@
+"""Following minigpt's own advice never destroys a user's file: every command's output is checked against its
+inputs and against what is there, the same way (`minigpt.paths.check_replaceable`), and one checkpoint has
+one writer. Each case runs the installed command in a fresh process, as a user meets it."""
+
+import hashlib
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tiny import TINY_TEXT
+
+pytestmark = pytest.mark.slow
+
+
+def minigpt(*argv, cwd, wait=True):
+    command = [sys.executable, "-m", "minigpt", *map(str, argv)]
+    if not wait:
+        return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def fingerprints(folder):
+    """Every file below `folder` and a hash of its bytes."""
+    return {path.relative_to(folder): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.fixture
+def folder(tmp_path, tiny_checkpoint):
+    """A user's folder: a corpus, notes, a trained checkpoint and a picture."""
+    (tmp_path / "corpus.txt").write_text(TINY_TEXT)
+    (tmp_path / "notes.txt").write_text("my notes\n")
+    (tmp_path / "model.safetensors").write_bytes(tiny_checkpoint.read_bytes())
+    (tmp_path / "picture.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("keep me")
+    return tmp_path
+
+
+@pytest.mark.parametrize("argv,fragments", [
+    (["train", "--data", "corpus.txt", "--out", "corpus.txt"], ["--out corpus.txt is also this command's --data"]),
+    (["train", "--data", "corpus.txt", "--out", "corpus.txt", "--force"], ["is also this command's --data"]),
+    (["train", "--data", "corpus.txt", "--out", "notes.txt", "--force"],
+     ["notes.txt is a text file", "replaces only a minigpt checkpoint"]),
+    (["train", "--data", "corpus.txt", "--init-from", "model.safetensors", "--out", "model.safetensors", "--force"],
+     ["is also this command's --init-from"]),
+    (["export", "--onnx", "--checkpoint", "model.safetensors", "--out", "model.safetensors", "--force"],
+     ["is also this command's --checkpoint"]),
+    (["export", "--onnx", "--checkpoint", "model.safetensors", "--out", "notes.txt", "--force"],
+     ["is a text file", "replaces only an ONNX model"]),
+    (["export", "--hf", "--checkpoint", "model.safetensors", "--out", "mine", "--force"],
+     ["mine is a folder", "replaces only a transformers directory"]),
+    (["plot", "--metrics", "corpus.txt", "--out", "picture.png"], ["already holds a picture", "--force"]),
+    (["attention", "--checkpoint", "model.safetensors", "--prompt", "the", "--out", "picture.png"],
+     ["already holds a picture", "--force"]),
+])
+def test_an_output_never_replaces_an_input_or_another_kind_of_file(folder, process_error, argv, fragments):
+    before = fingerprints(folder)
+    process_error(minigpt(*argv, cwd=folder), *fragments)
+    assert fingerprints(folder) == before
+
+
+def test_force_replaces_what_the_command_writes(folder):
+    assert minigpt("attention", "--checkpoint", "model.safetensors", "--prompt", "the", "--out", "picture.png",
+                   "--force", cwd=folder).returncode == 0
+    assert (folder / "picture.png").stat().st_size > 1000
+
+
+def test_a_second_training_into_one_checkpoint_is_refused(folder, tiny_flags, process_error, wait_for):
+    flags = tiny_flags(steps=100_000, eval_interval=100_000, quiet=True)
+    first = minigpt("train", "--data", "corpus.txt", "--out", "run.safetensors", *flags, cwd=folder, wait=False)
+    lock = folder / ".run.safetensors.lock"
+    try:
+        assert wait_for(lock.exists, timeout=120), first.communicate()
+        second = minigpt("train", "--data", "corpus.txt", "--out", "run.safetensors", *flags, cwd=folder)
+        process_error(second, f"another minigpt train (process {first.pid}) is writing run.safetensors")
+    finally:
+        first.terminate()  # SIGTERM: it saves, then exits 143
+        first.communicate(timeout=120)
+    assert first.returncode == 143 and (folder / "run.safetensors").exists() and not lock.exists()
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over(folder, tiny_flags):
+    (folder / ".run.safetensors.lock").write_text("999999999\n")  # no process holds it
+    result = minigpt("train", "--data", "corpus.txt", "--out", "run.safetensors", *tiny_flags(steps=2),
+                     cwd=folder)
+    assert result.returncode == 0, result.stderr
+    assert not (folder / ".run.safetensors.lock").exists()
+
+
+def test_runs_from_two_folders_are_two_lines(tmp_path):
+    from minigpt.plot import run_labels
+
+    assert run_labels(["a/minigpt.metrics.jsonl", "b/minigpt.metrics.jsonl", "c/small.metrics.jsonl"]) == \
+        ["a/minigpt.metrics.jsonl", "b/minigpt.metrics.jsonl", "small"]
+
+
+def test_time_is_not_wasted_before_refusing(folder, process_error):
+    """The refusal comes before any data is read or model built."""
+    started = time.monotonic()
+    process_error(minigpt("train", "--data", "corpus.txt", "--out", "corpus.txt", cwd=folder), "--data")
+    assert time.monotonic() - started < 60 and os.path.getsize(folder / "corpus.txt") == len(TINY_TEXT)
