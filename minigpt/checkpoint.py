@@ -186,6 +186,11 @@ def warm_start(model: MiniGPT, tokenizer: CharTokenizer, source: Checkpoint) -> 
         else:
             tensor.copy_(theirs[key])
             report.copied.append(key)
+    if not report.copied:  # a warm start that copies nothing is a fresh start the user did not ask for
+        key, reason = next(iter(report.skipped.items()))
+        raise CheckpointError(f"--init-from {source.path} fits nothing of this model: no tensor has the same name "
+                              f"and shape ({key}: {reason}); give the architecture it was trained with, or drop "
+                              "--init-from")
     return report
 
 

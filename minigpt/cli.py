@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 import time
 
+from minigpt.config import COUNT, POSITIVE, SEED, Bounded
 from minigpt.errors import MiniGPTError
 
 EXIT_USAGE = 2
@@ -45,7 +46,7 @@ def _dataclass_options(parser: argparse.ArgumentParser, cls, skip=()) -> None:
         if f.name in skip or not f.init:
             continue
         kind = type(f.default)
-        _option(parser, f.name, type=kind, default=None, metavar=kind.__name__.upper(),
+        _option(parser, f.name, type=f.metadata.get("bounds") or kind, default=None, metavar=kind.__name__.upper(),
                 help=f"{f.metadata['help']} (default {f.default})")
 
 
@@ -66,7 +67,7 @@ def _engine_options(parser: argparse.ArgumentParser) -> None:
                  "auto (Triton on a GPU, PyTorch otherwise) (default auto)")
     _option(parser, "device", default="auto", help="auto, cpu or cuda; the onnx engine runs on the CPU "
             "(default auto)")
-    _option(parser, "threads", type=int, default=None, metavar="N",
+    _option(parser, "threads", type=POSITIVE, default=None, metavar="N",
             help="CPU threads; the onnx engine picks 1 for one sample of a small model (under 4 MB of weights) "
                  "and every core otherwise, as measured fastest (see bench/README.md) (default picked)")
 
@@ -110,7 +111,7 @@ def _add_train(commands) -> None:
                  "for what it buys)")
     _option(train, "force", action="store_true",
             help="replace an existing --out (a trained model is never replaced without it)")
-    _option(train, "sample_tokens", type=int, default=300, metavar="N",
+    _option(train, "sample_tokens", type=COUNT, default=300, metavar="N",
             help="characters to sample at the end (default 300)")
     _option(train, "quiet", action="store_true", help="no progress bar")
 
@@ -120,14 +121,14 @@ def _add_generate(commands) -> None:
                                    description="Print the prompt and its continuation; diagnostics go to stderr.")
     _engine_options(generate)
     _option(generate, "prompt", default="", help="text to continue (default empty: starts a new line)")
-    _option(generate, "max_new_tokens", type=int, default=200, metavar="N", help="characters to add (default 200)")
-    _option(generate, "temperature", type=float, default=1.0, metavar="T", help="0 is greedy (default 1.0)")
-    _option(generate, "top_k", type=int, default=None, metavar="K",
+    _option(generate, "max_new_tokens", type=COUNT, default=200, metavar="N", help="characters to add (default 200)")
+    _option(generate, "temperature", type=Bounded(float, 0), default=1.0, metavar="T", help="0 is greedy (default 1.0)")
+    _option(generate, "top_k", type=POSITIVE, default=None, metavar="K",
             help="sample only among the k likeliest characters (default off)")
-    _option(generate, "top_p", type=float, default=None, metavar="P",
+    _option(generate, "top_p", type=Bounded(float, 0, 1), default=None, metavar="P",
             help="sample from the smallest set of characters holding this much probability (default off)")
-    _option(generate, "seed", type=int, default=None, help="same seed, same text (default random)")
-    _option(generate, "num_samples", type=int, default=1, metavar="N",
+    _option(generate, "seed", type=SEED, default=None, help="same seed, same text (default random)")
+    _option(generate, "num_samples", type=POSITIVE, default=1, metavar="N",
             help="samples of the same prompt, decoded together as one batch (default 1)")
     _option(generate, "kv_cache", action=argparse.BooleanOptionalAction, default=True,
             help="keep earlier keys and values in a static cache; --no-kv-cache recomputes the whole context "
@@ -136,7 +137,7 @@ def _add_generate(commands) -> None:
             help="speculative decoding, the same text faster: ngram guesses from the table minigpt train stores "
                  "with the model, context from the text so far, auto the table when the model has one, none "
                  "decodes one token a step (default auto)")
-    _option(generate, "draft_tokens", type=int, default=8, metavar="K",
+    _option(generate, "draft_tokens", type=Bounded(int, 1, 64), default=8, metavar="K",
             help="the most guesses verified in one step; fewer are used when they do not pay (default 8)")
 
 
@@ -148,21 +149,21 @@ def _add_serve(commands) -> None:
     serve.set_defaults(kv_cache=True)
     _option(serve, "host", default="127.0.0.1",
             help="address to listen on; 0.0.0.0 is reachable from other machines (default 127.0.0.1)")
-    _option(serve, "port", type=int, default=8000, help="(TCP) port to listen on (default 8000)")
-    _option(serve, "max_batch", type=int, default=32, metavar="N",
+    _option(serve, "port", type=Bounded(int, 1, 65535), default=8000, help="(TCP) port to listen on (default 8000)")
+    _option(serve, "max_batch", type=POSITIVE, default=32, metavar="N",
             help="rows decoded together; requests beyond them wait in the queue (default 32)")
-    _option(serve, "max_queue", type=int, default=256, metavar="N",
+    _option(serve, "max_queue", type=POSITIVE, default=256, metavar="N",
             help="requests that may wait for rows; one more gets 429 (default 256)")
-    _option(serve, "max_tokens", type=int, default=4096, metavar="N",
+    _option(serve, "max_tokens", type=POSITIVE, default=4096, metavar="N",
             help="the largest max_tokens a request may ask for (default 4096)")
-    _option(serve, "max_connections", type=int, default=512, metavar="N",
+    _option(serve, "max_connections", type=POSITIVE, default=512, metavar="N",
             help="connections open at once; one more is answered 503 and closed (default 512)")
-    _option(serve, "read_timeout", type=float, default=10.0, metavar="SECONDS",
+    _option(serve, "read_timeout", type=Bounded(float, high=3600, above=0), default=10.0, metavar="SECONDS",
             help="how long a request's headers, and then its body, may take to arrive; slower ones get 408 "
                  "(default 10)")
     _option(serve, "api_key", default=None, metavar="KEY",
             help="require 'Authorization: Bearer KEY' on /v1 (default $MINIGPT_API_KEY, or no key)")
-    _option(serve, "shutdown_timeout", type=float, default=10.0, metavar="SECONDS",
+    _option(serve, "shutdown_timeout", type=Bounded(float, 0, 3600), default=10.0, metavar="SECONDS",
             help="on SIGTERM or Ctrl-C, how long requests in flight may take to finish before they are "
                  "cancelled (default 10)")
 
@@ -188,8 +189,8 @@ def _add_attention(commands) -> None:
     _option(attention, "checkpoint", default=DEFAULT_CHECKPOINT, metavar="PATH",
             help=f"a checkpoint or an export --hf directory (default {DEFAULT_CHECKPOINT})")
     _option(attention, "prompt", required=True, help="the text whose attention to draw")
-    _option(attention, "layer", type=int, default=None, metavar="L", help="only this layer (from 0)")
-    _option(attention, "head", type=int, default=None, metavar="H", help="only this head (from 0)")
+    _option(attention, "layer", type=COUNT, default=None, metavar="L", help="only this layer (from 0)")
+    _option(attention, "head", type=COUNT, default=None, metavar="H", help="only this head (from 0)")
     _option(attention, "out", default="attention.png", metavar="PATH",
             help="the picture, .png or .svg (default attention.png)")
     _option(attention, "force", action="store_true", help="replace an existing picture at --out")
@@ -205,7 +206,7 @@ def _add_eval(commands) -> None:
             help="which split to measure, every character of it (default valid)")
     _option(evaluate, "cache_dir", default=None, metavar="DIR",
             help="where encoded data is kept (default $XDG_CACHE_HOME/minigpt or ~/.cache/minigpt)")
-    _option(evaluate, "batch_size", type=int, default=64, help="windows per forward pass (default 64)")
+    _option(evaluate, "batch_size", type=POSITIVE, default=64, help="windows per forward pass (default 64)")
     _option(evaluate, "device", default="auto", help="auto, cpu or cuda (default auto)")
 
 
@@ -220,7 +221,7 @@ def _add_export(commands) -> None:
     _option(export, "checkpoint", default=DEFAULT_CHECKPOINT,
             help=f"a checkpoint or an exported --hf directory (default {DEFAULT_CHECKPOINT})")
     _option(export, "out", default=None, help="what to write (default minigpt.onnx, or the folder minigpt-hf)")
-    _option(export, "opset", type=int, default=None, help="ONNX opset of the standard operators (default 17)")
+    _option(export, "opset", type=Bounded(int, 13, 30), default=None, help="ONNX opset of the standard operators (default 17)")
     _option(export, "quantize", choices=("int8",), default=None, help="int8: dynamic quantisation of the weights")
     _option(export, "verify", action=argparse.BooleanOptionalAction, default=True,
             help="check the graph and compare it with PyTorch (default); --no-verify skips it")
@@ -229,6 +230,10 @@ def _add_export(commands) -> None:
 def _train(args: argparse.Namespace) -> int:
     from minigpt.config import GPTConfig, TrainConfig
     from minigpt.train import TrainingInterrupted, plan_training, run_training, sample_after_training
+
+    if args.warmup is not None and args.warmup > (args.steps or TrainConfig.steps):
+        raise MiniGPTError(f"--warmup {args.warmup} is longer than the run ({args.steps or TrainConfig.steps} "
+                           "steps): the learning rate would never reach its peak; lower --warmup or raise --steps")
 
     plan = plan_training(args.out or args.resume or DEFAULT_CHECKPOINT, data=args.data,
                          config=_given(args, TrainConfig), resume=args.resume, init_from=args.init_from,
@@ -286,8 +291,6 @@ def _generate(args: argparse.Namespace) -> None:
     from minigpt.decoding import join_samples, stream_characters
     from minigpt.speculative import make_speculator
 
-    if args.draft_tokens < 1:
-        raise MiniGPTError(f"--draft-tokens must be at least 1, got {args.draft_tokens}")
     engine, tokenizer, ngram = _engine_for(args)
     speculator = make_speculator(args.draft, ngram, args.draft_tokens)
     steps = stream_characters(engine, tokenizer, args.prompt, args.max_new_tokens, num_samples=args.num_samples,
@@ -313,15 +316,6 @@ def _generate(args: argparse.Namespace) -> None:
 def _serve(args: argparse.Namespace) -> None:
     import socket
 
-    for name, value, low in (("max_batch", args.max_batch, 1), ("max_queue", args.max_queue, 1),
-                             ("max_tokens", args.max_tokens, 1), ("max_connections", args.max_connections, 1),
-                             ("port", args.port, 0)):
-        if value < low:
-            raise MiniGPTError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
-    if args.shutdown_timeout < 0:
-        raise MiniGPTError(f"--shutdown-timeout must be zero or more seconds, got {args.shutdown_timeout}")
-    if not args.read_timeout > 0:
-        raise MiniGPTError(f"--read-timeout must be more than 0 seconds, got {args.read_timeout}")
     try:
         import prometheus_client  # noqa: F401
         import starlette  # noqa: F401

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 
 from minigpt.devices import check_device_name
@@ -17,9 +18,68 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def option(default, help: str):
-    """A field with the one text that explains it: `--help` and the README's tables both read it."""
-    return field(default=default, metadata={"help": help})
+@dataclass(frozen=True)
+class Bounded:
+    """The numbers a setting takes: `kind` (int or float) from `low` to `high` (None: no bound), or above
+    `above`. The same object checks a dataclass field when it is built and types its command-line flag, so a
+    flag is refused as it is read, in the words `--help` uses."""
+
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    above: float | None = None
+
+    def holds(self, value) -> bool:
+        return (isinstance(value, (int, float) if self.kind is float else int) and not isinstance(value, bool)
+                and math.isfinite(value) and (self.low is None or value >= self.low)
+                and (self.high is None or value <= self.high) and (self.above is None or value > self.above))
+
+    @property
+    def what(self) -> str:
+        number = "an integer" if self.kind is int else "a number"
+        if self.above is not None:
+            return f"{number} above {_shown(self.above)}" + (f" and at most {_shown(self.high)}" if self.high else "")
+        if self.low is not None and self.high is not None:
+            return f"{number} from {_shown(self.low)} to {_shown(self.high)}"
+        return f"{number} of at least {_shown(self.low)}" if self.low is not None else f"{number}, finite"
+
+    def check(self, value, name: str) -> None:
+        if not self.holds(value):
+            raise ConfigError(f"{name} must be {self.what}, got {value!r}", name)
+
+    def __call__(self, text: str):
+        """argparse's `type`: the value of a flag, or ArgumentTypeError in one line."""
+        import argparse
+
+        try:
+            value = self.kind(text)
+        except ValueError:
+            value = text
+        if not self.holds(value):
+            raise argparse.ArgumentTypeError(f"must be {self.what}, got {text!r}")
+        return value
+
+
+def _shown(bound: float) -> str:
+    return "2**63-1" if bound == 2**63 - 1 else f"{bound:g}"
+
+
+POSITIVE = Bounded(int, low=1)
+COUNT = Bounded(int, low=0)
+SEED = Bounded(int, low=0, high=2**63 - 1)
+
+
+def option(default, help: str, bounds: Bounded | None = None):
+    """A field with the one text that explains it (`--help` and the README's tables both read it) and the
+    numbers it takes."""
+    return field(default=default, metadata={"help": help, "bounds": bounds})
+
+
+def check_bounds(settings) -> None:
+    """Every field of a settings dataclass within its bounds."""
+    for f in dataclasses.fields(settings):
+        if f.metadata.get("bounds") is not None:
+            f.metadata["bounds"].check(getattr(settings, f.name), f.name)
 
 
 def check_seed(seed, name: str = "seed") -> None:
@@ -48,23 +108,19 @@ class GPTConfig:
     """Everything that fixes the model's architecture (and so its tensors' shapes)."""
 
     vocab_size: int  # decided by the corpus, never a flag
-    block_size: int = option(128, "context length in characters")
-    embed_dim: int = option(128, "width of the residual stream")
-    num_heads: int = option(4, "attention heads (must divide embed_dim)")
-    num_layers: int = option(2, "transformer blocks")
-    mlp_ratio: int = option(4, "MLP hidden width / embed_dim")
-    dropout: float = option(0.0, "dropout on embeddings and residual branches")
+    block_size: int = option(128, "context length in characters", POSITIVE)
+    embed_dim: int = option(128, "width of the residual stream", POSITIVE)
+    num_heads: int = option(4, "attention heads (must divide embed_dim)", POSITIVE)
+    num_layers: int = option(2, "transformer blocks", POSITIVE)
+    mlp_ratio: int = option(4, "MLP hidden width / embed_dim", POSITIVE)
+    dropout: float = option(0.0, "dropout on embeddings and residual branches", Bounded(float, 0, 0.99))
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "embed_dim", "num_heads", "num_layers", "mlp_ratio"):
-            value = getattr(self, name)
-            _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                     f"{name} must be a positive integer, got {value!r}")
+        POSITIVE.check(self.vocab_size, "vocab_size")
+        check_bounds(self)
         _require(self.embed_dim % self.num_heads == 0,
                  f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads}); "
                  f"pick num_heads from the divisors of {self.embed_dim}")
-        _require(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
-                 f"dropout must be in [0, 1), got {self.dropout!r}")
 
     @property
     def head_dim(self) -> int:
@@ -83,27 +139,19 @@ class GPTConfig:
 class TrainConfig:
     """How to train: optimisation, schedule, evaluation and where to run."""
 
-    batch_size: int = option(32, "sequences per step")
-    learning_rate: float = option(3e-4, "peak learning rate (AdamW)")
-    steps: int = option(200, "optimizer steps in all (with --resume: the total to reach)")
-    eval_interval: int = option(50, "evaluate (and save) every this many steps")
-    eval_iters: int = option(20, "batches per evaluation")
-    warmup: int = option(20, "linear warm-up steps, then cosine decay to a tenth of the peak")
-    weight_decay: float = option(0.1, "on weight matrices and embeddings only")
-    grad_clip: float = option(1.0, "clip the gradient norm (0 turns it off)")
-    seed: int = option(1337, "same seed, same run on CPU")
+    batch_size: int = option(32, "sequences per step", POSITIVE)
+    learning_rate: float = option(3e-4, "peak learning rate (AdamW)", Bounded(float, above=0))
+    steps: int = option(200, "optimizer steps in all (with --resume: the total to reach)", POSITIVE)
+    eval_interval: int = option(50, "evaluate (and save) every this many steps", POSITIVE)
+    eval_iters: int = option(20, "batches per evaluation", POSITIVE)
+    warmup: int = option(20, "linear warm-up steps, then cosine decay to a tenth of the peak", COUNT)
+    weight_decay: float = option(0.1, "on weight matrices and embeddings only", Bounded(float, 0))
+    grad_clip: float = option(1.0, "clip the gradient norm (0 turns it off)", Bounded(float, 0))
+    seed: int = option(1337, "same seed, same run on CPU", SEED)
     device: str = option("auto", "auto, cpu or cuda (bf16 autocast on CUDA)")
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "steps", "eval_interval", "eval_iters"):
-            value = getattr(self, name)
-            _require(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
-        _require(isinstance(self.warmup, int) and self.warmup >= 0,
-                 f"warmup must be zero or a positive integer, got {self.warmup!r}")
-        _require(self.learning_rate > 0, f"learning_rate must be positive, got {self.learning_rate!r}")
-        _require(self.weight_decay >= 0, f"weight_decay must be zero or positive, got {self.weight_decay!r}")
-        _require(self.grad_clip >= 0, f"grad_clip must be zero (off) or positive, got {self.grad_clip!r}")
-        check_seed(self.seed)
+        check_bounds(self)
         check_device_name(self.device)
 
     @classmethod

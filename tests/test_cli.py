@@ -94,9 +94,9 @@ def test_missing_and_corrupt_checkpoints(tmp_path, capsys, one_line_error):
 
 @pytest.mark.parametrize("flags,fragments", [
     (["--embed_dim", "30", "--num_heads", "4"], ["divisible by num_heads"]),
-    (["--block-size", "0"], ["block_size must be a positive integer"]),
-    (["--steps", "0"], ["steps must be a positive integer"]),
-    (["--steps", "many"], ["invalid int value: 'many'"]),
+    (["--block-size", "0"], ["--block-size: must be an integer of at least 1"]),
+    (["--steps", "0"], ["--steps: must be an integer of at least 1"]),
+    (["--steps", "many"], ["--steps: must be an integer of at least 1, got 'many'"]),
     (["--device", "tpu"], ["device must be auto, cpu or cuda"]),
 ])
 def test_impossible_training_settings(tmp_path, tiny_text_file, capsys, flags, fragments, one_line_error):

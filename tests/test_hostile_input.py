@@ -115,12 +115,12 @@ def test_folder_without_the_split_a_command_needs(tiny_checkpoint, tmp_path, cap
 
 
 @pytest.mark.parametrize("flags,fragment", [
-    (["--embed_dim", "0"], "embed_dim must be a positive integer"),
-    (["--num_layers", "-2"], "num_layers must be a positive integer"),
+    (["--embed_dim", "0"], "--embed_dim: must be an integer of at least 1"),
+    (["--num_layers", "-2"], "--num_layers: must be an integer of at least 1"),
     (["--num_heads", "3", "--embed_dim", "32"], "divisible by num_heads"),
-    (["--dropout", "1.5"], "dropout must be in [0, 1)"),
-    (["--batch_size", "0"], "batch_size must be a positive integer"),
-    (["--learning_rate", "-1"], "learning_rate must be positive"),
+    (["--dropout", "1.5"], "--dropout: must be a number from 0 to 0.99"),
+    (["--batch_size", "0"], "--batch_size: must be an integer of at least 1"),
+    (["--learning_rate", "-1"], "--learning_rate: must be a number above 0"),
 ])
 def test_impossible_configs(tiny_text_file, tmp_path, cli_error, flags, fragment):
     cli_error(["train", "--data", str(tiny_text_file), "--out",
@@ -130,7 +130,7 @@ def test_impossible_configs(tiny_text_file, tmp_path, cli_error, flags, fragment
 @pytest.mark.parametrize("flags,fragment", [
     (["--temperature", "-0.1"], "temperature"), (["--top_k", "-3"], "top_k"), (["--top_p", "1.01"], "top_p"),
     (["--top_p", "nan"], "top_p"), (["--num_samples", "0"], "num_samples"),
-    (["--max_new_tokens", "-5"], "max_new_tokens"), (["--temperature", "warm"], "invalid float value"),
+    (["--max_new_tokens", "-5"], "max_new_tokens"), (["--temperature", "warm"], "--temperature: must be a number of at least 0, got 'warm'"),
     (["--prompt", "ÆØÅ"], "never saw"), (["--attention", "fast"], "invalid choice"),
 ])
 def test_out_of_range_sampling_flags(tiny_checkpoint, cli_error, flags, fragment):

@@ -121,7 +121,8 @@ def test_attention_pictures(tiny_checkpoint, tmp_path, capsys):
     (["--prompt", "The Quick"], "never saw"),
     (["--prompt", ""], "the prompt is empty"),
     (["--prompt", "the", "--layer", "5"], "--layer must be from 0 to 1"),
-    (["--prompt", "the", "--head", "-1"], "--head must be from 0 to 1"),
+    (["--prompt", "the", "--head", "-1"], "--head: must be an integer of at least 0"),
+    (["--prompt", "the", "--head", "2"], "--head must be from 0 to 1"),
 ])
 def test_bad_attention_requests(tiny_checkpoint, tmp_path, cli_error, argv, fragment):
     cli_error(["attention", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "a.png"), *argv], fragment)

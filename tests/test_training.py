@@ -234,17 +234,17 @@ def test_init_from_grows_a_deeper_model_from_a_shallower_one(tiny_text_file, tin
     assert load_checkpoint(out).step == 1  # a new run, not a resumed one
 
 
-def test_init_from_refuses_a_wider_model_tensor_by_tensor(tiny_text_file, tiny_checkpoint, tmp_path):
-    from minigpt.checkpoint import warm_start
-    from minigpt.config import GPTConfig
-    from minigpt.model import MiniGPT
-
-    source = load_checkpoint(tiny_checkpoint)
-    wider = MiniGPT(GPTConfig(source.tokenizer.vocab_size, block_size=16, embed_dim=64, num_heads=2, num_layers=2))
-    report = warm_start(wider, source.tokenizer, source)
-    assert report.copied == [] and len(report.skipped) == report.model_tensors
-    assert report.skipped["tok_emb.weight"] == "shape (29, 32) in the checkpoint, (29, 64) here"
-    assert "copied 0, skipped" in str(report)
+def test_init_from_a_model_it_fits_nothing_of_is_refused(tiny_text_file, tiny_checkpoint, tmp_path, tiny_flags,
+                                                         process_error):
+    """A wider model shares no tensor shape with the checkpoint: "copied 0" and training on was a fresh start
+    nobody asked for. Through the installed command, in a fresh process; nothing is written."""
+    out = tmp_path / "wide.safetensors"
+    result = subprocess.run([sys.executable, "-m", "minigpt", "train", "--data", str(tiny_text_file), "--out",
+                             str(out), "--init-from", str(tiny_checkpoint), *tiny_flags(embed_dim=64, steps=2)],
+                            capture_output=True, text=True, timeout=300)
+    process_error(result, f"--init-from {tiny_checkpoint} fits nothing of this model",
+                  "tok_emb.weight: shape (29, 32) in the checkpoint, (29, 64) here")
+    assert not out.exists()
 
 
 def test_init_from_a_corpus_with_another_vocabulary_copies_embedding_rows_by_character(tiny_checkpoint, tmp_path):
