@@ -41,6 +41,7 @@ class DataSource:
     name: str
     config: str = ""
     column: str = "text"
+    size: int | None = None  # kind "path": the bytes read, so a checkpoint can tell when its data has changed
 
     @classmethod
     def parse(cls, spec: str | os.PathLike, text_column: str = "text") -> "DataSource":
@@ -119,13 +120,22 @@ def log(message: str) -> None:
 def _load_path(source: DataSource, cache: str | os.PathLike | None) -> EncodedCorpus:
     path = Path(source.name)
     if path.is_dir():
-        return encode_files(source, split_files(path), cache=cache)
-    if not path.exists():
+        files = split_files(path)
+    elif not path.exists():
         raise DataError(f"data file not found: {path}; pass an existing file or folder with --data")
-    if not path.is_file():
+    elif not path.is_file():
         raise DataError(f"{path} is not a regular file (a pipe or a device is read twice when encoded); "
                         "save it to a file first")
-    return encode_files(source, {"train": path}, valid_fraction=VALID_FRACTION, cache=cache)
+    else:
+        files = {"train": path}
+    # Recorded absolute, with its size: `eval` or `--resume` from another folder reads this very data, or says
+    # why it cannot.
+    size = sum(file.stat().st_size for file in files.values())
+    if source.size is not None and source.size != size:
+        raise DataError(f"{path} has changed since the model was trained on it ({source.size:,} bytes then, "
+                        f"{size:,} now); pass it with --data to use it as it is now")
+    located = DataSource("path", str(path.resolve()), size=size)
+    return encode_files(located, files, valid_fraction=None if path.is_dir() else VALID_FRACTION, cache=cache)
 
 
 def split_files(folder: Path) -> dict[str, Path]:

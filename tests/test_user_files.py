@@ -103,3 +103,20 @@ def test_time_is_not_wasted_before_refusing(folder, process_error):
     started = time.monotonic()
     process_error(minigpt("train", "--data", "corpus.txt", "--out", "corpus.txt", cwd=folder), "--data")
     assert time.monotonic() - started < 60 and os.path.getsize(folder / "corpus.txt") == len(TINY_TEXT)
+
+
+def test_the_data_is_recorded_where_it_is_and_a_change_is_named(tmp_path, tiny_flags, process_error):
+    """Trained in one folder on a relative --data, evaluated from another folder that has a file of the same
+    name: eval reads the file the model was trained on; once that file changes, it says so."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    (first / "input.txt").write_text(TINY_TEXT)
+    (second / "input.txt").write_text(TINY_TEXT.upper())
+    assert minigpt("train", "--data", "input.txt", *tiny_flags(steps=2), cwd=first).returncode == 0
+    result = minigpt("eval", "--checkpoint", first / "minigpt.safetensors", cwd=second)
+    assert result.returncode == 0 and f"of {first / 'input.txt'}" in result.stdout, result.stdout + result.stderr
+    (first / "input.txt").write_text(TINY_TEXT + "more text\n")
+    process_error(minigpt("eval", "--checkpoint", first / "minigpt.safetensors", cwd=second),
+                  f"{first / 'input.txt'} has changed since the model was trained on it", "--data")
+    process_error(minigpt("train", "--resume", first / "minigpt.safetensors", "--steps", 4, cwd=second),
+                  "has changed since the model was trained on it")
