@@ -126,6 +126,15 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
 
+    @property
+    def parameters(self) -> int:
+        """How many numbers the model holds (the head is tied to the token embedding): known before a byte of
+        it is allocated."""
+        width, hidden = self.embed_dim, self.mlp_ratio * self.embed_dim
+        block = 4 * width + (3 * width * width + 3 * width) + (width * width + width) + 2 * width * hidden \
+            + hidden + width  # two LayerNorms, attention in and out, the MLP
+        return (self.vocab_size + self.block_size) * width + self.num_layers * block + 2 * width
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 

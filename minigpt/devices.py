@@ -29,3 +29,27 @@ def resolve_device(name: str):
 def check_threads(threads) -> None:
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise MiniGPTError(f"threads must be a positive integer, got {threads}")
+
+
+def available_memory(device) -> int | None:
+    """Bytes free for new tensors on `device` (a torch.device): the GPU's free memory, or the machine's
+    available memory (Linux' MemAvailable); None when it cannot be told."""
+    if getattr(device, "type", "cpu") == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def check_memory(needed: int, what: str, fix: str, device=None) -> None:
+    """Refuse before allocating when `needed` bytes cannot fit (a traceback from the allocator otherwise, or
+    a machine swapping to a halt)."""
+    free = available_memory(device)
+    if free is not None and needed > free:
+        where = "the GPU" if getattr(device, "type", "cpu") == "cuda" else "this machine"
+        raise MiniGPTError(f"{what} needs {needed / 2**30:,.1f} GiB and {where} has {free / 2**30:,.1f} GiB "
+                           f"available; {fix}")

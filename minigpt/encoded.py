@@ -180,7 +180,11 @@ def _encode_to_cache(streams: dict[str, Callable[[], Iterator[str]]], keys: dict
     chars, table = vocabulary(seen)
     dtype = table.dtype
     # Pass 2: ids through the table, chunk by chunk, into a temporary file renamed into place.
-    ids_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        ids_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file in the way, a folder that cannot be made
+        raise DataError(f"cannot make the cache folder {ids_path.parent} ({exc.strerror}); pass --cache-dir a "
+                        "writable folder, or set XDG_CACHE_HOME to one") from None
     splits, start = {}, 0
     tmp = ids_path.with_name(f".{ids_path.name}.{os.getpid()}.tmp")
     try:

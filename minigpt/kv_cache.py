@@ -13,11 +13,14 @@ back is writing at an earlier position next time.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn as nn
 
 from minigpt.config import GPTConfig
+from minigpt.devices import check_memory
 
 
 class Positions:
@@ -84,6 +87,9 @@ class KVCache:
 
     @classmethod
     def empty(cls, config: GPTConfig, batch_size: int, dtype: torch.dtype, device: torch.device) -> "KVCache":
+        shape = (config.num_layers, 2, batch_size, config.num_heads, config.block_size, config.head_dim)
+        check_memory(math.prod(shape) * dtype.itemsize, f"a KV-cache of {batch_size:,} rows", "lower --num-samples "
+                     "(or serve's --max-batch)", device)
         return cls(torch.zeros((config.num_layers, 2, batch_size, config.num_heads, config.block_size,
                                 config.head_dim), dtype=dtype, device=device))
 

@@ -112,6 +112,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             tmp.flush()
             os.fsync(tmp.fileno())
         os.replace(tmp_name, path)
+    except OSError as exc:  # a full disk, a file-size limit: the old file is as it was
+        Path(tmp_name).unlink(missing_ok=True)
+        kept = "the previous file is untouched" if path.exists() else "nothing was written"
+        raise MiniGPTError(f"cannot write {path} ({exc.strerror}): {kept}; free some space or choose another "
+                           "--out") from None
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise

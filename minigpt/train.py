@@ -29,7 +29,7 @@ from minigpt import distributed
 from minigpt.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, warm_start
 from minigpt.config import GPTConfig, TrainConfig
 from minigpt.data import DataSource, load_corpus, load_recorded_corpus
-from minigpt.devices import resolve_device
+from minigpt.devices import check_memory, resolve_device
 from minigpt.drafts import NGramDraft
 from minigpt.encoded import EncodedCorpus
 from minigpt.errors import DataError, MiniGPTError
@@ -216,8 +216,12 @@ def plan_training(out: str | Path, *, data: EncodedCorpus | DataSource | str | N
         return TrainingPlan(config, out, device, corpus, resumed.model, resumed.tokenizer, resumed.step + 1,
                             resumed.optimizer_state(), resume, compile, notes)
     tokenizer = CharTokenizer(corpus.chars)
+    architecture = GPTConfig(tokenizer.vocab_size, **model_fields)
+    check_memory(16 * architecture.parameters, f"training a model of {architecture.parameters:,} parameters "
+                 "(weights, gradients and AdamW's two moments, 4 bytes each)", "lower --embed-dim or --num-layers",
+                 device)
     torch.manual_seed(config.seed)
-    model = MiniGPT(GPTConfig(tokenizer.vocab_size, **model_fields))
+    model = MiniGPT(architecture)
     if init_from is not None:
         notes.append(str(warm_start(model, tokenizer, init_from)))
     return TrainingPlan(config, out, device, corpus, model, tokenizer, compile=compile, notes=notes)

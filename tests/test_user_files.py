@@ -120,3 +120,44 @@ def test_the_data_is_recorded_where_it_is_and_a_change_is_named(tmp_path, tiny_f
                   f"{first / 'input.txt'} has changed since the model was trained on it", "--data")
     process_error(minigpt("train", "--resume", first / "minigpt.safetensors", "--steps", 4, cwd=second),
                   "has changed since the model was trained on it")
+
+
+def test_a_cache_folder_that_cannot_be_made_is_one_line(folder, process_error):
+    process_error(minigpt("train", "--data", "corpus.txt", "--cache-dir", "notes.txt", "--steps", 1, cwd=folder),
+                  "cannot make the cache folder notes.txt", "--cache-dir")
+    result = subprocess.run([sys.executable, "-m", "minigpt", "train", "--data", "corpus.txt", "--steps", "1"],
+                            cwd=folder, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "XDG_CACHE_HOME": str(folder / "notes.txt" / "below")})
+    process_error(result, "cannot make the cache folder", "XDG_CACHE_HOME")
+
+
+def test_sizes_that_cannot_fit_are_refused_before_allocating(folder, process_error):
+    available = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable"))
+    row = 2 * 2 * 16 * 32 * 4  # the tiny model's cache: layers x (k, v) x positions x width x 4 bytes
+    rows = 2 * available // row
+    process_error(minigpt("generate", "--checkpoint", "model.safetensors", "--num-samples", rows, cwd=folder),
+                  f"a KV-cache of {rows:,} rows needs", "GiB available", "lower --num-samples")
+    process_error(minigpt("train", "--data", "corpus.txt", "--embed-dim", 100_000, "--num-heads", 1, cwd=folder),
+                  "training a model of", "GiB available", "lower --embed-dim")
+
+
+def test_a_save_that_cannot_finish_keeps_the_old_checkpoint(folder, tiny_flags):
+    """A file-size limit (as a full disk): one line, and the checkpoint --force was replacing is untouched."""
+    import resource
+    import signal
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing us
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    before = (folder / "model.safetensors").read_bytes()
+    result = subprocess.run([sys.executable, "-m", "minigpt", "train", "--data", "corpus.txt", "--out",
+                             "model.safetensors", "--force", *tiny_flags(steps=2)], cwd=folder,
+                            capture_output=True, text=True, timeout=300, preexec_fn=limited)
+    # Training had begun, so its start lines come first; the error is the last line, with no traceback.
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == ("minigpt train: error: cannot write model.safetensors (File "
+                                                      "too large): the previous file is untouched; free some space "
+                                                      "or choose another --out")
+    assert (folder / "model.safetensors").read_bytes() == before
+    assert not [path for path in folder.iterdir() if path.name.endswith(".tmp")]
