@@ -33,7 +33,7 @@ from minigpt.export.gpt2 import gpt2_config, gpt2_state_dict
 from minigpt.export.onnx_export import LOGIT_TOLERANCE, VERIFY_NEW_TOKENS, ExportReport, quiet
 from minigpt.generation import KVCacheEngine
 from minigpt.model import MiniGPT
-from minigpt.paths import check_output_folder, check_replaceable
+from minigpt.paths import check_output_folder, check_replaceable, current_umask
 from minigpt.sampling import Sampler
 from minigpt.tokenizer import CharTokenizer
 
@@ -101,6 +101,9 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike = "minigpt-h
                                                            encoding="utf-8")
         lines = verify_directory(staging, model, tokenizer, training_sample(loaded.metadata)) if verify else []
         size = sum(f.stat().st_size for f in staging.iterdir())
+        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp (and safetensors' writer) make them private: an
+        for file in staging.iterdir():                 # export is an ordinary folder of ordinary files
+            os.chmod(file, 0o666 & ~current_umask())
         _replace_directory(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -105,6 +105,12 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike = "minigpt
         raise MiniGPTError(f"--quantize takes int8, got {quantize!r}")
     if opset < MIN_OPSET:
         raise MiniGPTError(f"--opset must be at least {MIN_OPSET} for this exporter, got {opset}")
+    import onnx
+
+    if opset > onnx.defs.onnx_opset_version():
+        raise MiniGPTError(f"--opset {opset} is newer than this onnx {onnx.__version__} knows (up to "
+                           f"{onnx.defs.onnx_opset_version()}); choose from {MIN_OPSET} to that "
+                           f"(default {DEFAULT_OPSET})")
     check_output_file(out)
     check_replaceable(out, writes="onnx", force=force, inputs=[("--checkpoint", checkpoint)])
     loaded = load_checkpoint(checkpoint)

@@ -35,6 +35,10 @@ def _option(parser: argparse.ArgumentParser, name: str, *aliases: str, **kwargs)
     if underscored:
         parser.add_argument(*underscored, dest=name, **{**kwargs, "help": argparse.SUPPRESS,
                                                          "default": argparse.SUPPRESS})
+    if kwargs.get("action") is argparse.BooleanOptionalAction:  # --no-verify's spelling with underscores too
+        for word in words:
+            parser.add_argument(f"--no_{word}", dest=name, action="store_false", help=argparse.SUPPRESS,
+                                default=argparse.SUPPRESS)
 
 
 def _dataclass_options(parser: argparse.ArgumentParser, cls, skip=()) -> None:
@@ -72,8 +76,18 @@ def _engine_options(parser: argparse.ArgumentParser) -> None:
                  "and every core otherwise, as measured fastest (see bench/README.md) (default picked)")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("minigpt")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="minigpt", description="Train, sample and evaluate a character-level GPT.")
+    parser.add_argument("--version", action="version", version=f"minigpt {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in (_add_train, _add_generate, _add_serve, _add_plot, _add_attention, _add_eval, _add_export):
         add(commands)
@@ -221,7 +235,7 @@ def _add_export(commands) -> None:
     _option(export, "checkpoint", default=DEFAULT_CHECKPOINT,
             help=f"a checkpoint or an exported --hf directory (default {DEFAULT_CHECKPOINT})")
     _option(export, "out", default=None, help="what to write (default minigpt.onnx, or the folder minigpt-hf)")
-    _option(export, "opset", type=Bounded(int, 13, 30), default=None, help="ONNX opset of the standard operators (default 17)")
+    _option(export, "opset", type=Bounded(int, 13), default=None, help="ONNX opset of the standard operators (default 17)")
     _option(export, "quantize", choices=("int8",), default=None, help="int8: dynamic quantisation of the weights")
     _option(export, "verify", action=argparse.BooleanOptionalAction, default=True,
             help="check the graph and compare it with PyTorch (default); --no-verify skips it")
@@ -423,13 +437,29 @@ def _evaluate(args: argparse.Namespace) -> None:
           f"over {len(ids) - 1:,} characters of {corpus.source}")
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parse_args, except that a flag the command does not have is reported by that command, with the
+    closest one it has ("--stepz": did you mean --steps?)."""
+    import difflib
+
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        command = commands.choices[args.command]
+        flags = [flag for action in command._actions for flag in action.option_strings]
+        close = difflib.get_close_matches(unknown[0].split("=")[0].replace("_", "-"), flags, n=1)
+        command.error(f"unrecognized arguments: {' '.join(unknown)}" + (f"; did you mean {close[0]}?" if close
+                                                                         else ""))
+    return args
+
+
 COMMANDS = {"train": _train, "generate": _generate, "serve": _serve, "eval": _evaluate, "export": _export,
             "plot": _plot, "attention": _attention}
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = _build_parser().parse_args(argv)
+        args = _parse(_build_parser(), argv)
     except SystemExit as exc:  # --help, or a malformed flag already reported in one line
         return exc.code
     try:

@@ -106,7 +106,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise MiniGPTError(f"cannot write to {path.parent}: {exc.strerror}; "
                            "choose a folder that exists and is writable") from None
     try:
-        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes it private; a checkpoint is an ordinary file
+        os.chmod(tmp_name, 0o666 & ~current_umask())  # mkstemp makes it private; a checkpoint is an ordinary file
         with os.fdopen(fd, "wb") as tmp:
             tmp.write(data)
             tmp.flush()
@@ -128,7 +128,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.close(dir_fd)
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -328,7 +328,7 @@ def _train(plan: TrainingPlan, group: distributed.ProcessGroup, progress: bool,
             x, y = sample_batch(train_ids, config.batch_size, block, generator, device)
             loss = first_step(step_model, optimizer, x, y, config, device) if step == plan.first_step and \
                 plan.compile else training_step(step_model, optimizer, x, y, config.grad_clip, device)
-            check_finite(loss, step, group, device)
+            check_finite(loss, step, group, device, config, plan.out)
             record = {"step": step, "tokens": step * tokens_per_step, "loss": loss, "lr": lr,
                       "tokens_per_s": (step - plan.first_step + 1) * tokens_per_step / (time.perf_counter() - start)}
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
@@ -386,11 +386,14 @@ def first_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
                            "train without --compile") from None
 
 
-def check_finite(loss: float, step: int, group: distributed.ProcessGroup, device: torch.device) -> None:
+def check_finite(loss: float, step: int, group: distributed.ProcessGroup, device: torch.device,
+                 config: TrainConfig, out: Path) -> None:
     (non_finite,) = group.any(not math.isfinite(loss), device=device)  # on any process: all stop
     if non_finite:
-        raise NonFiniteLoss(f"the loss became {loss} at step {step}; the last checkpoint on disk "
-                            "is left as it was: lower --learning_rate or --grad_clip and try again")
+        kept = f"the checkpoint {out} is left as it was" if out.exists() else "nothing was saved"
+        advice = "lower --learning-rate" + (" or --grad-clip" if config.grad_clip else ", or clip the gradient "
+                                                                                  "with --grad-clip 1")
+        raise NonFiniteLoss(f"the loss became {loss} at step {step}; {kept}: {advice} and try again")
 
 
 def evaluate(model: MiniGPT, train_ids: np.ndarray, valid_ids: np.ndarray, config: TrainConfig,

@@ -129,9 +129,18 @@ class OutputLock:
 
 
 def check_one_start(resume, init_from) -> None:
+    """--resume or --init-from, each naming a file that is there, in the words of its own flag."""
     if resume is not None and init_from is not None:
         raise MiniGPTError("--resume continues a run, --init-from starts a new one from a checkpoint's tensors: "
                            "give one of them")
+    for flag, path in (("--resume", resume), ("--init-from", init_from)):
+        if isinstance(path, (str, os.PathLike)) and not Path(path).exists():
+            raise CheckpointError(f"{flag} {path}: no such checkpoint; give a .safetensors file `minigpt train` "
+                                  "saved")
+    if resume is not None and Path(resume).is_dir():
+        raise CheckpointError(f"--resume {resume} is a transformers directory: it keeps weights but no optimizer "
+                              f"state or step to resume from; start a new run from its weights with --init-from "
+                              f"{resume}")
 
 
 def check_resumable(checkpoint: Checkpoint, path: Path, steps: int) -> None:

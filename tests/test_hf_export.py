@@ -156,3 +156,24 @@ def test_without_transformers_the_flag_names_the_extra(tiny_checkpoint, tmp_path
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "minigpt[hf]" in result.stderr
     assert not (tmp_path / "d").exists()
+
+
+def test_the_readmes_pipeline_example_runs_as_written(tmp_path, tiny_flags, monkeypatch):
+    """The README's Python block that uses `pipeline(...)`, run as it is written beside a `minigpt-hf` of a
+    model with the default block size (the example's 104 positions must fit) and a vocabulary holding "The "."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    (example,) = [block for block in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "pipeline(" in block]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "text.txt").write_text(("The fox and the dog.\n" * 200))
+    for argv in (["train", "--data", "text.txt", *tiny_flags(block_size=128, steps=2), "--out", "m.safetensors"],
+                 ["export", "--hf", "--checkpoint", "m.safetensors", "--out", "minigpt-hf"]):
+        assert main(argv) == 0
+    result = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("The ") and len(result.stdout.rstrip("\n")) == 104

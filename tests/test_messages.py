@@ -1,0 +1,60 @@
+"""What minigpt says when a newcomer slips, through the installed command in a fresh process: the flag the user
+typed, the command's own --help, the file's real kind, and no advice that cannot apply."""
+
+import stat
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def minigpt(*argv, cwd):
+    return subprocess.run([sys.executable, "-m", "minigpt", *map(str, argv)], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("argv,fragments", [
+    (["train", "--stepz", "3"], ["unrecognized arguments: --stepz 3; did you mean --steps?", "minigpt train --help"]),
+    (["generate", "--temprature", "0.5"], ["did you mean --temperature?", "minigpt generate --help"]),
+    (["train", "--resume", "gone.safetensors"], ["--resume gone.safetensors: no such checkpoint"]),
+    (["train", "--init-from", "gone.safetensors"], ["--init-from gone.safetensors: no such checkpoint"]),
+    (["export", "--onnx", "--checkpoint", "tiny.safetensors", "--opset", "99", "--out", "x.onnx"],
+     ["--opset 99 is newer than this onnx", "choose from 13"]),
+])
+def test_messages_name_what_the_user_typed(tmp_path, tiny_checkpoint, process_error, argv, fragments):
+    (tmp_path / "tiny.safetensors").write_bytes(tiny_checkpoint.read_bytes())
+    line = process_error(minigpt(*argv, cwd=tmp_path), *fragments)
+    assert "--checkpoint" not in line or "--checkpoint" in argv
+
+
+def test_underscore_spellings_of_no_flags_work(tmp_path, tiny_checkpoint):
+    result = minigpt("generate", "--checkpoint", tiny_checkpoint, "--no_kv_cache", "--max-new-tokens", 5,
+                     "--temperature", 0, cwd=tmp_path)
+    assert result.returncode == 0 and "RecomputeEngine" in result.stderr, result.stderr
+    result = minigpt("export", "--onnx", "--no_verify", "--checkpoint", tiny_checkpoint, "--out", "m.onnx",
+                     cwd=tmp_path)
+    assert result.returncode == 0 and (tmp_path / "m.onnx").exists(), result.stderr
+
+
+def test_resume_of_a_transformers_directory_points_to_init_from(tmp_path, tiny_checkpoint, process_error):
+    assert minigpt("export", "--hf", "--checkpoint", tiny_checkpoint, "--out", "hf", cwd=tmp_path).returncode == 0
+    process_error(minigpt("train", "--resume", "hf", cwd=tmp_path), "--resume hf is a transformers directory",
+                  "--init-from hf")
+
+
+def test_an_hf_export_honours_the_umask_and_version_is_printed(tmp_path, tiny_checkpoint):
+    assert minigpt("export", "--hf", "--checkpoint", tiny_checkpoint, "--out", "hf", cwd=tmp_path).returncode == 0
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in [tmp_path / "hf", *(tmp_path / "hf").iterdir()]}
+    assert modes.pop("hf") == 0o755 and set(modes.values()) == {0o644}, modes  # the suite's umask is 022
+    version = minigpt("--version", cwd=tmp_path)
+    assert version.returncode == 0 and version.stdout.startswith("minigpt 0.")
+
+
+def test_a_non_finite_loss_gives_advice_that_applies(tmp_path, tiny_text_file, tiny_flags):
+    result = minigpt("train", "--data", tiny_text_file, "--out", "m.safetensors",
+                     *tiny_flags(learning_rate=1e9, grad_clip=0, steps=30, eval_interval=30), cwd=tmp_path)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "the loss became" in last, result.stderr
+    assert "nothing was saved" in last and "clip the gradient with --grad-clip 1" in last, last
