@@ -135,7 +135,7 @@ def check_one_start(resume, init_from) -> None:
                            "give one of them")
     for flag, path in (("--resume", resume), ("--init-from", init_from)):
         if isinstance(path, (str, os.PathLike)) and not Path(path).exists():
-            raise CheckpointError(f"{flag} {path}: no such checkpoint; give a .safetensors file `minigpt train` "
+            raise CheckpointError(f"{flag} {path}: checkpoint not found; give a .safetensors file `minigpt train` "
                                   "saved")
     if resume is not None and Path(resume).is_dir():
         raise CheckpointError(f"--resume {resume} is a transformers directory: it keeps weights but no optimizer "

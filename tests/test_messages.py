@@ -18,8 +18,8 @@ def minigpt(*argv, cwd):
 @pytest.mark.parametrize("argv,fragments", [
     (["train", "--stepz", "3"], ["unrecognized arguments: --stepz 3; did you mean --steps?", "minigpt train --help"]),
     (["generate", "--temprature", "0.5"], ["did you mean --temperature?", "minigpt generate --help"]),
-    (["train", "--resume", "gone.safetensors"], ["--resume gone.safetensors: no such checkpoint"]),
-    (["train", "--init-from", "gone.safetensors"], ["--init-from gone.safetensors: no such checkpoint"]),
+    (["train", "--resume", "gone.safetensors"], ["--resume gone.safetensors: checkpoint not found"]),
+    (["train", "--init-from", "gone.safetensors"], ["--init-from gone.safetensors: checkpoint not found"]),
     (["export", "--onnx", "--checkpoint", "tiny.safetensors", "--opset", "99", "--out", "x.onnx"],
      ["--opset 99 is newer than this onnx", "choose from 13"]),
 ])
