@@ -116,7 +116,7 @@ def test_a_closed_stdout_ends_quietly_as_cat_does(workdir):
 @pytest.mark.parametrize("argv", [["generate", "--seed", "-1"], ["generate", "--seed", str(2**64)],
                                   ["train", "--data", "input.txt", "--out", "x.safetensors", "--seed", "-1"]])
 def test_seeds_are_checked_alike_in_every_command(workdir, argv, process_error):
-    process_error(minigpt(*argv, cwd=workdir), "seed must be an integer from 0 to 2**63-1")
+    process_error(minigpt(*argv, cwd=workdir), "--seed: must be an integer from 0 to 2**63-1")
 
 
 @pytest.fixture

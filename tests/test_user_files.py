@@ -72,9 +72,10 @@ def test_force_replaces_what_the_command_writes(folder):
 def test_a_second_training_into_one_checkpoint_is_refused(folder, tiny_flags, process_error, wait_for):
     flags = tiny_flags(steps=100_000, eval_interval=100_000, quiet=True)
     first = minigpt("train", "--data", "corpus.txt", "--out", "run.safetensors", *flags, cwd=folder, wait=False)
-    lock = folder / ".run.safetensors.lock"
-    try:
-        assert wait_for(lock.exists, timeout=120), first.communicate()
+    lock, log = folder / ".run.safetensors.lock", folder / "run.metrics.jsonl"
+    try:  # once a step is logged the run is in its loop, where SIGTERM saves and stops
+        assert wait_for(lambda: log.exists() and log.stat().st_size > 0, timeout=120), first.communicate()
+        assert lock.exists()
         second = minigpt("train", "--data", "corpus.txt", "--out", "run.safetensors", *flags, cwd=folder)
         process_error(second, f"another minigpt train (process {first.pid}) is writing run.safetensors")
     finally:
