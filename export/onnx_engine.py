@@ -20,7 +20,7 @@ import numpy as np
 
 from minigpt.config import GPTConfig
 from minigpt.decoding import check_extend
-from minigpt.devices import check_threads
+from minigpt.devices import check_threads, threads_for
 from minigpt.errors import CheckpointError, MiniGPTError
 from minigpt.export.onnx_graph import (INPUT_IDS, LOGITS, POSITION_IDS, SEQLENS_K, TOTAL_LENGTH, cache_names,
                                        padded_head_dim)
@@ -31,7 +31,6 @@ from minigpt.tokenizer import CharTokenizer
 # model is decoded fastest by one thread (its MatMuls are too small to split:
 # handing work to a second thread costs more than it saves); batches, long
 # contexts and larger models are faster on every core (onnxruntime's default).
-SMALL_MODEL_BYTES = 4_000_000
 ALL_CORES = 0  # onnxruntime's own choice: one thread per physical core
 KEPT_STEP_TOKENS = 16  # bindings for up to this many new tokens are kept (decode steps, verifying drafts)
 
@@ -47,7 +46,7 @@ def _describe(model: str | os.PathLike | bytes) -> str:
 
 
 def default_threads(model_bytes: int, batch_size: int) -> int:
-    return 1 if batch_size == 1 and model_bytes < SMALL_MODEL_BYTES else ALL_CORES
+    return threads_for(batch_size, model_bytes) or ALL_CORES
 
 
 def open_session(model: str | os.PathLike | bytes, threads: int = ALL_CORES):

@@ -72,7 +72,7 @@ def _engine_options(parser: argparse.ArgumentParser) -> None:
     _option(parser, "device", default="auto", help="auto, cpu or cuda; the onnx engine runs on the CPU "
             "(default auto)")
     _option(parser, "threads", type=POSITIVE, default=None, metavar="N",
-            help="CPU threads; the onnx engine picks 1 for one sample of a small model (under 4 MB of weights) "
+            help="CPU threads; both engines pick 1 for one sample of a small model (under 4 MB of weights) "
                  "and every core otherwise, as measured fastest (see bench/README.md) (default picked)")
 
 
@@ -110,6 +110,8 @@ def _add_train(commands) -> None:
     _dataclass_options(model_group, GPTConfig, skip=("vocab_size",))
     train_group = train.add_argument_group("training")
     _dataclass_options(train_group, TrainConfig)
+    _option(train, "threads", type=POSITIVE, default=None, metavar="N",
+            help="CPU threads (default every core; on a machine busy with other work 1 can be twice as fast)")
     _option(train, "resume", default=None, metavar="CKPT",
             help="continue a checkpoint written by minigpt train: model, optimizer, step and training settings "
                  "come back; training flags given with it override them")
@@ -222,6 +224,7 @@ def _add_eval(commands) -> None:
             help="where encoded data is kept (default $XDG_CACHE_HOME/minigpt or ~/.cache/minigpt)")
     _option(evaluate, "batch_size", type=POSITIVE, default=64, help="windows per forward pass (default 64)")
     _option(evaluate, "device", default="auto", help="auto, cpu or cuda (default auto)")
+    _option(evaluate, "threads", type=POSITIVE, default=None, metavar="N", help="CPU threads (default every core)")
 
 
 def _add_export(commands) -> None:
@@ -245,6 +248,7 @@ def _train(args: argparse.Namespace) -> int:
     from minigpt.config import GPTConfig, TrainConfig
     from minigpt.train import TrainingInterrupted, plan_training, run_training, sample_after_training
 
+    _use_threads(args.threads)
     if args.warmup is not None and args.warmup > (args.steps or TrainConfig.steps):
         raise MiniGPTError(f"--warmup {args.warmup} is longer than the run ({args.steps or TrainConfig.steps} "
                            "steps): the learning rate would never reach its peak; lower --warmup or raise --steps")
@@ -271,6 +275,13 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _use_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def _engine_for(args: argparse.Namespace):
     """(engine, tokenizer, the model's n-gram draft or None) for the flags; the onnx engine never imports
     torch."""
@@ -288,15 +299,14 @@ def _engine_for(args: argparse.Namespace):
         engine = OnnxEngine(args.checkpoint, threads=args.threads)
         return engine, engine.tokenizer, engine.ngram_draft()
     from minigpt.checkpoint import load_checkpoint
-    from minigpt.devices import check_threads, resolve_device
+    from minigpt.devices import check_threads, resolve_device, threads_for
     from minigpt.generation import torch_engine
 
     check_threads(args.threads)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     checkpoint = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
+    rows = getattr(args, "num_samples", None) or args.max_batch  # what one step decodes: generate's, serve's
+    model_bytes = sum(p.numel() * p.element_size() for p in checkpoint.model.parameters())
+    _use_threads(args.threads or threads_for(rows, model_bytes))  # as the onnx engine picks them
     checkpoint.model.set_attention_backend(args.attention)
     return torch_engine(checkpoint.model, args.kv_cache), checkpoint.tokenizer, checkpoint.ngram_draft()
 
@@ -426,6 +436,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     from minigpt.devices import resolve_device
     from minigpt.train import evaluate_split, split_ids
 
+    _use_threads(args.threads)
     checkpoint = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
     corpus = (load_corpus(args.data, args.cache_dir) if args.data
               else load_recorded_corpus(checkpoint.metadata, args.cache_dir))

@@ -53,3 +53,13 @@ def check_memory(needed: int, what: str, fix: str, device=None) -> None:
         where = "the GPU" if getattr(device, "type", "cpu") == "cuda" else "this machine"
         raise MiniGPTError(f"{what} needs {needed / 2**30:,.1f} GiB and {where} has {free / 2**30:,.1f} GiB "
                            f"available; {fix}")
+
+
+SMALL_MODEL_BYTES = 4_000_000  # below this, one sequence's step is too small to split between cores
+
+
+def threads_for(batch_size: int, model_bytes: int) -> int | None:
+    """CPU threads for a forward pass of `batch_size` rows through a model of `model_bytes` of weights: one
+    for one row of a small model (splitting a step that small costs more than it saves, and a busy core
+    stalls every step), else None (the library's own choice: every core). Measured in bench/README.md."""
+    return 1 if batch_size == 1 and model_bytes < SMALL_MODEL_BYTES else None

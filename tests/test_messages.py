@@ -58,3 +58,21 @@ def test_a_non_finite_loss_gives_advice_that_applies(tmp_path, tiny_text_file, t
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 2 and "the loss became" in last, result.stderr
     assert "nothing was saved" in last and "clip the gradient with --grad-clip 1" in last, last
+
+
+def test_the_torch_engine_picks_its_threads_as_the_onnx_engine_does(tiny_checkpoint, capsys):
+    """One thread for one sample of a small model (a busy core then stalls no step); every core for a batch."""
+    import torch
+
+    from minigpt.cli import main
+
+    before = torch.get_num_threads()
+    try:
+        assert main(["generate", "--checkpoint", str(tiny_checkpoint), "--engine", "torch", "--max-new-tokens", "2"]) == 0
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(before)
+        assert main(["generate", "--checkpoint", str(tiny_checkpoint), "--engine", "torch", "--max-new-tokens", "2",
+                     "--threads", "2"]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
