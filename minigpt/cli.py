@@ -262,8 +262,7 @@ def _train(args: argparse.Namespace) -> int:
         result = run_training(plan, progress=not args.quiet)
     except TrainingInterrupted as stop:
         if is_main:  # settings, data and the steps to reach all come back from the checkpoint
-            print(f"minigpt: {stop}; saved {stop.path}. Resume with: minigpt train --resume {stop.path}",
-                  file=sys.stderr)
+            print(f"minigpt: {stop}; saved {stop.path}. Resume with: {_resume_command(stop.path)}", file=sys.stderr)
         return 128 + stop.signum  # 130 for Ctrl-C, 143 for SIGTERM, as shells report them
     if not is_main:
         return 0
@@ -273,6 +272,15 @@ def _train(args: argparse.Namespace) -> int:
         print(f"minigpt: sample ({args.sample_tokens} characters, temperature 0.8):", file=sys.stderr)
         print(sample_after_training(result, args.sample_tokens))
     return 0
+
+
+def _resume_command(path) -> str:
+    """The command that continues a run the way it was started: under torchrun, with as many processes (one
+    process alone would train on half the batch each step)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        return f"torchrun --nproc_per_node={world} -m minigpt train --resume {path}"
+    return f"minigpt train --resume {path}"
 
 
 def _use_threads(threads: int | None) -> None:
@@ -476,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args) or 0
     except MiniGPTError as exc:
-        print(f"minigpt {args.command}: error: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process meets it: one says it
+            print(f"minigpt {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"minigpt {args.command}: interrupted", file=sys.stderr)

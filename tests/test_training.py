@@ -209,6 +209,18 @@ def test_minigpt_train_runs_under_torchrun(tiny_text_file, tmp_path, free_port, 
     assert load_checkpoint(out).step == 6
 
 
+@pytest.mark.slow
+def test_a_user_error_under_torchrun_is_said_once(tiny_text_file, tmp_path, free_port, tiny_flags):
+    """Every process meets the bad --out; one of them says so (the error is raised before any process group)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+         f"--master_port={free_port()}", "-m", "minigpt", "train", "--data", str(tiny_text_file),
+         "--out", str(tiny_text_file), *tiny_flags(steps=2)], capture_output=True, text=True, timeout=240)
+    assert result.returncode != 0
+    assert result.stderr.count("minigpt train: error:") == 1, result.stderr[-3000:]
+    assert "is also this command's --data" in result.stderr
+
+
 def test_resume_says_which_architecture_flags_it_ignores(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "continued.safetensors"
     step = load_checkpoint(tiny_checkpoint).step
