@@ -111,7 +111,7 @@ def _add_train(commands) -> None:
     train_group = train.add_argument_group("training")
     _dataclass_options(train_group, TrainConfig)
     _option(train, "threads", type=POSITIVE, default=None, metavar="N",
-            help="CPU threads (default every core; on a machine busy with other work 1 can be twice as fast)")
+            help="CPU threads; on a machine busy with other work 1 can be twice as fast (default every core)")
     _option(train, "resume", default=None, metavar="CKPT",
             help="continue a checkpoint written by minigpt train: model, optimizer, step and training settings "
                  "come back; training flags given with it override them")
