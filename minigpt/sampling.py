@@ -25,7 +25,8 @@ GREEDY_BELOW = 1e-5  # temperatures under this are greedy
 
 @dataclass
 class Sampler:
-    """temperature 0 (or under 1e-5) is greedy; top_k keeps the k likeliest tokens; top_p the smallest set holding p of the mass."""
+    """temperature 0 (or under 1e-5) is greedy; top_k keeps the k likeliest tokens; top_p the smallest set
+    holding p of the mass."""
 
     temperature: float = 1.0
     top_k: int | None = None

@@ -130,7 +130,8 @@ def test_impossible_configs(tiny_text_file, tmp_path, cli_error, flags, fragment
 @pytest.mark.parametrize("flags,fragment", [
     (["--temperature", "-0.1"], "temperature"), (["--top_k", "-3"], "top_k"), (["--top_p", "1.01"], "top_p"),
     (["--top_p", "nan"], "top_p"), (["--num_samples", "0"], "num_samples"),
-    (["--max_new_tokens", "-5"], "max_new_tokens"), (["--temperature", "warm"], "--temperature: must be a number of at least 0, got 'warm'"),
+    (["--max_new_tokens", "-5"], "max_new_tokens"),
+    (["--temperature", "warm"], "--temperature: must be a number of at least 0, got 'warm'"),
     (["--prompt", "ÆØÅ"], "never saw"), (["--attention", "fast"], "invalid choice"),
 ])
 def test_out_of_range_sampling_flags(tiny_checkpoint, cli_error, flags, fragment):

@@ -68,7 +68,8 @@ def test_the_torch_engine_picks_its_threads_as_the_onnx_engine_does(tiny_checkpo
 
     before = torch.get_num_threads()
     try:
-        assert main(["generate", "--checkpoint", str(tiny_checkpoint), "--engine", "torch", "--max-new-tokens", "2"]) == 0
+        argv = ["generate", "--checkpoint", str(tiny_checkpoint), "--engine", "torch", "--max-new-tokens", "2"]
+        assert main(argv) == 0
         assert torch.get_num_threads() == 1
         torch.set_num_threads(before)
         assert main(["generate", "--checkpoint", str(tiny_checkpoint), "--engine", "torch", "--max-new-tokens", "2",

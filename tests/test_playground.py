@@ -24,7 +24,10 @@ def chromium_path() -> str:
     when it is missing and this user may, so the README's test command sets up all the suite needs."""
     found = next(filter(None, map(shutil.which, CHROMIUM_NAMES)), None)
     if found is None and shutil.which("apt-get") and os.geteuid() == 0:
-        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], capture_output=True, timeout=600)
+        install = ["apt-get", "install", "-y", "-q", "chromium"]
+        if subprocess.run(install, capture_output=True, timeout=600).returncode != 0:  # no package lists yet
+            subprocess.run(["apt-get", "update", "-q"], capture_output=True, timeout=600)
+            subprocess.run(install, capture_output=True, timeout=600)
         found = next(filter(None, map(shutil.which, CHROMIUM_NAMES)), None)
     if found is None:
         pytest.skip("the browser tests need Chromium: apt-get install chromium")
@@ -93,8 +96,8 @@ def test_the_page_writes_what_minigpt_generate_writes_and_explains_a_character(c
         assert ("greedy decoding writes it too" in verdict) == (greedy == api["tokens"][index])
         # Attention: a row per layer and head over the characters read, each row a distribution.
         page.wait_for_selector("#attention tr.head")
-        rows = page.eval_on_selector_all("#attention tr.head", "rows => rows.map(r => [...r.querySelectorAll("
-                                                               "'td[data-weight]')].map(c => Number(c.dataset.weight)))")
+        weights = "rows => rows.map(r => [...r.querySelectorAll('td[data-weight]')].map(c => Number(c.dataset.weight)))"
+        rows = page.eval_on_selector_all("#attention tr.head", weights)
         assert len(rows) == 2 * 2 and all(len(row) == min(16, 4 + index) for row in rows)
         assert all(sum(row) == pytest.approx(1, abs=1e-4) for row in rows)
 

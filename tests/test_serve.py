@@ -297,7 +297,8 @@ def test_bad_serve_flags_are_one_line_errors(onnx_model, cli_error, cli_without)
         taken.listen()
         port = taken.getsockname()[1]
         cli_error(["serve", "--model", str(onnx_model), "--port", str(port)], f"cannot listen on 127.0.0.1:{port}")
-    cli_error(["serve", "--model", str(onnx_model), "--max-batch", "0"], "--max-batch: must be an integer of at least 1")
+    cli_error(["serve", "--model", str(onnx_model), "--max-batch", "0"],
+              "--max-batch: must be an integer of at least 1")
     cli_error(["serve", "--model", str(onnx_model), "--shutdown-timeout", "-1"], "--shutdown-timeout")
     cli_error(["serve", "--model", str(onnx_model), "--device", "cuda"], "the onnx engine runs on the CPU")
     result = cli_without("uvicorn", ["serve", "--model", str(onnx_model)])

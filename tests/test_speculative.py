@@ -155,4 +155,5 @@ def test_generate_prints_the_same_text_with_every_draft(tiny_checkpoint, tiny_on
     assert main(["generate", "--checkpoint", str(old), "--prompt", "the ", "--temperature", "0"]) == 0
     assert "context draft" in capsys.readouterr().err
     cli_error(["generate", "--checkpoint", str(old), "--draft", "ngram"], "no n-gram draft table", "--draft context")
-    cli_error(["generate", "--checkpoint", str(old), "--draft-tokens", "0"], "--draft-tokens: must be an integer from 1 to 64")
+    cli_error(["generate", "--checkpoint", str(old), "--draft-tokens", "0"],
+              "--draft-tokens: must be an integer from 1 to 64")

@@ -68,7 +68,8 @@ class CompletionsAPI:
 
         try:
             self.check_key(request)
-            parsed = parse_completion(await read_json(request, self.limits.read_timeout), self.tokenizer, self.model_id, self.limits)
+            body = await read_json(request, self.limits.read_timeout)
+            parsed = parse_completion(body, self.tokenizer, self.model_id, self.limits)
             job = Job(parsed, asyncio.get_running_loop())
             if not self.scheduler.submit(job):
                 raise RequestError(f"the server is busy ({self.limits.max_queue} requests are waiting); retry shortly",
@@ -97,7 +98,8 @@ class CompletionsAPI:
 
     async def not_found(self, request, exc):
         return self.fail(RequestError(f"no route {request.url.path}; this server has POST /v1/completions, GET "
-                                      "/v1/models, /health, /metrics and the playground at /", status=404, code="not_found"))
+                                      "/v1/models, /health, /metrics and the playground at /", status=404,
+                                      code="not_found"))
 
     async def not_allowed(self, request, exc):
         return self.fail(RequestError(f"{request.method} is not allowed on {request.url.path}", status=405,
