@@ -105,10 +105,13 @@ class OutputLock:
     however it ends, so a lock left by a killed run is recognised as stale and taken over."""
 
     def __init__(self, out: Path):
-        import fcntl
-
         self.path = out.with_name(f".{out.name}.lock")
         self.file = self.path.open("a+")
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system: no lock to take
+            self.release()
+            return
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
