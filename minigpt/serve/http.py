@@ -27,8 +27,8 @@ from minigpt.decoding import Engine
 from minigpt.errors import MiniGPTError
 from minigpt.serve.connections import guarded_protocol
 from minigpt.serve.metrics import Metrics
-from minigpt.serve.protocol import ChunkFormat, Limits, RequestError, Scores, completion_body, error_body, \
-    parse_completion, parse_prompt, usage
+from minigpt.serve.protocol import ChunkFormat, Limits, RequestError, Scores, check_model_name, completion_body, \
+    error_body, in_vocabulary, parse_completion, parse_prompt, usage
 from minigpt.serve.scheduler import Job, Scheduler
 from minigpt.tokenizer import CharTokenizer
 
@@ -123,9 +123,7 @@ class CompletionsAPI:
 
         try:
             self.check_key(request)
-            if request.path_params["model"] != self.model_id:
-                raise RequestError(f"the model {request.path_params['model']!r} does not exist; this server serves "
-                                   f"{self.model_id!r}", "model", 404, "model_not_found")
+            check_model_name(request.path_params["model"], self.model_id)
         except RequestError as error:
             return self.fail(error)
         return JSONResponse(self.model_card())
@@ -160,10 +158,8 @@ class CompletionsAPI:
         try:
             body = await read_json(request, self.limits.read_timeout)
             ids = body.get("tokens") if isinstance(body, dict) else None
-            vocab = len(self.tokenizer.chars)
-            if not (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab
-                                                  for i in ids)):
-                raise RequestError(f"send {{\"tokens\": [ids from 0 to {vocab - 1}]}}", "tokens")
+            if not in_vocabulary(ids, len(self.tokenizer.chars)):
+                raise RequestError(f"send {{\"tokens\": [ids from 0 to {len(self.tokenizer.chars) - 1}]}}", "tokens")
         except RequestError as error:
             return self.fail(error)
         return JSONResponse({"prompt": self.tokenizer.decode(ids)})

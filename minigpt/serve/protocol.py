@@ -118,6 +118,11 @@ def _check_model(body: dict, model_id: str) -> None:
     model = body.get("model")
     if not isinstance(model, str):
         raise RequestError(f"model is required: the model served here is {model_id!r}", "model")
+    check_model_name(model, model_id)
+
+
+def check_model_name(model: str, model_id: str) -> None:
+    """A model named in a body or a path (GET /v1/models/{id}) must be the one served: else 404."""
     if model != model_id:
         raise RequestError(f"the model {model!r} does not exist; this server serves {model_id!r}", "model", 404,
                            "model_not_found")
@@ -139,7 +144,7 @@ def _parse_prompts(body: dict, tokenizer: CharTokenizer) -> tuple[list[str], lis
             raise RequestError(str(exc), "prompt") from None
     vocab = len(tokenizer.chars)
     for ids in prompt:
-        if not ids or not all(0 <= i < vocab for i in ids):
+        if not ids or not in_vocabulary(ids, vocab):
             raise RequestError(f"token ids must be from 0 to {vocab - 1} (this model's vocabulary), at least one a "
                                "prompt", "prompt")
     return [tokenizer.decode(ids) for ids in prompt], prompt
@@ -147,6 +152,11 @@ def _parse_prompts(body: dict, tokenizer: CharTokenizer) -> tuple[list[str], lis
 
 def _is_ids(value) -> bool:
     return isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
+
+
+def in_vocabulary(value, vocab_size: int) -> bool:
+    """A list of token ids, each one the model has (prompts, /detokenize)."""
+    return _is_ids(value) and all(0 <= i < vocab_size for i in value)
 
 
 def _parse_logprobs(body: dict, ids: list[list[int]]) -> tuple[int | None, bool]:

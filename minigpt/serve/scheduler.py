@@ -232,15 +232,17 @@ class Scheduler:
             return scored
         logprobs = log_softmax(logits[wanted])
         chosen = logprobs[np.arange(len(wanted)), ids[wanted]].tolist()
-        top_ids, top_logprobs = top_tokens(logprobs, max(counts[row] for row in wanted))
-        top_chars = self.vocabulary[top_ids].tolist()
-        for row, logprob, chars, values in zip(wanted, chosen, top_chars, top_logprobs.tolist()):
-            count = counts[row]
-            scored[row] = (logprob, dict(zip(chars[:count], values[:count])))
+        tops = self._top_dicts(*top_tokens(logprobs, max(counts[row] for row in wanted)),
+                               [counts[row] for row in wanted])
+        for row, logprob, top in zip(wanted, chosen, tops):
+            scored[row] = (logprob, top)
         return scored
 
-    def _top(self, ids: np.ndarray, logprobs: np.ndarray, count: int) -> dict[str, float]:
-        return dict(zip(map(self.tokenizer.chars.__getitem__, ids[:count].tolist()), logprobs[:count].tolist()))
+    def _top_dicts(self, top_ids: np.ndarray, top_logprobs: np.ndarray, counts: list[int]) -> list[dict]:
+        """Each row's first counts[i] likeliest tokens as {character: logprob}, the characters of every row
+        looked up at once."""
+        return [dict(zip(chars[:count], values[:count])) for chars, values, count in
+                zip(self.vocabulary[top_ids].tolist(), top_logprobs.tolist(), counts)]
 
     @staticmethod
     def _fail(job: Job, message: str) -> None:
@@ -317,7 +319,6 @@ class Scheduler:
 
     def _prompt_scores(self, prompt: list[int], top: int, free: int) -> Scores:
         token_scores = score(self.rows.engine, prompt, first_row=self.rows.count, rows=free, top=top)
-        entries = [(None, None)] + [(logprob, self._top(ids, logprobs, top)) for logprob, ids, logprobs in
-                                    zip(token_scores.logprobs.tolist(), token_scores.top_ids,
-                                        token_scores.top_logprobs)]
+        tops = self._top_dicts(token_scores.top_ids, token_scores.top_logprobs, [top] * len(token_scores.logprobs))
+        entries = [(None, None)] + list(zip(token_scores.logprobs.tolist(), tops))
         return Scores(0, list(self.tokenizer.decode(prompt)), entries)
