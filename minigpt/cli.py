@@ -308,10 +308,9 @@ def _engine_for(args: argparse.Namespace):
         engine = OnnxEngine(args.checkpoint, threads=args.threads)
         return engine, engine.tokenizer, engine.ngram_draft()
     from minigpt.checkpoint import load_checkpoint
-    from minigpt.devices import check_threads, resolve_device, threads_for
+    from minigpt.devices import resolve_device, threads_for
     from minigpt.generation import torch_engine
 
-    check_threads(args.threads)
     checkpoint = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
     rows = getattr(args, "num_samples", None) or args.max_batch  # what one step decodes: generate's, serve's
     model_bytes = sum(p.numel() * p.element_size() for p in checkpoint.model.parameters())

@@ -61,12 +61,12 @@ class Bounded:
 
 
 def _shown(bound: float) -> str:
-    return "2**63-1" if bound == 2**63 - 1 else f"{bound:g}"
+    return "2**63-1" if bound == MAX_SEED else f"{bound:g}"
 
 
 POSITIVE = Bounded(int, low=1)
 COUNT = Bounded(int, low=0)
-SEED = Bounded(int, low=0, high=2**63 - 1)
+SEED = Bounded(int, low=0, high=MAX_SEED)
 
 
 def option(default, help: str, bounds: Bounded | None = None):
@@ -83,8 +83,7 @@ def check_bounds(settings) -> None:
 
 
 def check_seed(seed, name: str = "seed") -> None:
-    if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= MAX_SEED):
-        raise ConfigError(f"{name} must be an integer from 0 to 2**63-1, got {seed!r}", name)
+    SEED.check(seed, name)
 
 
 def _from_json(cls, text: str, what: str):

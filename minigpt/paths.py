@@ -152,14 +152,13 @@ def output_kind(path: str | os.PathLike) -> str:
     return kind
 
 
-def check_replaceable(out: str | os.PathLike, *, writes: str, force: bool, inputs=(), flag: str = "--out",
-                      hint: str = "") -> None:
+def check_replaceable(out: str | os.PathLike, *, writes: str, force: bool, inputs=(), flag: str = "--out") -> None:
     """The one rule for what a command writes: never one of its own inputs (`inputs`: (flag, path) pairs), an
     existing output replaced only with --force, and --force replaces only what this command writes (`writes`,
     an output_kind): a checkpoint by a checkpoint, never the corpus or a graph."""
     out = Path(out)
     for name, path in inputs:
-        if path is not None and _same_path(out, path):
+        if path is not None and same_path(out, path):
             raise MiniGPTError(f"{flag} {out} is also this command's {name}: writing it would destroy what the "
                                f"command reads; choose another {flag}")
     if not out.exists() and not out.is_symlink():
@@ -169,11 +168,12 @@ def check_replaceable(out: str | os.PathLike, *, writes: str, force: bool, input
         raise MiniGPTError(f"{flag} {out} is {KINDS[kind]}; this writes {KINDS[writes]} and replaces only "
                            f"{KINDS[writes]} (--force too): choose another {flag}")
     if not force:
-        raise MiniGPTError(f"{out} already holds {KINDS[writes]}; pass --force to replace it{hint}, or choose "
-                           f"another {flag}")
+        raise MiniGPTError(f"{out} already holds {KINDS[writes]}; pass --force to replace it, or choose another "
+                           f"{flag}")
 
 
-def _same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+def same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name one file (through links and relative parts)."""
     try:
         return Path(a).resolve() == Path(b).resolve()
     except OSError:

@@ -19,7 +19,7 @@ import torch
 from minigpt.checkpoint import Checkpoint, read_metadata
 from minigpt.config import TrainConfig
 from minigpt.errors import CheckpointError, MiniGPTError
-from minigpt.paths import check_output_file, check_replaceable
+from minigpt.paths import check_output_file, check_replaceable, same_path
 
 
 def check_compiler(device: torch.device) -> None:
@@ -84,10 +84,10 @@ def check_out_path(out: Path, *, force: bool, resume: Path | None, inputs=()) ->
         raise MiniGPTError(f"the metrics log {log} (written beside {out}) is a folder; move it away or choose "
                            "another --out")
     for name, path in inputs:
-        if path is not None and Path(path).resolve() == log.resolve():
+        if path is not None and same_path(path, log):
             raise MiniGPTError(f"{name} {path} is the metrics log this run writes beside {out}; choose another "
                                "--out")
-    if resume is not None and out.resolve() == resume.resolve():
+    if resume is not None and same_path(out, resume):
         return
     check_replaceable(out, writes="safetensors", force=True, inputs=inputs)  # an input, or another kind of file
     if out.exists() and not force:
