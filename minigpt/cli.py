@@ -149,12 +149,22 @@ def _add_generate(commands) -> None:
     _option(generate, "kv_cache", action=argparse.BooleanOptionalAction, default=True,
             help="keep earlier keys and values in a static cache; --no-kv-cache recomputes the whole context "
                  "every step (the reference) (default on)")
-    _option(generate, "draft", choices=("auto", "ngram", "context", "none"), default="auto",
+    _option(generate, "draft", type=_draft_choice, default="auto", metavar="DRAFT",
             help="speculative decoding, the same text faster: ngram guesses from the table minigpt train stores "
-                 "with the model, context from the text so far, auto the table when the model has one, none "
+                 "with the model, context from the text so far, auto the table when the model has one, a "
+                 "smaller model's .safetensors or .onnx file (same characters) guesses with that model, none "
                  "decodes one token a step (default auto)")
     _option(generate, "draft_tokens", type=Bounded(int, 1, 64), default=8, metavar="K",
             help="the most guesses verified in one step; fewer are used when they do not pay (default 8)")
+
+
+def _draft_choice(value: str) -> str:
+    from minigpt.speculative import DRAFT_CHOICES
+
+    if value in DRAFT_CHOICES or value.endswith((".safetensors", ".onnx")):
+        return value
+    raise argparse.ArgumentTypeError(f"choose auto, ngram, context or none, or give a smaller model's "
+                                     f".safetensors or .onnx file; got {value!r}")
 
 
 def _add_serve(commands) -> None:
@@ -319,12 +329,27 @@ def _engine_for(args: argparse.Namespace):
     return torch_engine(checkpoint.model, args.kv_cache), checkpoint.tokenizer, checkpoint.ngram_draft()
 
 
+def _draft_engine(args: argparse.Namespace, tokenizer):
+    """The engine of the draft model --draft names, or None; it must use the model's characters."""
+    from minigpt.speculative import DRAFT_CHOICES
+
+    if args.draft in DRAFT_CHOICES:
+        return None
+    engine, draft_tokenizer, _ = _engine_for(argparse.Namespace(**{**vars(args), "checkpoint": args.draft,
+                                                                   "engine": "auto"}))
+    if draft_tokenizer.chars != tokenizer.chars:
+        raise MiniGPTError(f"the draft model {args.draft} has other characters than the model "
+                           f"({len(draft_tokenizer.chars)} against {len(tokenizer.chars)}); a draft model must be "
+                           "trained on the same text, or use --draft ngram or context")
+    return engine
+
+
 def _generate(args: argparse.Namespace) -> None:
     from minigpt.decoding import join_samples, stream_characters
     from minigpt.speculative import make_speculator
 
     engine, tokenizer, ngram = _engine_for(args)
-    speculator = make_speculator(args.draft, ngram, args.draft_tokens)
+    speculator = make_speculator(args.draft, ngram, args.draft_tokens, _draft_engine(args, tokenizer))
     steps = stream_characters(engine, tokenizer, args.prompt, args.max_new_tokens, num_samples=args.num_samples,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                               speculator=speculator)

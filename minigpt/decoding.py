@@ -185,9 +185,11 @@ class Rows:
         self.room -= ids.shape[1]
         return logits
 
-    def roll_back(self, row: int, length: int) -> None:
-        """Keep only row's first `length` positions (the engine overwrites the rest when it next writes)."""
-        self.lengths[row] = length
+    def roll_back(self, lengths: list[int]) -> None:
+        """Keep only the first lengths[i] positions of each row i (the engine overwrites the rest when it next
+        writes)."""
+        self.lengths[:self.count] = lengths
+        self.room = self.block - max(lengths, default=0)
 
     def _restart_full_rows(self) -> None:
         full = np.flatnonzero(self.lengths[:self.count] == self.block)

@@ -75,18 +75,27 @@ class NGramDraft:
 
     def propose(self, history: np.ndarray, k: int) -> list[int]:
         """k guesses at the characters after `history` (its last `order` characters matter)."""
-        context, table, base, guesses = list(map(int, history[-self.order:])), self.table, self.base, []
+        table, base, guesses = self.table, self.base, []
+        context = [int(char) for char in history[-self.order:]]
+        length, key = len(context), 0
+        for char in reversed(context):  # the newest character is the key's highest digit
+            key = key * base + char + 1
+        top = base ** (length - 1) if length else 0  # the value of that highest digit
         for _ in range(k):
-            found, key = None, 0
-            for char in reversed(context):  # grow the context one character further back at a time
-                key = key * base + char + 1
-                if key not in table:  # a longer context cannot be there when this one is not
+            found, shorter = None, key
+            while shorter:  # the longest context the text has is the answer; usually the whole one
+                found = table.get(shorter)
+                if found is not None:
                     break
-                found = table[key]
+                shorter //= base  # drop the oldest character
             if found is None:
                 break
             guesses.append(found)
-            context = (context + [found])[-self.order:]
+            if length < self.order:  # a short history grows; a full one drops its oldest character
+                key, top, length = (found + 1) * top * base + key if length else found + 1, \
+                    top * base if length else 1, length + 1
+            else:
+                key = (found + 1) * top + key // base
         return guesses
 
     # Storage: tensors in a checkpoint, base64 strings in an .onnx file's metadata.
@@ -136,3 +145,48 @@ class ContextDraft:
                 start = found[-1] + match
                 return tokens[start:start + k].tolist()
         return []
+
+
+class ModelDraft:
+    """A smaller model's own greedy guesses (gpt-fast's draft model), through any engine: it must share the
+    model's vocabulary. Each row keeps its own cache of what the draft has read, so a step only feeds it the
+    tokens that are new since the last (the accepted guesses and the model's own token)."""
+
+    name = "model"
+
+    def __init__(self, engine):
+        self.engine, self.block = engine, engine.block_size
+        self.read: list[np.ndarray] = []  # per row: the tokens in the draft's cache
+        self.offsets: list[int] = []  # per row: where in the row's history the draft's window starts
+
+    def propose_rows(self, histories: list[np.ndarray], k: int) -> list[list[int]]:
+        """k guesses for each row of the batch, the draft's rows decoded together."""
+        k = min(k, self.block // 2)
+        if len(histories) != len(self.read):
+            self.engine.start(len(histories))
+            self.read, self.offsets = [np.zeros(0, dtype=np.int64)] * len(histories), [0] * len(histories)
+        logits = np.stack([self._catch_up(row, np.asarray(history), k) for row, history in enumerate(histories)])
+        lengths = np.array([len(read) for read in self.read])
+        guesses = []
+        for step in range(k):
+            next_ids = np.argmax(logits, axis=-1)
+            guesses.append(next_ids)
+            if step + 1 < k:
+                logits = self.engine.extend(next_ids[:, None], lengths + step)[:, 0]
+        guessed = np.stack(guesses, axis=1)
+        self.read = [np.concatenate([read, row_guesses[:-1]]) for read, row_guesses in zip(self.read, guessed)]
+        return guessed.tolist()
+
+    def _catch_up(self, row: int, history: np.ndarray, k: int) -> np.ndarray:
+        """Feed row's cache what its history has that the cache lacks; return the next-token logits. Past the
+        draft's block the window restarts from the newest half block (as `minigpt.decoding` does)."""
+        offset = self.offsets[row]
+        if offset >= len(history) or len(history) - offset + k - 1 > self.block:
+            offset = max(0, len(history) - self.block // 2)
+        window, read = history[offset:], self.read[row] if offset == self.offsets[row] else history[:0]
+        same = min(len(read), len(window) - 1)
+        differs = np.flatnonzero(read[:same] != window[:same])
+        same = int(differs[0]) if len(differs) else same
+        logits = self.engine.extend(window[None, same:], np.array([same]), first_row=row)[0, -1]
+        self.read[row], self.offsets[row] = window, offset
+        return logits

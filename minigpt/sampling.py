@@ -82,13 +82,33 @@ class Sampler:
             if len(self._streams) != len(logits):
                 self._streams = self.streams(len(logits))
             streams = self._streams
+        return self.pick(logits, np.array([stream.random() for stream in streams]))
+
+    def pick(self, logits: np.ndarray, draws: np.ndarray) -> np.ndarray:
+        """Inverse-CDF sampling: row i's token for its uniform draw draws[i], vectorised over the batch."""
+        if self.greedy:
+            return np.argmax(logits, axis=-1).astype(np.int64)
         probs = _softmax(self.filtered_logits(logits))
-        # Inverse-CDF sampling: one uniform draw per row, vectorised over the batch.
-        draws = np.array([[stream.random()] for stream in streams])
-        ids = (np.cumsum(probs, axis=-1) < draws).sum(axis=-1)
+        ids = (np.cumsum(probs, axis=-1) < draws[:, None]).sum(axis=-1)
         # Rounding can leave the total a hair under the draw: clamp to the last kept token.
         last_kept = probs.shape[-1] - 1 - np.argmax(probs[:, ::-1] > 0, axis=-1)
         return np.minimum(ids, last_kept).astype(np.int64)
+
+
+def read_ahead(streams: list[np.random.Generator], count: int) -> np.ndarray:
+    """The next `count` draws of each stream, (len(streams), count): exactly what `count` calls of
+    `stream.random()` return (speculative decoding samples several positions at once with them)."""
+    return np.stack([stream.random(count) for stream in streams])
+
+
+def give_back(stream: np.random.Generator, count: int) -> None:
+    """Undo the last `count` draws of `stream`, so that its next draw is the first of them again. A PCG64
+    stream (what `Sampler.streams` makes) steps back by advancing a whole period less `count`."""
+    if count:
+        stream.bit_generator.advance(PCG64_PERIOD - count)
+
+
+PCG64_PERIOD = 2 ** 128
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

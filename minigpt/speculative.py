@@ -29,21 +29,29 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from minigpt.decoding import Rows
-from minigpt.sampling import Sampler
+from minigpt.sampling import Sampler, give_back, read_ahead
 
-DECIDE_EVERY = 4  # steps between choices of k
-PROBE_EVERY = 8  # decisions for k = 0 (16 steps each) before guessing again, to notice a draft that helps now
-UNMEASURED_COST_PER_TOKEN = 0.2  # a step's cost per extra token until measured (onnxruntime: ~0.15-0.2)
+DECIDE_EVERY = 4  # verify steps between choices of k
+PLAIN_STRETCH = 16  # plain steps run as one stretch, exactly plain decoding's loop, when k = 0 is chosen
+PROBE_EVERY = 8  # plain stretches before guessing again, to notice a draft that helps now
+TIMED_PLAIN_STEPS = 2  # of each stretch: enough to keep the yardstick current
+RECENT_STEPS = 8  # a step's cost is the least of its recent times: this host's noise only ever adds time
+UNMEASURED_COST_PER_TOKEN = 0.2  # a step's cost per extra token until measured (onnxruntime: ~0.1-0.2)
 
 
-def make_speculator(choice: str, ngram, max_tokens: int = 8) -> "Speculator | None":
-    """The speculator for --draft: "none", "ngram" (the model's table), "context", or "auto" (the table when
-    there is one, else context)."""
-    from minigpt.drafts import ContextDraft
+DRAFT_CHOICES = ("auto", "ngram", "context", "none")  # or a smaller model's file
+
+
+def make_speculator(choice: str, ngram, max_tokens: int = 8, draft_engine=None) -> "Speculator | None":
+    """The speculator for --draft: "none", "ngram" (the model's table), "context", "auto" (the table when
+    there is one, else context), or a draft model's file, whose engine is `draft_engine`."""
+    from minigpt.drafts import ContextDraft, ModelDraft
     from minigpt.errors import MiniGPTError
 
     if choice == "none":
         return None
+    if draft_engine is not None:
+        return Speculator(ModelDraft(draft_engine), max_tokens)
     if choice == "ngram" and ngram is None:
         raise MiniGPTError("this model carries no n-gram draft table (it was trained before minigpt stored one); "
                            "use --draft context, or train it again")
@@ -56,12 +64,12 @@ class Speculator:
 
     def __init__(self, draft, max_tokens: int = 4):
         self.draft, self.max_tokens = draft, max_tokens
-        self.steps, self.tokens = 0, 0.0  # verify steps, and tokens a row emitted in them, for the report
+        self.steps, self.tokens = 0, 0  # verify steps, and the tokens rows emitted in them (per row)
+        self.plain_steps = 0
         self.accepted, self.guessed = 0.5, 1.0  # a weak prior: one guess, half right
-        self.step_seconds: dict[int, float] = {}  # measured time of a step at each k (moving average)
-        self.warmed: set[int] = set()
-        self.plain_steps = self.plain_decisions = 0  # steps run at k = 0, and decisions for it
-        self.countdown, self.chosen = 0, 0
+        self.step_seconds: dict[int, float] = {}  # a step's cost at each k: the least of its recent times
+        self._recent: dict[int, deque] = {}
+        self.countdown, self.chosen, self.stretches = 0, 0, 0
 
     @staticmethod
     def pays(engine, rows: int) -> bool:
@@ -71,12 +79,15 @@ class Speculator:
 
     @property
     def tokens_per_step(self) -> float:
-        return self.tokens / max(1, self.steps)
+        """Tokens a row emitted per engine call, plain steps included."""
+        return (self.tokens + self.plain_steps) / max(1, self.steps + self.plain_steps)
 
     def report(self) -> str:
-        if not self.steps:
+        if not self.steps + self.plain_steps:
             return f"off for this batch on this engine ({self.draft.name} draft)"
-        return f"{self.tokens_per_step:.2f} tokens per step ({self.draft.name} draft, k <= {self.max_tokens})"
+        verified = f"{self.tokens / self.steps:.2f} a verify step, " if self.steps else ""
+        return (f"{self.tokens_per_step:.2f} tokens per step ({verified}{self.plain_steps} plain steps; "
+                f"{self.draft.name} draft, k <= {self.max_tokens})")
 
     def decode(self, rows: Rows, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                sampler: Sampler) -> Iterator[np.ndarray]:
@@ -85,39 +96,61 @@ class Speculator:
             return
         streams = sampler.streams(len(prompts))
         pending = sampler(rows.add(prompts), streams)  # each row's next token, not yet in its cache
-        ready = [deque() for _ in prompts]  # tokens found ahead of the others, per row
+        ahead = [deque() for _ in prompts]  # tokens a row found before the others did, handed out in step
         yield pending.copy()
         produced = 1
         while produced < max_new_tokens:
-            started = time.perf_counter()
-            k = self._choose_k()
-            if k:
-                k = min(k, rows.make_room() - 1)
-            emitted = self._verify_step(rows, pending, k, sampler, streams, started) if k else None
-            if emitted is None:  # a plain step, as lean as plain decoding's
-                logits = rows.decode(pending)
-                self._learn(0, None, [], time.perf_counter() - started)
-                pending = sampler(logits, streams)
-            else:
-                pending = np.array([tokens[-1] for tokens in emitted], dtype=np.int64)
-            if emitted is None and not any(ready):
-                yield pending.copy()
-                produced += 1
+            k, plain = self._choose_k()
+            emitted = self._verify_step(rows, pending, k, sampler, streams) if k else None
+            if emitted is None:
+                for pending in self._plain_steps(rows, pending, sampler, streams, min(plain, max_new_tokens - produced)):
+                    if any(ahead):
+                        for queue, token in zip(ahead, pending.tolist()):
+                            queue.append(token)
+                        yield np.array([queue.popleft() for queue in ahead], dtype=np.int64)
+                    else:
+                        yield pending.copy()
+                    produced += 1
                 continue
-            for row, tokens in enumerate(emitted or [[token] for token in pending.tolist()]):
-                ready[row].extend(tokens)
-            while all(ready) and produced < max_new_tokens:  # every row has its next token: hand them out
-                yield np.array([queue.popleft() for queue in ready], dtype=np.int64)
+            pending = np.array([tokens[-1] for tokens in emitted], dtype=np.int64)
+            for queue, tokens in zip(ahead, emitted):
+                queue.extend(tokens)
+            while all(ahead) and produced < max_new_tokens:  # every row has its next token: hand them out
+                yield np.array([queue.popleft() for queue in ahead], dtype=np.int64)
                 produced += 1
 
-    def _verify_step(self, rows: Rows, pending: np.ndarray, k: int, sampler: Sampler, streams: list,
-                     started: float) -> list[list[int]]:
+    def _plain_steps(self, rows: Rows, pending: np.ndarray, sampler: Sampler, streams: list,
+                     steps: int) -> Iterator[np.ndarray]:
+        """Each row's next token after each of `steps` plain steps; the first few are timed, the rest are
+        plain decoding's loop and nothing more."""
+        self.plain_steps += steps
+        for step in range(steps):
+            if step < TIMED_PLAIN_STEPS:
+                started = time.perf_counter()
+                pending = sampler(rows.decode(pending), streams)
+                self._time(0, time.perf_counter() - started)
+            else:
+                pending = sampler(rows.decode(pending), streams)
+            yield pending
+
+    def _verify_step(self, rows: Rows, pending: np.ndarray, k: int, sampler: Sampler,
+                     streams: list) -> list[list[int]] | None:
         """Write each row's next token and up to k guesses after it, verify them; return each row's emitted
-        tokens (its new pending one last), or None when the draft had no guess (a plain step then)."""
+        tokens (its new pending one last), or None when there is nothing to verify (a plain step then)."""
+        started = time.perf_counter()
         lengths = rows.lengths[:rows.count].tolist()
-        for row, length in enumerate(lengths):  # where extend writes it: the drafts see it there
-            rows.tokens[row, length] = pending[row]
-        guesses = [self.draft.propose(rows.tokens[row, :length + 1], k) for row, length in enumerate(lengths)]
+        if rows.block - max(lengths) <= k:  # too close to the end of the block: full rows restart first
+            k = min(k, rows.make_room() - 1)
+            if k < 1:  # a row is one token from the end: its next token restarts it, in a plain step
+                return None
+            lengths = rows.lengths[:rows.count].tolist()
+        for row, length in enumerate(lengths):
+            rows.tokens[row, length] = pending[row]  # where extend writes it: the draft reads it there
+        histories = [rows.tokens[row, :length + 1] for row, length in enumerate(lengths)]
+        if hasattr(self.draft, "propose_rows"):  # a draft model guesses for every row in one batch
+            guesses = self.draft.propose_rows(histories, k)
+        else:
+            guesses = [self.draft.propose(history, k) for history in histories]
         k = max(map(len, guesses))
         if k == 0:  # nothing to verify: a miss for every row
             self.accepted, self.guessed = 0.95 * self.accepted, 0.95 * self.guessed + rows.count
@@ -128,24 +161,41 @@ class Speculator:
             ids[row, 1:len(guess) + 1] = guess  # a short guess is padded: a padded guess is verified like any
         logits = rows.extend(ids)
         # Timed to here: what guessing costs. Picking tokens costs the same per token as in plain decoding.
-        seconds = time.perf_counter() - started
+        self._time(k, time.perf_counter() - started)
         accepted, emitted = verify(logits, ids[:, 1:], sampler, streams)
-        for row, kept in enumerate(accepted):
-            rows.roll_back(row, lengths[row] + 1 + kept)
-        self._learn(k, accepted, [len(guess) for guess in guesses], seconds)
+        rows.roll_back([length + 1 + kept for length, kept in zip(lengths, accepted)])
+        # Guesses a row did not reach (after a wrong one) say nothing about the draft: count up to the first miss.
+        reached = sum(min(len(guess), kept + 1) for guess, kept in zip(guesses, accepted))
+        self.steps += 1
+        self.tokens += 1 + sum(accepted) / len(accepted)
+        self.accepted = 0.95 * self.accepted + sum(accepted)
+        self.guessed = 0.95 * self.guessed + max(1, reached)
         return emitted
 
-    def _choose_k(self) -> int:
-        """The k with the most expected tokens per second, from the acceptance rate and measured step times;
-        decided again every DECIDE_EVERY steps (deciding costs more than a plain step's bookkeeping)."""
+    def _time(self, k: int, seconds: float) -> None:
+        if k not in self._recent:  # a shape's first call builds its binding: not what later steps cost
+            self._recent[k] = deque(maxlen=RECENT_STEPS)
+            return
+        recent = self._recent[k]
+        recent.append(seconds)
+        self.step_seconds[k] = min(recent)
+
+    def _choose_k(self) -> tuple[int, int]:
+        """(k, plain steps to run if k is 0 or the draft has nothing to guess): the k with the most expected
+        tokens per second, from the acceptance rate and measured step times, decided again every DECIDE_EVERY
+        verify steps or after a stretch of PLAIN_STRETCH plain steps."""
         if 0 not in self.step_seconds:  # time plain steps first: the yardstick every k is weighed against
-            return 0
+            return 0, 1
         self.countdown -= 1
         if self.countdown > 0:
-            return self.chosen
+            return self.chosen, 1
         self.chosen = self._best_k()
-        self.countdown = DECIDE_EVERY if self.chosen else 4 * DECIDE_EVERY  # plain stays plain a while
-        return self.chosen
+        if self.chosen == 0:
+            self.stretches += 1
+            if self.stretches % PROBE_EVERY == 0:  # now and then, a few steps see whether guessing pays now
+                self.chosen = 1
+        self.countdown = DECIDE_EVERY if self.chosen else 1
+        return self.chosen, 1 if self.chosen else PLAIN_STRETCH
 
     def _best_k(self) -> int:
         rate = min(self.accepted / self.guessed, 0.99)
@@ -159,54 +209,28 @@ class Speculator:
         def cost(k: int) -> float:
             return self.step_seconds.get(k, base + slope * k)
 
-        best = max(range(self.max_tokens + 1), key=lambda k: (1 - rate ** (k + 1)) / (1 - rate) / cost(k))
-        if best == 0:
-            self.plain_decisions += 1
-            if self.plain_decisions % PROBE_EVERY == 0:  # now and then, a few steps see whether guessing pays
-                return 1
-        return best
-
-    def _learn(self, k: int, accepted: list[int] | None, guessed: list[int], seconds: float) -> None:
-        self.steps += 1
-        self.plain_steps += k == 0
-        self.tokens += 1 + (sum(accepted) / len(accepted) if accepted else 0)
-        if k:
-            # Guesses a row did not reach (after a wrong one) say nothing about the draft: count up to the first miss.
-            reached = sum(min(g, a + 1) for g, a in zip(guessed, accepted))
-            self.accepted = 0.95 * self.accepted + sum(accepted)
-            self.guessed = 0.95 * self.guessed + max(1, reached)
-        if k not in self.warmed:  # a shape's first call builds its binding: not what later steps cost
-            self.warmed.add(k)
-            return
-        previous = self.step_seconds.get(k)
-        self.step_seconds[k] = seconds if previous is None else 0.9 * previous + 0.1 * seconds
+        return max(range(self.max_tokens + 1), key=lambda k: (1 - rate ** (k + 1)) / (1 - rate) / cost(k))
 
 
 def verify(logits: np.ndarray, drafts: np.ndarray, sampler: Sampler,
            streams: list) -> tuple[list[int], list[list[int]]]:
     """For (rows, k + 1, V) logits and (rows, k) guesses: how many guesses each row accepts, and the tokens it
-    emits (its picks: the accepted guesses, then the model's own). One draw per pick, as plain decoding."""
+    emits (its picks: the accepted guesses, then the model's own). One draw per emitted token, as plain
+    decoding: every position is picked at once with the draw plain decoding would use there, and the draws of
+    positions past a row's first wrong guess are given back to its stream."""
     rows, k = drafts.shape
-    if sampler.greedy:  # no draws: every position's pick at once
-        picks, guesses = np.argmax(logits, axis=-1).tolist(), drafts.tolist()
-        accepted = []
-        for row_picks, row_guesses in zip(picks, guesses):
-            kept = 0
-            while kept < k and row_picks[kept] == row_guesses[kept]:
-                kept += 1
-            accepted.append(kept)
-        return accepted, [row_picks[:kept + 1] for row_picks, kept in zip(picks, accepted)]
-    accepted, emitted = [0] * rows, [[] for _ in range(rows)]
-    active = list(range(rows))
-    for position in range(k + 1):
-        picks = sampler(logits[active, position], [streams[row] for row in active]).tolist()
-        still = []
-        for row, pick in zip(active, picks):
-            emitted[row].append(pick)
-            if position < k and pick == drafts[row, position]:
-                accepted[row] += 1
-                still.append(row)
-        active = still
-        if not active:
-            break
-    return accepted, emitted
+    if sampler.greedy:
+        picks = np.argmax(logits, axis=-1).tolist()
+    else:
+        draws = read_ahead(streams, k + 1)
+        picks = sampler.pick(logits.reshape(rows * (k + 1), -1), draws.reshape(-1)).reshape(rows, k + 1).tolist()
+    accepted = []
+    for row_picks, row_guesses in zip(picks, drafts.tolist()):  # a few tokens: lists beat numpy calls here
+        kept = 0
+        while kept < k and row_picks[kept] == row_guesses[kept]:
+            kept += 1
+        accepted.append(kept)
+    if not sampler.greedy:
+        for stream, kept in zip(streams, accepted):
+            give_back(stream, k - kept)
+    return accepted, [row_picks[:kept + 1] for row_picks, kept in zip(picks, accepted)]

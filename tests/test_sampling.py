@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from minigpt import MiniGPTError, Sampler
+from minigpt.sampling import give_back, read_ahead
 
 
 def random_logits(seed, batch=4, vocab=30):
@@ -68,3 +69,13 @@ def test_sampling_follows_the_distribution():
 def test_bad_settings_are_refused(kwargs):
     with pytest.raises(MiniGPTError):
         Sampler(**kwargs)
+
+
+def test_draws_read_ahead_and_given_back_are_drawn_again():
+    """Speculative sampling picks several positions with draws read ahead and gives back the unused ones."""
+    streams, twins = Sampler(seed=4).streams(2), Sampler(seed=4).streams(2)
+    ahead = read_ahead(streams, 5)
+    assert ahead.tolist() == [[twin.random() for _ in range(5)] for twin in twins]
+    give_back(streams[0], 3)
+    give_back(streams[1], 0)
+    assert streams[0].random() == ahead[0, 2] and streams[1].random() == twins[1].random()

@@ -88,6 +88,30 @@ def test_speculative_sampling_equals_plain_sampling_for_a_seed(make_engine, tiny
             assert alone == tokens(make_engine(engine_name), [row], Sampler(**options))[0]
 
 
+@pytest.mark.parametrize("engine_name", ["kv-cache", "onnx"])
+def test_a_draft_model_changes_nothing_but_the_speed(make_engine, engine_name):
+    """A draft model (here the tiny model itself on another engine, so its guesses are nearly always right,
+    and a second one with other weights) through ragged rows that restart past the block."""
+    from minigpt.drafts import ModelDraft
+
+    rows = prompts(PROMPT_LENGTHS)
+    for options in (dict(temperature=0), dict(temperature=0.8, top_p=0.95, seed=3)):
+        plain = tokens(make_engine(engine_name), rows, Sampler(**options))
+        speculator = Speculator(ModelDraft(make_engine("recompute")), max_tokens=4)
+        assert tokens(make_engine(engine_name), rows, Sampler(**options), speculator) == plain
+        for row in rows[:2]:
+            alone = Speculator(ModelDraft(make_engine("kv-cache")), max_tokens=4)
+            assert tokens(make_engine(engine_name), [row], Sampler(**options), alone)[0] == \
+                tokens(make_engine(engine_name), [row], Sampler(**options))[0]
+    # The model as its own draft guesses the model's own greedy text (the cache caught up a token or a few at a
+    # time, and restarted from a fresh history).
+    prompt = rows[1]
+    text = tokens(make_engine(engine_name), [prompt], Sampler(temperature=0), new_tokens=8)[0]
+    draft = ModelDraft(make_engine("kv-cache"))
+    for done in (1, 2, 4, 1):
+        assert draft.propose_rows([np.array(prompt + text[:done])], 4) == [text[done:done + 4]]
+
+
 def test_k_is_chosen_for_tokens_per_second_and_is_0_for_a_draft_that_does_not_pay():
     """The choice of k, from an acceptance rate and step times (as measured on the default model: verifying
     2, 4 and 6 tokens costs 1.19x, 1.45x and 1.77x one)."""
@@ -116,7 +140,7 @@ def test_a_draft_with_nothing_to_guess_decodes_plainly(make_engine):
     rows = prompts([5])
     assert tokens(make_engine("onnx"), rows, Sampler(temperature=0), speculator, 60) == \
         tokens(make_engine("onnx"), rows, Sampler(temperature=0), new_tokens=60)
-    assert speculator.plain_steps == speculator.steps  # every step a plain one
+    assert speculator.steps == 0 and speculator.plain_steps == 59  # every step after the first a plain one
     assert speculator.accepted / speculator.guessed < 0.1  # and each empty guess counted as a miss
 
 
@@ -157,3 +181,35 @@ def test_generate_prints_the_same_text_with_every_draft(tiny_checkpoint, tiny_on
     cli_error(["generate", "--checkpoint", str(old), "--draft", "ngram"], "no n-gram draft table", "--draft context")
     cli_error(["generate", "--checkpoint", str(old), "--draft-tokens", "0"],
               "--draft-tokens: must be an integer from 1 to 64")
+
+
+def test_generate_with_a_draft_model_file(tiny_checkpoint, tiny_onnx, tmp_path, capsys, cli_error, tiny_text_file):
+    from minigpt.config import TrainConfig
+    from minigpt.data import load_corpus
+    from minigpt.train import train
+
+    small = tmp_path / "small.safetensors"  # one layer, trained on the same text: the same characters
+    train(load_corpus(tiny_text_file), TrainConfig(batch_size=8, steps=10, eval_interval=10, eval_iters=1,
+                                                   warmup=2, device="cpu"),
+          small, progress=False, block_size=16, embed_dim=16, num_heads=2, num_layers=1)
+    for model in (["--checkpoint", str(tiny_checkpoint)], ["--model", str(tiny_onnx)]):
+        texts = []
+        for draft in ("none", str(small)):
+            assert main(["generate", *model, "--prompt", "the ", "--max-new-tokens", "40", "--temperature", "0",
+                         "--draft", draft]) == 0
+            out, err = capsys.readouterr()
+            texts.append(out)
+        assert texts[0] == texts[1] and "model draft" in err, err
+    other = tmp_path / "other.txt"
+    other.write_text("0123456789 " * 200, encoding="utf-8")
+    stranger = tmp_path / "stranger.safetensors"
+    train(load_corpus(other), TrainConfig(batch_size=4, steps=2, eval_interval=2, eval_iters=1, warmup=1,
+                                          device="cpu"), stranger, progress=False, block_size=16, embed_dim=16,
+          num_heads=2, num_layers=1)
+    capsys.readouterr()
+    cli_error(["generate", "--checkpoint", str(tiny_checkpoint), "--draft", str(stranger)],
+              "other characters than the model", "--draft ngram")
+    cli_error(["generate", "--checkpoint", str(tiny_checkpoint), "--draft", "small"],
+              "--draft", ".safetensors or .onnx file")
+    cli_error(["generate", "--checkpoint", str(tiny_checkpoint), "--draft", str(tmp_path / "missing.onnx")],
+              "missing.onnx")
