@@ -147,7 +147,7 @@ class OnnxEngine:
         # one) and, once any row has a past, appends the new keys after it: a prefill, a decode step and a
         # k-token extend are one call. Positions past a row's length are simply overwritten.
         np.add(start_pos[:, None], self._offsets[:new], out=step.positions)
-        if new > 1:  # one new token: seqlens_k is bound to the positions themselves
+        if new > 1 and rows > 1:  # one new token, or one row: seqlens_k is bound to the positions themselves
             np.add(start_pos, new - 1, out=step.seqlens)
         step.total[()] = end
         self.session.run_with_iobinding(step.binding)
@@ -161,8 +161,8 @@ class OnnxEngine:
             return self._steps[key]
         positions = np.zeros((rows, new), dtype=np.int32)
         # A row's last new position is also GroupQueryAttention's seqlens_k (its total length after this
-        # call, minus one): for one new token the same memory serves both.
-        seqlens = positions.reshape(rows) if new == 1 else np.zeros(rows, dtype=np.int32)
+        # call, minus one): for one new token, or one row, the same memory serves both.
+        seqlens = positions[:, -1] if new == 1 or rows == 1 else np.zeros(rows, dtype=np.int32)
         step = _Step(self.session.io_binding(), np.zeros((rows, new), dtype=np.int32), positions, seqlens,
                      np.zeros((), dtype=np.int32), np.zeros((rows, new, self.config.vocab_size), dtype=np.float32))
         for name, array in ((INPUT_IDS, step.ids), (POSITION_IDS, step.positions), (SEQLENS_K, step.seqlens),

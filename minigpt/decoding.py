@@ -179,8 +179,8 @@ class Rows:
         """Append (count, k) ids to every row, k <= make_room(); return the (count, k, V) logits."""
         lengths = self.lengths[:self.count]
         logits = self.engine.extend(ids, lengths)
-        for row, (start, row_ids) in enumerate(zip(lengths.tolist(), ids)):  # slices: cheaper than a fancy index
-            self.tokens[row, start:start + len(row_ids)] = row_ids
+        for row, start in enumerate(lengths.tolist()):  # slices: cheaper than a fancy index
+            self.tokens[row, start:start + ids.shape[1]] = ids[row]
         lengths += ids.shape[1]
         self.room -= ids.shape[1]
         return logits
@@ -224,7 +224,7 @@ def check_extend(ids: np.ndarray, start_pos: np.ndarray, first_row: int, batch_s
                            "rows; call start() with a larger batch")
     if len(start_pos) != rows:
         raise MiniGPTError(f"{rows} rows of ids need {rows} start positions, got {len(start_pos)}")
-    end = int(start_pos.max()) + length if rows else length
+    end = max(start_pos.tolist(), default=0) + length  # a few rows: a list's max beats a numpy reduction
     if end > block_size:
         raise MiniGPTError(f"positions up to {end} exceed block_size {block_size}; "
                            "keep the last block_size tokens")

@@ -76,7 +76,7 @@ class NGramDraft:
     def propose(self, history: np.ndarray, k: int) -> list[int]:
         """k guesses at the characters after `history` (its last `order` characters matter)."""
         table, base, guesses = self.table, self.base, []
-        context = [int(char) for char in history[-self.order:]]
+        context = np.asarray(history[-self.order:]).tolist()
         length, key = len(context), 0
         for char in reversed(context):  # the newest character is the key's highest digit
             key = key * base + char + 1

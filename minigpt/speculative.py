@@ -158,11 +158,11 @@ class Speculator:
         ids = np.zeros((rows.count, k + 1), dtype=np.int64)
         ids[:, 0] = pending
         for row, guess in enumerate(guesses):
-            ids[row, 1:len(guess) + 1] = guess  # a short guess is padded: a padded guess is verified like any
+            ids[row, 1:len(guess) + 1] = guess  # a short guess is padded (and the padding not verified)
         logits = rows.extend(ids)
         # Timed to here: what guessing costs. Picking tokens costs the same per token as in plain decoding.
         self._time(k, time.perf_counter() - started)
-        accepted, emitted = verify(logits, ids[:, 1:], sampler, streams)
+        accepted, emitted = verify(logits, guesses, sampler, streams)
         rows.roll_back([length + 1 + kept for length, kept in zip(lengths, accepted)])
         # Guesses a row did not reach (after a wrong one) say nothing about the draft: count up to the first miss.
         reached = sum(min(len(guess), kept + 1) for guess, kept in zip(guesses, accepted))
@@ -212,25 +212,25 @@ class Speculator:
         return max(range(self.max_tokens + 1), key=lambda k: (1 - rate ** (k + 1)) / (1 - rate) / cost(k))
 
 
-def verify(logits: np.ndarray, drafts: np.ndarray, sampler: Sampler,
+def verify(logits: np.ndarray, guesses: list[list[int]], sampler: Sampler,
            streams: list) -> tuple[list[int], list[list[int]]]:
-    """For (rows, k + 1, V) logits and (rows, k) guesses: how many guesses each row accepts, and the tokens it
-    emits (its picks: the accepted guesses, then the model's own). One draw per emitted token, as plain
-    decoding: every position is picked at once with the draw plain decoding would use there, and the draws of
-    positions past a row's first wrong guess are given back to its stream."""
-    rows, k = drafts.shape
+    """For (rows, k + 1, V) logits and each row's guesses (up to k): how many guesses each row accepts, and the
+    tokens it emits (its picks: the accepted guesses, then the model's own). One draw per emitted token, as
+    plain decoding: every position is picked at once with the draw plain decoding would use there, and the
+    draws of positions past a row's first wrong guess are given back to its stream."""
+    rows, positions = logits.shape[:2]
     if sampler.greedy:
         picks = np.argmax(logits, axis=-1).tolist()
     else:
-        draws = read_ahead(streams, k + 1)
-        picks = sampler.pick(logits.reshape(rows * (k + 1), -1), draws.reshape(-1)).reshape(rows, k + 1).tolist()
+        draws = read_ahead(streams, positions)
+        picks = sampler.pick(logits.reshape(rows * positions, -1), draws.reshape(-1)).reshape(rows, positions).tolist()
     accepted = []
-    for row_picks, row_guesses in zip(picks, drafts.tolist()):  # a few tokens: lists beat numpy calls here
-        kept = 0
-        while kept < k and row_picks[kept] == row_guesses[kept]:
+    for row_picks, row_guesses in zip(picks, guesses):  # a few tokens: lists beat numpy calls here
+        kept, most = 0, len(row_guesses)
+        while kept < most and row_picks[kept] == row_guesses[kept]:
             kept += 1
         accepted.append(kept)
     if not sampler.greedy:
         for stream, kept in zip(streams, accepted):
-            give_back(stream, k - kept)
+            give_back(stream, positions - 1 - kept)
     return accepted, [row_picks[:kept + 1] for row_picks, kept in zip(picks, accepted)]
