@@ -74,6 +74,13 @@ def _engine_options(parser: argparse.ArgumentParser) -> None:
     _option(parser, "threads", type=POSITIVE, default=None, metavar="N",
             help="CPU threads; both engines pick 1 for one sample of a small model (under 4 MB of weights) "
                  "and every core otherwise, as measured fastest (see bench/README.md) (default picked)")
+    _option(parser, "draft", type=_draft_choice, default="auto", metavar="DRAFT",
+            help="speculative decoding, the same text faster: ngram guesses from the table minigpt train stores "
+                 "with the model, context from the text so far, auto the table when the model has one, a "
+                 "smaller model's .safetensors or .onnx file (same characters) guesses with that model, none "
+                 "decodes one token a step (default auto)")
+    _option(parser, "draft_tokens", type=Bounded(int, 1, 64), default=8, metavar="K",
+            help="the most guesses verified in one step; fewer are used when they do not pay (default 8)")
 
 
 def _version() -> str:
@@ -149,13 +156,7 @@ def _add_generate(commands) -> None:
     _option(generate, "kv_cache", action=argparse.BooleanOptionalAction, default=True,
             help="keep earlier keys and values in a static cache; --no-kv-cache recomputes the whole context "
                  "every step (the reference) (default on)")
-    _option(generate, "draft", type=_draft_choice, default="auto", metavar="DRAFT",
-            help="speculative decoding, the same text faster: ngram guesses from the table minigpt train stores "
-                 "with the model, context from the text so far, auto the table when the model has one, a "
-                 "smaller model's .safetensors or .onnx file (same characters) guesses with that model, none "
-                 "decodes one token a step (default auto)")
-    _option(generate, "draft_tokens", type=Bounded(int, 1, 64), default=8, metavar="K",
-            help="the most guesses verified in one step; fewer are used when they do not pay (default 8)")
+
 
 
 def _draft_choice(value: str) -> str:
@@ -390,7 +391,10 @@ def _serve(args: argparse.Namespace) -> None:
     from minigpt.serve import serve
     from minigpt.serve.protocol import Limits, lm_eval_model_args
 
-    engine, tokenizer, _ = _engine_for(args)
+    from minigpt.speculative import make_speculator
+
+    engine, tokenizer, ngram = _engine_for(args)
+    speculator = make_speculator(args.draft, ngram, args.draft_tokens, _draft_engine(args, tokenizer))
     model_id = Path(args.checkpoint).stem
     print(f"minigpt: serving {model_id!r} ({type(engine).__name__}, {args.max_batch} rows) at "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
@@ -400,7 +404,8 @@ def _serve(args: argparse.Namespace) -> None:
     limits = Limits(max_batch=args.max_batch, max_tokens=args.max_tokens, max_queue=args.max_queue,
                     max_connections=args.max_connections, read_timeout=args.read_timeout)
     serve(engine, tokenizer, model_id=model_id, host=args.host, port=args.port, limits=limits,
-          api_key=args.api_key or os.environ.get("MINIGPT_API_KEY") or None, shutdown_timeout=args.shutdown_timeout)
+          api_key=args.api_key or os.environ.get("MINIGPT_API_KEY") or None, shutdown_timeout=args.shutdown_timeout,
+          draft=speculator.draft if speculator else None, draft_tokens=args.draft_tokens)
 
 
 def _plot(args: argparse.Namespace) -> None:

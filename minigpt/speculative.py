@@ -100,7 +100,7 @@ class Speculator:
         yield pending.copy()
         produced = 1
         while produced < max_new_tokens:
-            k, plain = self._choose_k()
+            k, plain = self.choose_k()
             emitted = self._verify_step(rows, pending, k, sampler, streams) if k else None
             if emitted is None:
                 for pending in self._plain_steps(rows, pending, sampler, streams, min(plain, max_new_tokens - produced)):
@@ -123,20 +123,36 @@ class Speculator:
                      steps: int) -> Iterator[np.ndarray]:
         """Each row's next token after each of `steps` plain steps; the first few are timed, the rest are
         plain decoding's loop and nothing more."""
-        self.plain_steps += steps
+        self.plain_steps += max(0, steps - TIMED_PLAIN_STEPS)  # plain_step counts the timed ones
         for step in range(steps):
-            if step < TIMED_PLAIN_STEPS:
-                started = time.perf_counter()
-                pending = sampler(rows.decode(pending), streams)
-                self._time(0, time.perf_counter() - started)
-            else:
-                pending = sampler(rows.decode(pending), streams)
+            logits = self.plain_step(rows, pending) if step < TIMED_PLAIN_STEPS else rows.decode(pending)
+            pending = sampler(logits, streams)
             yield pending
+
+    def plain_step(self, rows: Rows, pending: np.ndarray) -> np.ndarray:
+        """`rows.decode(pending)`, timed: the yardstick every k is weighed against."""
+        started = time.perf_counter()
+        logits = rows.decode(pending)
+        self._time(0, time.perf_counter() - started)
+        self.plain_steps += 1
+        return logits
 
     def _verify_step(self, rows: Rows, pending: np.ndarray, k: int, sampler: Sampler,
                      streams: list) -> list[list[int]] | None:
         """Write each row's next token and up to k guesses after it, verify them; return each row's emitted
         tokens (its new pending one last), or None when there is nothing to verify (a plain step then)."""
+        extended = self.extend(rows, pending, k)
+        if extended is None:
+            return None
+        lengths, guesses, logits = extended
+        accepted, emitted = verify(logits, guesses, sampler, streams)
+        self.settle(rows, lengths, guesses, accepted)
+        return emitted
+
+    def extend(self, rows: Rows, pending: np.ndarray, k: int) -> tuple[list[int], list[list[int]], np.ndarray] | None:
+        """Write each row's next token and the draft's guesses after it (up to k) in one extend: return each
+        row's length before, its guesses and the (rows, k' + 1, V) logits; None when there is nothing to guess
+        (or no room for it), so that the caller runs a plain step."""
         started = time.perf_counter()
         lengths = rows.lengths[:rows.count].tolist()
         if rows.block - max(lengths) <= k:  # too close to the end of the block: full rows restart first
@@ -162,7 +178,10 @@ class Speculator:
         logits = rows.extend(ids)
         # Timed to here: what guessing costs. Picking tokens costs the same per token as in plain decoding.
         self._time(k, time.perf_counter() - started)
-        accepted, emitted = verify(logits, guesses, sampler, streams)
+        return lengths, guesses, logits
+
+    def settle(self, rows: Rows, lengths: list[int], guesses: list[list[int]], accepted: list[int]) -> None:
+        """Roll each row back to its next token and the guesses it accepted; learn the draft's hit rate."""
         rows.roll_back([length + 1 + kept for length, kept in zip(lengths, accepted)])
         # Guesses a row did not reach (after a wrong one) say nothing about the draft: count up to the first miss.
         reached = sum(min(len(guess), kept + 1) for guess, kept in zip(guesses, accepted))
@@ -170,7 +189,6 @@ class Speculator:
         self.tokens += 1 + sum(accepted) / len(accepted)
         self.accepted = 0.95 * self.accepted + sum(accepted)
         self.guessed = 0.95 * self.guessed + max(1, reached)
-        return emitted
 
     def _time(self, k: int, seconds: float) -> None:
         if k not in self._recent:  # a shape's first call builds its binding: not what later steps cost
@@ -180,7 +198,7 @@ class Speculator:
         recent.append(seconds)
         self.step_seconds[k] = min(recent)
 
-    def _choose_k(self) -> tuple[int, int]:
+    def choose_k(self) -> tuple[int, int]:
         """(k, plain steps to run if k is 0 or the draft has nothing to guess): the k with the most expected
         tokens per second, from the acceptance rate and measured step times, decided again every DECIDE_EVERY
         verify steps or after a stretch of PLAIN_STRETCH plain steps."""
@@ -212,12 +230,13 @@ class Speculator:
         return max(range(self.max_tokens + 1), key=lambda k: (1 - rate ** (k + 1)) / (1 - rate) / cost(k))
 
 
-def verify(logits: np.ndarray, guesses: list[list[int]], sampler: Sampler,
-           streams: list) -> tuple[list[int], list[list[int]]]:
+def verify(logits: np.ndarray, guesses: list[list[int]], sampler: Sampler, streams: list,
+           own_pick: bool = True) -> tuple[list[int], list[list[int]]]:
     """For (rows, k + 1, V) logits and each row's guesses (up to k): how many guesses each row accepts, and the
-    tokens it emits (its picks: the accepted guesses, then the model's own). One draw per emitted token, as
-    plain decoding: every position is picked at once with the draw plain decoding would use there, and the
-    draws of positions past a row's first wrong guess are given back to its stream."""
+    tokens it emits (its picks: the accepted guesses, then, with `own_pick`, the model's own). One draw per
+    emitted token, as plain decoding: every position is picked at once with the draw plain decoding would use
+    there, and the draws of the positions no token is emitted for are given back to the row's stream (without
+    `own_pick`, the next step picks that position again, from the logits there, with the same draw)."""
     rows, positions = logits.shape[:2]
     if sampler.greedy:
         picks = np.argmax(logits, axis=-1).tolist()
@@ -232,5 +251,5 @@ def verify(logits: np.ndarray, guesses: list[list[int]], sampler: Sampler,
         accepted.append(kept)
     if not sampler.greedy:
         for stream, kept in zip(streams, accepted):
-            give_back(stream, positions - 1 - kept)
-    return accepted, [row_picks[:kept + 1] for row_picks, kept in zip(picks, accepted)]
+            give_back(stream, positions - 1 - kept + (not own_pick))
+    return accepted, [row_picks[:kept + own_pick] for row_picks, kept in zip(picks, accepted)]

@@ -87,7 +87,8 @@ def test_the_page_writes_what_minigpt_generate_writes_and_explains_a_character(c
         shown = [float(p) for p in page.eval_on_selector_all("#alternatives tr", "rows => rows.map(r => "
                                                                                  "r.dataset.probability)")]
         expected = sorted(map(math.exp, api["top_logprobs"][index].values()), reverse=True)
-        assert shown[:-1] == pytest.approx(expected, abs=1e-9) and sum(shown[:-1]) <= 1 + 1e-9
+        # To rounding: the two requests may find a token in different verify steps (logits equal to ~1e-7).
+        assert shown[:-1] == pytest.approx(expected, abs=1e-6) and sum(shown[:-1]) <= 1 + 1e-9
         assert sum(shown) == pytest.approx(1)
         written = page.text_content("#alternatives tr.sampled td")
         assert written.startswith({" ": "␣", "\n": "↵"}.get(api["tokens"][index], api["tokens"][index]))

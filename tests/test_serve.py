@@ -291,6 +291,38 @@ def test_32_concurrent_streams_each_equal_the_same_request_alone(server):
     assert together == alone
 
 
+def test_speculation_in_the_server_changes_nothing_but_the_speed(tiny_checkpoint, free_port):
+    """The torch engine verifies a whole batch's guesses in one extend: concurrent requests (greedy, sampled,
+    top-k, with log-probabilities, stop strings, n = 2, past the block) get from a server that speculates what a
+    server without a draft gives them, and the guesses were used."""
+    requests = [{"prompt": ["the ", "a ", "one ", "\n"][i % 4], "max_tokens": 60 + 7 * i,
+                 "temperature": [0, 0.8, 1.2][i % 3], "seed": 500 + i,
+                 **({"top_p": 0.9} if i % 4 == 1 else {}), **({"top_k": 6} if i % 5 == 2 else {}),
+                 **({"logprobs": 2} if i % 3 == 0 else {}), **({"stop": ["ee"]} if i % 6 == 4 else {}),
+                 **({"n": 2} if i == 7 else {})} for i in range(12)]
+    answers = {}
+    for draft in ("auto", "none"):
+        server = Server(tiny_checkpoint, "--draft", draft, port=free_port())
+        try:
+            with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+                bodies = list(pool.map(lambda body: server.post({"model": MODEL_ID, **body})[1], requests,
+                                       timeout=240))
+            answers[draft] = [[(choice["text"], choice["finish_reason"],
+                                choice["logprobs"] and choice["logprobs"]["tokens"]) for choice in body["choices"]]
+                              for body in bodies]
+            logprobs = [[choice["logprobs"] and choice["logprobs"]["token_logprobs"] for choice in body["choices"]]
+                        for body in bodies]
+            answers[draft + " logprobs"] = logprobs
+            accepted = server.metric("minigpt_draft_accepted_tokens_total")
+        finally:
+            code, err = server.stop()
+        assert code == 0 and "Traceback" not in err, err
+        assert (accepted > 0) == (draft == "auto")
+    assert answers["auto"] == answers["none"]
+    for ours, theirs in zip(sum(answers["auto logprobs"], []), sum(answers["none logprobs"], [])):
+        assert ours == theirs or ours == pytest.approx(theirs, abs=1e-5)  # an extend's logits: a step's to ~1e-7
+
+
 def test_bad_serve_flags_are_one_line_errors(onnx_model, cli_error, cli_without):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

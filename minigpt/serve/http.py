@@ -325,14 +325,15 @@ class EventStream:
 
 
 def create_app(engine: Engine, tokenizer: CharTokenizer, *, model_id: str, limits: Limits | None = None,
-               api_key: str | None = None):
-    """The Starlette app; its lifespan starts and stops the scheduler."""
+               api_key: str | None = None, draft=None, draft_tokens: int = 8):
+    """The Starlette app; its lifespan starts and stops the scheduler. `draft` (a `minigpt.drafts` draft)
+    turns on speculative decoding with up to `draft_tokens` guesses a step."""
     from starlette.applications import Starlette
     from starlette.routing import Route
 
     limits = limits or Limits()
     metrics = Metrics()
-    scheduler = Scheduler(engine, tokenizer, limits.max_batch, limits.max_queue, metrics)
+    scheduler = Scheduler(engine, tokenizer, limits.max_batch, limits.max_queue, metrics, draft, draft_tokens)
     api = CompletionsAPI(scheduler, metrics, tokenizer, model_id=model_id, limits=limits, api_key=api_key)
 
     @asynccontextmanager
@@ -360,13 +361,15 @@ def create_app(engine: Engine, tokenizer: CharTokenizer, *, model_id: str, limit
 
 
 def serve(engine: Engine, tokenizer: CharTokenizer, *, model_id: str, host: str = "127.0.0.1", port: int = 8000,
-          limits: Limits | None = None, api_key: str | None = None, shutdown_timeout: float = 10.0) -> None:
+          limits: Limits | None = None, api_key: str | None = None, shutdown_timeout: float = 10.0, draft=None,
+          draft_tokens: int = 8) -> None:
     """Serve until SIGTERM or Ctrl-C: then stop accepting, let requests in flight finish within
     `shutdown_timeout` seconds, cancel the rest, and return."""
     import uvicorn
 
     limits = limits or Limits()
-    app = create_app(engine, tokenizer, model_id=model_id, limits=limits, api_key=api_key)
+    app = create_app(engine, tokenizer, model_id=model_id, limits=limits, api_key=api_key, draft=draft,
+                     draft_tokens=draft_tokens)
     protocol = guarded_protocol(limits.read_timeout, MAX_HEAD_BYTES, limits.max_connections,
                                 app.state.metrics.answered)
     # No access log: a line per request costs more than a decode step at these sizes.

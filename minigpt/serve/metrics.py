@@ -14,6 +14,11 @@ class Metrics:
         self.requests = Counter("minigpt_requests", "Completion requests by HTTP status", ["status"],
                                 registry=registry)
         self.tokens = Counter("minigpt_generated_tokens", "Tokens generated", registry=registry)
+        self.draft_tokens = Counter("minigpt_draft_accepted_tokens", "Tokens generated as a draft's accepted "
+                                    "guesses (speculative decoding), counted in minigpt_generated_tokens too",
+                                    registry=registry)
+        self.verify_steps = Counter("minigpt_verify_steps", "Steps that verified a draft's guesses",
+                                    registry=registry)
         self.queue_depth = Gauge("minigpt_queue_depth", "Requests waiting for rows", registry=registry)
         self.rows_in_use = Gauge("minigpt_rows_in_use", "Rows of the batch holding a sequence", registry=registry)
         self.batch_rows = Histogram("minigpt_batch_rows", "Rows in the batch at each step", registry=registry,

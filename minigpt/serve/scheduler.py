@@ -27,9 +27,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from minigpt.decoding import Engine, Rows
+from minigpt.sampling import Sampler
 from minigpt.scoring import log_softmax, score, top_tokens
 from minigpt.serve.protocol import CompletionRequest, RequestError, Scores
 from minigpt.serve.stop_strings import StopMatcher
+from minigpt.speculative import Speculator, verify
 from minigpt.tokenizer import CharTokenizer
 
 
@@ -47,18 +49,21 @@ class Choice:
     tokens: int = 0
     finish_reason: str | None = None
 
-    def add(self, char: str, max_tokens: int, scored: tuple | None = None) -> tuple[str, Scores | None]:
-        """Take one generated character (and its log-probabilities); return the new text that can be handed out
-        now with its scores (setting finish_reason when the choice is done)."""
-        self.tokens += 1
-        self.text += char
-        if self.scored is not None:
-            self.scored.append(scored)
-        stop = self.stops.feed(char)
-        if stop is not None:
-            self.text, self.finish_reason = self.text[:-len(stop)], "stop"
-        elif self.tokens == max_tokens:
-            self.finish_reason = "length"
+    def add(self, chars: str, max_tokens: int, scored: list | None = None) -> tuple[str, Scores | None]:
+        """Take generated characters (and each one's log-probabilities), up to the first that ends the choice;
+        return the new text that can be handed out now with its scores (setting finish_reason when done)."""
+        for position, char in enumerate(chars):
+            self.tokens += 1
+            self.text += char
+            if self.scored is not None:
+                self.scored.append(scored[position])
+            stop = self.stops.feed(char)
+            if stop is not None:
+                self.text, self.finish_reason = self.text[:-len(stop)], "stop"
+            elif self.tokens == max_tokens:
+                self.finish_reason = "length"
+            if self.finish_reason:
+                break
         end = len(self.text) if self.finish_reason else len(self.text) - self.stops.held_back
         start = self.sent
         piece, self.sent = self.text[start:end], max(start, end)
@@ -103,8 +108,13 @@ def _hand_out(events: list[tuple[Job, list]]) -> None:
 class Scheduler:
     """Owns the engine; runs continuous batching on its own thread (see the module's docstring)."""
 
-    def __init__(self, engine: Engine, tokenizer: CharTokenizer, max_batch: int, max_queue: int, observer):
+    def __init__(self, engine: Engine, tokenizer: CharTokenizer, max_batch: int, max_queue: int, observer,
+                 draft=None, draft_tokens: int = 8):
+        """draft: a `minigpt.drafts` draft for speculative decoding, or None."""
         self.tokenizer, self.max_batch, self.max_queue, self.observer = tokenizer, max_batch, max_queue, observer
+        self.draft, self.draft_tokens = draft, draft_tokens
+        self.speculators: dict[int, Speculator] = {}  # by batch size (powers of two): each learns its own k
+        self.plain_left = 0  # plain steps to run before the speculator decides again
         self.vocabulary = np.array(tokenizer.chars, dtype=object)  # ids to characters, many at once
         self.rows = Rows(engine, max_batch)  # rows.payloads[i]: the (job, choice) in row i
         self.waiting: deque[Job] = deque()
@@ -198,44 +208,102 @@ class Scheduler:
     def _step(self, logits: np.ndarray) -> np.ndarray:
         """Sample every row, deliver, free the rows that are done, decode the rest; return their logits."""
         ids = self._sample(logits)
-        self._deliver(ids, self._logprobs(logits, ids))
-        done = [row for row, (job, choice) in enumerate(self.rows.payloads) if choice.finish_reason or job.cancelled]
-        ids = self.rows.remove(done, carry=ids)
-        return self.rows.decode(ids) if self.rows.count else logits[:0]
+        self._deliver([[token] for token in ids.tolist()], self._logprobs(logits[:, None], ids[:, None]))
+        ids = self.rows.remove(self._done(), carry=ids)
+        return self._decode(ids) if self.rows.count else logits[:0]
+
+    def _done(self) -> list[int]:
+        return [row for row, (job, choice) in enumerate(self.rows.payloads) if choice.finish_reason or job.cancelled]
+
+    def _rows_alike(self) -> list[tuple[list[int], Sampler]]:
+        """The rows grouped by how they sample, each group with its sampler: a group is sampled as one batch."""
+        groups: dict[tuple, list[int]] = {}
+        running = self.rows.payloads
+        for row, (job, _) in enumerate(running):
+            sampler = job.request.sampler
+            groups.setdefault((sampler.temperature, sampler.top_k, sampler.top_p), []).append(row)
+        return [(rows, running[rows[0]][0].request.sampler) for rows in groups.values()]
 
     def _sample(self, logits: np.ndarray) -> np.ndarray:
         """One token per row, each row from its own stream; rows sampled alike are sampled as one batch."""
         running = self.rows.payloads
         ids = np.empty(len(running), dtype=np.int64)
-        rows_alike: dict[tuple, list[int]] = {}
-        for row, (job, _) in enumerate(running):
-            sampler = job.request.sampler
-            rows_alike.setdefault((sampler.temperature, sampler.top_k, sampler.top_p), []).append(row)
-        for rows in rows_alike.values():
-            sampler = running[rows[0]][0].request.sampler
+        for rows, sampler in self._rows_alike():
             try:
                 ids[rows] = sampler(logits[rows], [running[row][1].stream for row in rows])
             except Exception as exc:  # these requests alone fail (500); their rows are freed, the rest go on
                 ids[rows] = 0
-                for job in {id(running[row][0]): running[row][0] for row in rows}.values():
-                    self._fail(job, f"sampling failed for this request: {exc!r}")
+                self._fail_rows(rows, f"sampling failed for this request: {exc!r}")
         return ids
 
-    def _logprobs(self, logits: np.ndarray, ids: np.ndarray) -> list[tuple | None]:
-        """Of each row whose request asked: the model's log-probability of its token and its likeliest tokens
-        (temperature 1, whatever the request samples with, as OpenAI documents); None for the other rows."""
+    def _fail_rows(self, rows: list[int], message: str) -> None:
+        running = self.rows.payloads
+        for job in {id(running[row][0]): running[row][0] for row in rows}.values():
+            self._fail(job, message)
+
+    def _decode(self, ids: np.ndarray) -> np.ndarray:
+        """Append each row's token: one plain step, or, when the draft pays for a batch this size, a verify step
+        (`minigpt.speculative`) that also hands out the guesses rows accept. Returns the next logits."""
+        speculator = self._speculator()
+        if speculator is None or self.plain_left:
+            self.plain_left = max(0, self.plain_left - 1)
+            return self.rows.decode(ids)
+        k, plain = speculator.choose_k()
+        extended = speculator.extend(self.rows, ids, k) if k else None
+        if extended is None:
+            self.plain_left = plain - 1
+            return speculator.plain_step(self.rows, ids)
+        return self._verified(speculator, *extended)
+
+    def _speculator(self) -> Speculator | None:
+        if self.draft is None or not Speculator.pays(self.rows.engine, self.rows.count):
+            return None
+        size = self.rows.count.bit_length()  # step costs differ with the batch: learned per size
+        if size not in self.speculators:
+            self.speculators[size] = Speculator(self.draft, self.draft_tokens)
+        return self.speculators[size]
+
+    def _verified(self, speculator: Speculator, lengths: list[int], guesses: list[list[int]],
+                  logits: np.ndarray) -> np.ndarray:
+        """Deliver the guesses each row accepts (those equal to what it samples there with its own draws); the
+        logits after them, where each row's next token is sampled in the next step as in plain decoding."""
+        running, accepted = self.rows.payloads, [0] * self.rows.count
+        for rows, sampler in self._rows_alike():
+            try:
+                kept, _ = verify(logits[rows], [guesses[row] for row in rows], sampler,
+                                 [running[row][1].stream for row in rows], own_pick=False)
+            except Exception as exc:  # as in _sample: these requests alone fail
+                self._fail_rows(rows, f"sampling failed for this request: {exc!r}")
+                kept = [0] * len(rows)
+            for row, count in zip(rows, kept):
+                accepted[row] = count
+        speculator.settle(self.rows, lengths, guesses, accepted)
+        self.observer.verify_steps.inc()
+        self.observer.draft_tokens.inc(sum(accepted))
+        next_logits = logits[np.arange(len(accepted)), accepted]
+        if any(accepted):
+            tokens = [guess[:count] for guess, count in zip(guesses, accepted)]
+            self._deliver(tokens, self._logprobs(logits, tokens), step=False)
+            next_logits = self.rows.remove(self._done(), carry=next_logits)
+        return next_logits
+
+    def _logprobs(self, logits: np.ndarray, tokens) -> list[list | None]:
+        """Of each row whose request asked, for each of its tokens (row i's j-th token read at logits[i, j]):
+        the model's log-probability of it and its likeliest tokens (temperature 1, whatever the request samples
+        with, as OpenAI documents); None for the other rows."""
         running = self.rows.payloads
         counts = [job.request.logprobs for job, _ in running]
-        wanted = [row for row, count in enumerate(counts) if count is not None]
-        scored: list[tuple | None] = [None] * len(running)
+        wanted = [(row, position, int(token)) for row, count in enumerate(counts) if count is not None
+                  for position, token in enumerate(tokens[row])]
+        scored: list[list | None] = [None if count is None else [] for count in counts]
         if not wanted:
             return scored
-        logprobs = log_softmax(logits[wanted])
-        chosen = logprobs[np.arange(len(wanted)), ids[wanted]].tolist()
-        tops = self._top_dicts(*top_tokens(logprobs, max(counts[row] for row in wanted)),
-                               [counts[row] for row in wanted])
-        for row, logprob, top in zip(wanted, chosen, tops):
-            scored[row] = (logprob, top)
+        rows, positions, ids = (list(column) for column in zip(*wanted))
+        logprobs = log_softmax(logits[rows, positions])
+        chosen = logprobs[np.arange(len(wanted)), ids].tolist()
+        tops = self._top_dicts(*top_tokens(logprobs, max(counts[row] for row in rows)), [counts[row] for row in rows])
+        for row, logprob, top in zip(rows, chosen, tops):
+            scored[row].append((logprob, top))
         return scored
 
     def _top_dicts(self, top_ids: np.ndarray, top_logprobs: np.ndarray, counts: list[int]) -> list[dict]:
@@ -250,23 +318,27 @@ class Scheduler:
             job.cancel()
             job.loop.call_soon_threadsafe(job.events.put_nowait, RuntimeError(message))
 
-    def _deliver(self, ids: np.ndarray, scored: list[tuple | None]) -> None:
+    def _deliver(self, tokens: list[list[int]], scored: list[list | None], step: bool = True) -> None:
+        """Hand each row's new tokens to its request; `step`: these are the tokens of a new step (they time it)."""
         now = time.perf_counter()
-        if self.last_step_at is not None:  # every row that was in the last step waited this long for its token
-            self.observer.inter_token_latency.observe(now - self.last_step_at)
-        self.last_step_at = now
+        if step:
+            if self.last_step_at is not None:  # every row that was in the last step waited this long for its token
+                self.observer.inter_token_latency.observe(now - self.last_step_at)
+            self.last_step_at = now
         events: dict[int, tuple[Job, list]] = {}
-        for (job, choice), token, token_scores in zip(self.rows.payloads, ids, scored):
-            if job.cancelled:
+        chars = self.tokenizer.chars
+        for (job, choice), row_tokens, row_scores in zip(self.rows.payloads, tokens, scored):
+            if job.cancelled or choice.finish_reason or not row_tokens:
                 continue
             if job.first_token_at is None:
                 job.first_token_at = now
                 self.observer.time_to_first_token.observe(now - job.arrived)
-            piece, piece_scores = choice.add(self.tokenizer.chars[token], job.request.max_tokens, token_scores)
+            piece, piece_scores = choice.add("".join(chars[token] for token in row_tokens), job.request.max_tokens,
+                                             row_scores)
             if piece or choice.finish_reason:
                 events.setdefault(id(job), (job, []))[1].append((choice.index, piece, choice.finish_reason,
                                                                   piece_scores))
-        self.observer.tokens.inc(len(ids))
+        self.observer.tokens.inc(sum(map(len, tokens)))
         self._send(events)
 
     @staticmethod
