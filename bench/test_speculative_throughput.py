@@ -28,12 +28,16 @@ import pytest
 from minigpt import Sampler
 from minigpt.data import FALLBACK_SOURCE, load_corpus
 from minigpt.decoding import generate_rows
-from minigpt.drafts import ContextDraft
+from minigpt.drafts import ContextDraft, ModelDraft
 from minigpt.speculative import Speculator
 
-CONFIGS = {"default": dict(), "large": dict(block_size=256, embed_dim=384, num_heads=6, num_layers=6)}
+CONFIGS = {"default": dict(), "long": dict(block_size=1024),
+           "large": dict(block_size=256, embed_dim=384, num_heads=6, num_layers=6),
+           "draft": dict(block_size=256, embed_dim=64, num_heads=2, num_layers=1)}  # the large one's draft model
 TRAINING = {"default": dict(steps=600, batch_size=32, learning_rate=2e-3),
-            "large": dict(steps=250, batch_size=16, learning_rate=1e-3)}
+            "long": dict(steps=150, batch_size=8, learning_rate=2e-3),
+            "large": dict(steps=250, batch_size=16, learning_rate=1e-3),
+            "draft": dict(steps=400, batch_size=16, learning_rate=3e-3)}
 PROMPT_CHARACTERS, PROMPTS = 16, 8
 SAMPLING = dict(temperature=0.8, top_p=0.95, seed=7)
 
@@ -50,6 +54,7 @@ def corpus_source():
 @pytest.fixture(scope="module")
 def trained(request, corpus_source, tmp_path_factory):
     """config name -> (checkpoint path, onnx path, prompts as ids): trained once, kept in the cache folder."""
+    from minigpt import load_checkpoint
     from minigpt.config import TrainConfig
     from minigpt.encoded import cache_dir
     from minigpt.export.onnx_export import export_onnx
@@ -66,9 +71,12 @@ def trained(request, corpus_source, tmp_path_factory):
         folder.mkdir(parents=True, exist_ok=True)
         checkpoint, graph = folder / f"{stem}.safetensors", folder / f"{stem}.onnx"
         corpus = load_corpus(corpus_source)
+        config = TrainConfig(**settings, eval_interval=settings["steps"], eval_iters=2, warmup=20, device="cpu")
         if not checkpoint.exists():
-            config = TrainConfig(**settings, eval_interval=settings["steps"], eval_iters=2, warmup=20, device="cpu")
             train(corpus, config, checkpoint, progress=False, force=True, **CONFIGS[name])
+        elif int(load_checkpoint(checkpoint).metadata["step"]) < settings["steps"]:  # a run that was interrupted
+            train(corpus, config, checkpoint, progress=False, force=True, resume=checkpoint)
+            graph.unlink(missing_ok=True)
         if not graph.exists():
             export_onnx(checkpoint, graph, verify=False, force=True)
         valid = corpus.split("valid")
@@ -104,7 +112,8 @@ def engines(trained, tmp_path_factory):
             made[key] = lambda prompts, count, sampler: peer.greedy(prompts, count)
             return made[key]
         engine = OnnxEngine(graph)
-        draft = {"onnx-ngram": engine.ngram_draft(), "onnx-context": ContextDraft()}.get(engine_name)
+        draft = {"onnx-ngram": engine.ngram_draft, "onnx-context": ContextDraft,
+                 "onnx-draft": lambda: ModelDraft(OnnxEngine(trained("draft")[1]))}.get(engine_name, lambda: None)()
 
         def run(prompts, count, sampler):
             speculator = Speculator(draft) if draft is not None else None  # fresh: it learns within the call
@@ -130,23 +139,28 @@ def plain(trained, engines):
         key = config_name, tuple(sorted(options.items()))
         if key not in made:
             _, _, prompts = trained(config_name)
-            count = CONFIGS[config_name].get("block_size", 128) - PROMPT_CHARACTERS
-            made[key] = decode(engines("onnx-plain", config_name), prompts, count, Sampler(**options), batch)
+            made[key] = decode(engines("onnx-plain", config_name), prompts, new_tokens(config_name),
+                               Sampler(**options), batch)
         return made[key]
 
     return get
 
 
-GREEDY_GROUPS = [("default", 1), ("default", 8), ("large", 1)]
-GREEDY_ENGINES = ["onnx-plain", "onnx-ngram", "onnx-context", "ct2-fp32", "ct2-int8"]
+def new_tokens(config_name: str) -> int:
+    """To the end of the block: 112 for the default model, 1,008 for block 1024, 240 for the large one."""
+    return CONFIGS[config_name].get("block_size", 128) - PROMPT_CHARACTERS
 
 
-@pytest.mark.parametrize("engine_name", GREEDY_ENGINES)
-@pytest.mark.parametrize("config_name,batch", GREEDY_GROUPS)
+ENGINES = ["onnx-plain", "onnx-ngram", "onnx-context", "ct2-fp32", "ct2-int8"]
+GREEDY = [(config, batch, engine) for config, batch in [("default", 1), ("default", 8), ("long", 1), ("large", 1)]
+          for engine in ENGINES + (["onnx-draft"] if config == "large" else [])]
+
+
+@pytest.mark.parametrize("config_name,batch,engine_name", GREEDY)
 def test_speculative_greedy(benchmark, record_throughput, trained, engines, plain, engine_name, config_name, batch):
     benchmark.group = f"speculative {config_name} batch {batch}"
     _, _, prompts = trained(config_name)
-    count = CONFIGS[config_name].get("block_size", 128) - PROMPT_CHARACTERS
+    count = new_tokens(config_name)
     engine = engines(engine_name, config_name)
     rounds = 5 if config_name == "default" else 2
     ids = benchmark.pedantic(decode, args=(engine, prompts, count, Sampler(temperature=0), batch), rounds=rounds,
@@ -162,7 +176,7 @@ def test_speculative_sampling(benchmark, record_throughput, trained, engines, pl
     """Temperature 0.8, top-p 0.95, one seed: the same text as plain sampling, faster."""
     benchmark.group = "speculative sampled default batch 1"
     _, _, prompts = trained("default")
-    count = 128 - PROMPT_CHARACTERS
+    count = new_tokens("default")
     engine = engines(engine_name, "default")
     ids = benchmark.pedantic(decode, args=(engine, prompts, count, Sampler(**SAMPLING), 1), rounds=5,
                              warmup_rounds=1)
@@ -188,7 +202,7 @@ def test_speculative_on_random_weights(benchmark, record_throughput, trained, tm
                     draft=loaded.ngram_draft())
     export_onnx(folder / "random.safetensors", folder / "random.onnx", verify=False)
     engine = OnnxEngine(folder / "random.onnx")
-    draft, count = engine.ngram_draft(), 128 - PROMPT_CHARACTERS
+    draft, count = engine.ngram_draft(), new_tokens("default")
 
     def run():
         speculator = Speculator(draft) if speculate else None
@@ -198,3 +212,39 @@ def test_speculative_on_random_weights(benchmark, record_throughput, trained, tm
     ids = benchmark.pedantic(run, rounds=5, warmup_rounds=1)
     assert ids.shape == (len(prompts), count)
     record_throughput(benchmark, "onnx-ngram" if speculate else "onnx-plain", len(prompts) * count)
+
+
+@pytest.mark.parametrize("clients", [1, 32])
+def test_speculative_serving(benchmark, record_throughput, request, trained, clients):
+    """`minigpt serve` on the trained default model (.onnx, its n-gram table inside) with `--draft auto` and
+    with `--draft none`, both running, the same load sent to each in turn twice: prompts from the validation
+    split, temperature 0.8, 200 tokens a request, from 1 client (one row: onnxruntime speculates) and from 32
+    (a batch: onnxruntime verifies row by row, so the server decodes plainly and must be no slower)."""
+    from types import SimpleNamespace
+
+    from test_serve_throughput import run_load, serving
+
+    from minigpt.export.onnx_engine import OnnxEngine
+
+    benchmark.group = f"speculative serving default {clients} clients"
+    _, graph, prompts = trained("default")
+    decode_text = OnnxEngine(graph).tokenizer.decode
+    count, tokens = ((16 if clients == 1 else 64), 200) if timing(request) else (clients, 20)
+    bodies = [{"model": graph.stem, "prompt": decode_text(prompts[i % len(prompts)]), "max_tokens": tokens,
+               "temperature": 0.8, "seed": i} for i in range(count)]
+    load = [bodies[c::clients] for c in range(clients)]
+    seconds = {"draft none": [], "draft auto": []}
+    with serving(graph, "--draft", "none") as (plain_port, _), serving(graph, "--draft", "auto") as (draft_port, _):
+        def alternate():
+            for _ in range(2):
+                for name, port in (("draft none", plain_port), ("draft auto", draft_port)):
+                    seconds[name].append(run_load(port, load)["wall_s"])
+
+        run_load(plain_port, load[:1]), run_load(draft_port, load[:1])  # warm-up: sessions and bindings
+        benchmark.pedantic(alternate, rounds=1, iterations=1)
+    for name, times in seconds.items():  # two rates from one timed run: each engine's median wall time
+        timed = SimpleNamespace(group=benchmark.group, stats={"median": float(np.median(times))}, extra_info={})
+        record_throughput(timed if benchmark.stats else benchmark, name, count * tokens)
+        benchmark.extra_info[f"{name} tokens/s"] = count * tokens / float(np.median(times))
+    print(f"\n{clients} clients: " + ", ".join(f"{name} {count * tokens / np.median(times):,.0f} tokens/s"
+                                            for name, times in seconds.items()))

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 import time
 
-from minigpt.config import COUNT, POSITIVE, SEED, Bounded
+from minigpt.config import COUNT, DRAFT_TOKENS, POSITIVE, SEED, Bounded
 from minigpt.errors import MiniGPTError
 
 EXIT_USAGE = 2
@@ -79,7 +79,7 @@ def _engine_options(parser: argparse.ArgumentParser) -> None:
                  "with the model, context from the text so far, auto the table when the model has one, a "
                  "smaller model's .safetensors or .onnx file (same characters) guesses with that model, none "
                  "decodes one token a step (default auto)")
-    _option(parser, "draft_tokens", type=Bounded(int, 1, 64), default=8, metavar="K",
+    _option(parser, "draft_tokens", type=Bounded(int, 1, 64), default=DRAFT_TOKENS, metavar="K",
             help="the most guesses verified in one step; fewer are used when they do not pay (default 8)")
 
 

@@ -28,6 +28,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from minigpt.config import DRAFT_TOKENS
 from minigpt.decoding import Rows
 from minigpt.sampling import Sampler, give_back, read_ahead
 
@@ -42,7 +43,7 @@ UNMEASURED_COST_PER_TOKEN = 0.2  # a step's cost per extra token until measured 
 DRAFT_CHOICES = ("auto", "ngram", "context", "none")  # or a smaller model's file
 
 
-def make_speculator(choice: str, ngram, max_tokens: int = 8, draft_engine=None) -> "Speculator | None":
+def make_speculator(choice: str, ngram, max_tokens: int = DRAFT_TOKENS, draft_engine=None) -> "Speculator | None":
     """The speculator for --draft: "none", "ngram" (the model's table), "context", "auto" (the table when
     there is one, else context), or a draft model's file, whose engine is `draft_engine`."""
     from minigpt.drafts import ContextDraft, ModelDraft
@@ -62,7 +63,7 @@ def make_speculator(choice: str, ngram, max_tokens: int = 8, draft_engine=None) 
 class Speculator:
     """Speculative decoding with one draft, up to `max_tokens` guesses a step; counts what it did."""
 
-    def __init__(self, draft, max_tokens: int = 4):
+    def __init__(self, draft, max_tokens: int = DRAFT_TOKENS):
         self.draft, self.max_tokens = draft, max_tokens
         self.steps, self.tokens = 0, 0  # verify steps, and the tokens rows emitted in them (per row)
         self.plain_steps = 0

@@ -29,7 +29,9 @@ from minigpt.serve.connections import guarded_protocol
 from minigpt.serve.metrics import Metrics
 from minigpt.serve.protocol import ChunkFormat, Limits, RequestError, Scores, check_model_name, completion_body, \
     error_body, in_vocabulary, parse_completion, parse_prompt, usage
+from minigpt.config import DRAFT_TOKENS
 from minigpt.serve.scheduler import Job, Scheduler
+
 from minigpt.tokenizer import CharTokenizer
 
 MAX_BODY_BYTES = 1 << 20
@@ -325,7 +327,7 @@ class EventStream:
 
 
 def create_app(engine: Engine, tokenizer: CharTokenizer, *, model_id: str, limits: Limits | None = None,
-               api_key: str | None = None, draft=None, draft_tokens: int = 8):
+               api_key: str | None = None, draft=None, draft_tokens: int = DRAFT_TOKENS):
     """The Starlette app; its lifespan starts and stops the scheduler. `draft` (a `minigpt.drafts` draft)
     turns on speculative decoding with up to `draft_tokens` guesses a step."""
     from starlette.applications import Starlette
@@ -362,7 +364,7 @@ def create_app(engine: Engine, tokenizer: CharTokenizer, *, model_id: str, limit
 
 def serve(engine: Engine, tokenizer: CharTokenizer, *, model_id: str, host: str = "127.0.0.1", port: int = 8000,
           limits: Limits | None = None, api_key: str | None = None, shutdown_timeout: float = 10.0, draft=None,
-          draft_tokens: int = 8) -> None:
+          draft_tokens: int = DRAFT_TOKENS) -> None:
     """Serve until SIGTERM or Ctrl-C: then stop accepting, let requests in flight finish within
     `shutdown_timeout` seconds, cancel the rest, and return."""
     import uvicorn

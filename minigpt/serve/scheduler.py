@@ -31,6 +31,7 @@ from minigpt.sampling import Sampler
 from minigpt.scoring import log_softmax, score, top_tokens
 from minigpt.serve.protocol import CompletionRequest, RequestError, Scores
 from minigpt.serve.stop_strings import StopMatcher
+from minigpt.config import DRAFT_TOKENS
 from minigpt.speculative import Speculator, verify
 from minigpt.tokenizer import CharTokenizer
 
@@ -109,7 +110,7 @@ class Scheduler:
     """Owns the engine; runs continuous batching on its own thread (see the module's docstring)."""
 
     def __init__(self, engine: Engine, tokenizer: CharTokenizer, max_batch: int, max_queue: int, observer,
-                 draft=None, draft_tokens: int = 8):
+                 draft=None, draft_tokens: int = DRAFT_TOKENS):
         """draft: a `minigpt.drafts` draft for speculative decoding, or None."""
         self.tokenizer, self.max_batch, self.max_queue, self.observer = tokenizer, max_batch, max_queue, observer
         self.draft, self.draft_tokens = draft, draft_tokens
