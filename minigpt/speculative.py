@@ -104,7 +104,8 @@ class Speculator:
             k, plain = self.choose_k()
             emitted = self._verify_step(rows, pending, k, sampler, streams) if k else None
             if emitted is None:
-                for pending in self._plain_steps(rows, pending, sampler, streams, min(plain, max_new_tokens - produced)):
+                steps = min(plain, max_new_tokens - produced)
+                for pending in self._plain_steps(rows, pending, sampler, streams, steps):
                     if any(ahead):
                         for queue, token in zip(ahead, pending.tolist()):
                             queue.append(token)

@@ -88,8 +88,8 @@ def test_streamed_logprobs_and_stop_strings(server):
     stopped = complete(server, **fields, stop=[stop])["choices"][0]
     assert stopped["finish_reason"] == "stop" and stop not in stopped["text"][9:]
     assert stopped["logprobs"]["tokens"] == list(stopped["text"])
-    assert stopped["logprobs"]["token_logprobs"] == pytest.approx(whole["logprobs"]["token_logprobs"][:len(stopped["text"])],
-                                                                  abs=1e-5)
+    before_stop = whole["logprobs"]["token_logprobs"][:len(stopped["text"])]
+    assert stopped["logprobs"]["token_logprobs"] == pytest.approx(before_stop, abs=1e-5)
 
 
 def test_prompts_as_token_ids_read_as_their_text(server, tiny_loaded):
