@@ -68,7 +68,8 @@ def trained(request, corpus_source, tmp_path_factory):
     def get(name):
         if name in made:
             return made[name]
-        settings = dict(TRAINING[name]) if timing(request) else dict(TRAINING[name], steps=8)
+        # Untimed (CI): a few small steps, enough for every equality below to mean something.
+        settings = dict(TRAINING[name]) if timing(request) else dict(TRAINING[name], steps=4, batch_size=2)
         stem = f"{name}-{settings['steps']}-{Path(corpus_source).name}"
         folder = cache_dir() / "bench" if timing(request) else tmp_path_factory.mktemp(name)
         folder.mkdir(parents=True, exist_ok=True)
@@ -175,15 +176,16 @@ def test_speculative_greedy(benchmark, record_throughput, trained, engines, plai
 
 
 def alternating(benchmark, record_throughput, request, runs: dict, amount: int, rounds: int = 8) -> dict:
-    """Run each of `runs` (name -> callable) in turn, `rounds` times over, inside one benchmark; record each
-    one's median round as its rate, so that a slow spell of this shared host hits every one of them alike.
-    Returns each run's last result."""
+    """Run each of `runs` (name -> callable) in turn, `rounds` times over, inside one benchmark, the order
+    reversed every other round (A B, B A, ...: neither is always first); record each one's median round as
+    its rate, so that a slow spell of this shared host hits every one of them alike. Returns each run's last
+    result."""
     rounds = rounds if timing(request) else 1
     seconds, results = {name: [] for name in runs}, {}
 
     def in_turn():
-        for _ in range(rounds):
-            for name, run in runs.items():
+        for round_number in range(rounds):
+            for name, run in list(runs.items())[::-1 if round_number % 2 else 1]:
                 started = time.perf_counter()
                 results[name] = run()
                 seconds[name].append(time.perf_counter() - started)
@@ -259,6 +261,6 @@ def test_speculative_serving(benchmark, record_throughput, request, trained, cli
         run_load(plain_port, load[:1]), run_load(draft_port, load[:1])  # warm-up: sessions and bindings
         runs = {"draft none": functools.partial(run_load, plain_port, load),
                 "draft auto": functools.partial(run_load, draft_port, load)}
-        results = alternating(benchmark, record_throughput, request, runs, count * tokens, rounds=3)
+        results = alternating(benchmark, record_throughput, request, runs, count * tokens, rounds=4)
     print(f"\n{clients} clients: " + ", ".join(f"{name} {result['tokens_per_s']:,.0f} tokens/s (last round)"
                                             for name, result in results.items()))
