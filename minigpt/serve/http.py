@@ -23,15 +23,14 @@ import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from minigpt.config import DRAFT_TOKENS
 from minigpt.decoding import Engine
 from minigpt.errors import MiniGPTError
 from minigpt.serve.connections import guarded_protocol
 from minigpt.serve.metrics import Metrics
 from minigpt.serve.protocol import ChunkFormat, Limits, RequestError, Scores, check_model_name, completion_body, \
     error_body, in_vocabulary, parse_completion, parse_prompt, usage
-from minigpt.config import DRAFT_TOKENS
 from minigpt.serve.scheduler import Job, Scheduler
-
 from minigpt.tokenizer import CharTokenizer
 
 MAX_BODY_BYTES = 1 << 20

@@ -10,6 +10,13 @@ same policy past the block size as `minigpt generate`. Each row samples
 from its own seeded stream, so a request's text depends on its prompt,
 parameters and seed alone, never on what shares the batch.
 
+With a draft, the decode step may be a verify step (`minigpt.speculative`):
+each row writes its token and the draft's guesses in one extend and hands out
+every guess that equals what it samples there with its own draws; its next
+token is then sampled in the next step, from the logits after its last
+accepted guess, exactly as without a draft. So the text is the same with or
+without one, and the loop keeps its shape: sample, deliver, step.
+
 The scheduler only schedules: requests come parsed (`protocol`), events go
 to each request's asyncio queue for the HTTP layer to write, and what is
 worth counting goes to an observer (`metrics`).
@@ -26,12 +33,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from minigpt.config import DRAFT_TOKENS
 from minigpt.decoding import Engine, Rows
 from minigpt.sampling import Sampler
 from minigpt.scoring import log_softmax, score, top_tokens
 from minigpt.serve.protocol import CompletionRequest, RequestError, Scores
 from minigpt.serve.stop_strings import StopMatcher
-from minigpt.config import DRAFT_TOKENS
 from minigpt.speculative import Speculator, verify
 from minigpt.tokenizer import CharTokenizer
 

@@ -108,7 +108,8 @@ function addCharacters(scores) {
   scores.tokens.forEach((char, i) => {
     const piece = {char, logprob: scores.token_logprobs[i], top: scores.top_logprobs[i]};
     const span = document.createElement("span");
-    span.className = "char";
+    // A newline has no width of its own: it gets a visible mark (CSS, not text) so that it can be clicked.
+    span.className = char === "\n" ? "char newline" : "char";
     span.textContent = char;
     span.dataset.index = run.pieces.length;
     span.dataset.probability = Math.exp(piece.logprob);
