@@ -158,7 +158,6 @@ def _add_generate(commands) -> None:
                  "every step (the reference) (default on)")
 
 
-
 def _draft_choice(value: str) -> str:
     from minigpt.speculative import DRAFT_CHOICES
 
@@ -330,27 +329,27 @@ def _engine_for(args: argparse.Namespace):
     return torch_engine(checkpoint.model, args.kv_cache), checkpoint.tokenizer, checkpoint.ngram_draft()
 
 
-def _draft_engine(args: argparse.Namespace, tokenizer):
-    """The engine of the draft model --draft names, or None; it must use the model's characters."""
-    from minigpt.speculative import DRAFT_CHOICES
+def _speculator_for(args: argparse.Namespace, tokenizer, ngram):
+    """The speculator --draft and --draft-tokens ask for (None for --draft none); a draft model named by its
+    file is loaded as the model is, and must use the model's characters."""
+    from minigpt.speculative import DRAFT_CHOICES, make_speculator
 
-    if args.draft in DRAFT_CHOICES:
-        return None
-    engine, draft_tokenizer, _ = _engine_for(argparse.Namespace(**{**vars(args), "checkpoint": args.draft,
-                                                                   "engine": "auto"}))
-    if draft_tokenizer.chars != tokenizer.chars:
-        raise MiniGPTError(f"the draft model {args.draft} has other characters than the model "
-                           f"({len(draft_tokenizer.chars)} against {len(tokenizer.chars)}); a draft model must be "
-                           "trained on the same text, or use --draft ngram or context")
-    return engine
+    draft_engine = None
+    if args.draft not in DRAFT_CHOICES:
+        draft_engine, draft_tokenizer, _ = _engine_for(argparse.Namespace(**{**vars(args), "checkpoint": args.draft,
+                                                                             "engine": "auto"}))
+        if draft_tokenizer.chars != tokenizer.chars:
+            raise MiniGPTError(f"the draft model {args.draft} has other characters than the model "
+                               f"({len(draft_tokenizer.chars)} against {len(tokenizer.chars)}); a draft model must "
+                               "be trained on the same text, or use --draft ngram or context")
+    return make_speculator(args.draft, ngram, args.draft_tokens, draft_engine)
 
 
 def _generate(args: argparse.Namespace) -> None:
     from minigpt.decoding import join_samples, stream_characters
-    from minigpt.speculative import make_speculator
 
     engine, tokenizer, ngram = _engine_for(args)
-    speculator = make_speculator(args.draft, ngram, args.draft_tokens, _draft_engine(args, tokenizer))
+    speculator = _speculator_for(args, tokenizer, ngram)
     steps = stream_characters(engine, tokenizer, args.prompt, args.max_new_tokens, num_samples=args.num_samples,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                               speculator=speculator)
@@ -391,10 +390,8 @@ def _serve(args: argparse.Namespace) -> None:
     from minigpt.serve import serve
     from minigpt.serve.protocol import Limits, lm_eval_model_args
 
-    from minigpt.speculative import make_speculator
-
     engine, tokenizer, ngram = _engine_for(args)
-    speculator = make_speculator(args.draft, ngram, args.draft_tokens, _draft_engine(args, tokenizer))
+    speculator = _speculator_for(args, tokenizer, ngram)
     model_id = Path(args.checkpoint).stem
     print(f"minigpt: serving {model_id!r} ({type(engine).__name__}, {args.max_batch} rows) at "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)

@@ -91,9 +91,9 @@ class NGramDraft:
             if found is None:
                 break
             guesses.append(found)
-            if length < self.order:  # a short history grows; a full one drops its oldest character
-                key, top, length = (found + 1) * top * base + key if length else found + 1, \
-                    top * base if length else 1, length + 1
+            if length < self.order:  # a short history grows by a digit; a full one drops its oldest character
+                top, length = top * base if length else 1, length + 1
+                key = (found + 1) * top + key
             else:
                 key = (found + 1) * top + key // base
         return guesses

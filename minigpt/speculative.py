@@ -65,6 +65,9 @@ class Speculator:
 
     def __init__(self, draft, max_tokens: int = DRAFT_TOKENS):
         self.draft, self.max_tokens = draft, max_tokens
+        # A draft model guesses for every row in one batch; the others guess a row at a time.
+        self._propose_rows = getattr(draft, "propose_rows", None) or (
+            lambda histories, k: [draft.propose(history, k) for history in histories])
         self.steps, self.tokens = 0, 0  # verify steps, and the tokens rows emitted in them (per row)
         self.plain_steps = 0
         self.accepted, self.guessed = 0.5, 1.0  # a weak prior: one guess, half right
@@ -156,19 +159,15 @@ class Speculator:
         row's length before, its guesses and the (rows, k' + 1, V) logits; None when there is nothing to guess
         (or no room for it), so that the caller runs a plain step."""
         started = time.perf_counter()
-        lengths = rows.lengths[:rows.count].tolist()
-        if rows.block - max(lengths) <= k:  # too close to the end of the block: full rows restart first
+        if rows.room <= k:  # too close to the end of the block: full rows restart first
             k = min(k, rows.make_room() - 1)
             if k < 1:  # a row is one token from the end: its next token restarts it, in a plain step
                 return None
-            lengths = rows.lengths[:rows.count].tolist()
+        lengths = rows.lengths[:rows.count].tolist()
         for row, length in enumerate(lengths):
             rows.tokens[row, length] = pending[row]  # where extend writes it: the draft reads it there
         histories = [rows.tokens[row, :length + 1] for row, length in enumerate(lengths)]
-        if hasattr(self.draft, "propose_rows"):  # a draft model guesses for every row in one batch
-            guesses = self.draft.propose_rows(histories, k)
-        else:
-            guesses = [self.draft.propose(history, k) for history in histories]
+        guesses = self._propose_rows(histories, k)
         k = max(map(len, guesses))
         if k == 0:  # nothing to verify: a miss for every row
             self.accepted, self.guessed = 0.95 * self.accepted, 0.95 * self.guessed + rows.count
