@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 
@@ -56,6 +58,40 @@ def test_top_p_never_picks_outside_the_nucleus(seed):
         for row, token in enumerate(picked):
             # a token is in the nucleus when the tokens likelier than it hold less than top_p
             assert probs[row][probs[row] > probs[row, token]].sum() < top_p
+
+
+def reference_pick(row_logits, temperature, top_k, top_p, draw):
+    """Inverse-CDF sampling written out plainly for one row: keep the top-k, then the smallest set of the
+    likeliest holding top_p, renormalise, walk the vocabulary until the draw is covered. None: a boundary."""
+    scaled = [value / temperature for value in row_logits]
+    ranked = sorted(range(len(scaled)), key=lambda token: -scaled[token])[:top_k or len(scaled)]
+    weights = {token: math.exp(scaled[token] - scaled[ranked[0]]) for token in ranked}
+    total, kept, mass = sum(weights.values()), [], 0.0
+    for token in ranked:
+        if kept and top_p is not None and mass >= top_p:
+            break
+        kept.append(token)
+        mass += weights[token] / total
+    kept_total, cumulative = sum(weights[token] for token in kept), 0.0
+    for token in sorted(kept):
+        cumulative += weights[token] / kept_total
+        if abs(cumulative - draw) < 1e-9:
+            return None
+        if cumulative > draw:
+            return token
+    return max(kept)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(None, None), (5, None), (None, 0.8), (12, 0.9)])
+def test_every_row_of_a_batch_is_picked_as_written_out_by_hand(top_k, top_p):
+    logits = random_logits(9, batch=6, vocab=40)
+    draws = np.random.default_rng(10).random((50, 6))
+    sampler = Sampler(temperature=0.7, top_k=top_k, top_p=top_p)
+    for row_draws in draws:
+        picked = sampler.pick(logits, row_draws)
+        for row, (token, draw) in enumerate(zip(picked.tolist(), row_draws.tolist())):
+            expected = reference_pick(logits[row].tolist(), 0.7, top_k, top_p, draw)
+            assert expected in (None, token), f"row {row}, draw {draw}: picked {token}, expected {expected}"
 
 
 def test_sampling_follows_the_distribution():
