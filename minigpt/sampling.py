@@ -85,7 +85,7 @@ class Sampler:
         """Pick one token id per row of (B, V) logits, row i drawing from streams[i] (by default this sampler's
         own streams for rows 0 .. B-1); returns (B,) int64."""
         if self.greedy:
-            return np.argmax(logits, axis=-1).astype(np.int64)
+            return logits.argmax(axis=-1).astype(np.int64, copy=False)
         if streams is None:
             if len(self._streams) != len(logits):
                 self._streams = self.streams(len(logits))
@@ -95,7 +95,7 @@ class Sampler:
     def pick(self, logits: np.ndarray, draws: np.ndarray) -> np.ndarray:
         """Inverse-CDF sampling: row i's token for its uniform draw draws[i], vectorised over the batch."""
         if self.greedy:
-            return np.argmax(logits, axis=-1).astype(np.int64)
+            return logits.argmax(axis=-1).astype(np.int64, copy=False)
         weights = self._weights(logits)
         probs = weights / weights.sum(axis=-1, keepdims=True)
         ids = (np.cumsum(probs, axis=-1) < draws[:, None]).sum(axis=-1)
