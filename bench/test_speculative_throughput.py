@@ -175,6 +175,37 @@ def test_speculative_greedy(benchmark, record_throughput, trained, engines, plai
     record_throughput(benchmark, engine_name, len(prompts) * count)
 
 
+CEILING_GUESSES = (0, 4, 8, 16)
+
+
+@pytest.mark.parametrize("config_name", ["default", "large"])
+def test_speculation_ceiling(benchmark, record_throughput, request, trained, engines, config_name):
+    """The most speculation could reach on this host: the graph's own rate when each call writes k + 1 tokens
+    (a row's next token and k guesses, every one of them right), no draft and no loop around it, beside
+    CTranslate2 decoding the same number of tokens; in turn. A target above the best of these columns is out
+    of reach of any draft."""
+    from minigpt.export.onnx_engine import OnnxEngine
+
+    benchmark.group = f"speculation ceiling {config_name} batch 1"
+    _, graph, prompts = trained(config_name)
+    count, engine = new_tokens(config_name), OnnxEngine(graph)
+    engine.start(1)
+
+    def calls(guesses: int) -> None:
+        """Every prompt's `count` tokens, k + 1 a call from the prompt's end to the block's, as decoding goes."""
+        tokens = np.zeros((1, guesses + 1), dtype=np.int64)
+        for prompt in prompts:
+            engine.extend(np.array([prompt]), np.zeros(1, dtype=np.int64))
+            for start in range(PROMPT_CHARACTERS, PROMPT_CHARACTERS + count, guesses + 1):
+                width = min(guesses + 1, PROMPT_CHARACTERS + count - start)
+                engine.extend(tokens[:, :width], np.array([start]))
+
+    ct2 = engines("ct2-fp32", config_name)
+    runs = {"ct2-fp32": functools.partial(decode, ct2, prompts, count, Sampler(temperature=0), 1)}
+    runs |= {f"graph k={guesses}": functools.partial(calls, guesses) for guesses in CEILING_GUESSES}
+    alternating(benchmark, record_throughput, request, runs, len(prompts) * count, rounds=4)
+
+
 def alternating(benchmark, record_throughput, request, runs: dict, amount: int, rounds: int = 8) -> dict:
     """Run each of `runs` (name -> callable) in turn, `rounds` times over, inside one benchmark, the order
     reversed every other round (A B, B A, ...: neither is always first); record each one's median round as
@@ -261,6 +292,6 @@ def test_speculative_serving(benchmark, record_throughput, request, trained, cli
         run_load(plain_port, load[:1]), run_load(draft_port, load[:1])  # warm-up: sessions and bindings
         runs = {"draft none": functools.partial(run_load, plain_port, load),
                 "draft auto": functools.partial(run_load, draft_port, load)}
-        results = alternating(benchmark, record_throughput, request, runs, count * tokens, rounds=4)
+        results = alternating(benchmark, record_throughput, request, runs, count * tokens, rounds=8)
     print(f"\n{clients} clients: " + ", ".join(f"{name} {result['tokens_per_s']:,.0f} tokens/s (last round)"
                                             for name, result in results.items()))
