@@ -119,10 +119,19 @@ def test_seeds_are_checked_alike_in_every_command(workdir, argv, process_error):
     process_error(minigpt(*argv, cwd=workdir), "--seed: must be an integer from 0 to 2**63-1")
 
 
-@pytest.fixture
-def exported(workdir):
-    result = minigpt("export", "--onnx", "--no-verify", cwd=workdir)
+@pytest.fixture(scope="module")
+def exported_once(tmp_path_factory, tiny_checkpoint):
+    folder = tmp_path_factory.mktemp("exported")
+    shutil.copy(tiny_checkpoint, folder / "minigpt.safetensors")
+    result = minigpt("export", "--onnx", "--no-verify", cwd=folder)
     assert result.returncode == 0, result.stderr
+    return folder / "minigpt.onnx"
+
+
+@pytest.fixture
+def exported(workdir, exported_once):
+    """The quick start's folder after `minigpt export --onnx` (run once for the module, its file copied here)."""
+    shutil.copy(exported_once, workdir / "minigpt.onnx")
     return workdir
 
 
