@@ -128,17 +128,20 @@ class Speculator:
                      steps: int) -> Iterator[np.ndarray]:
         """Each row's next token after each of `steps` plain steps; the first few are timed, the rest are
         plain decoding's loop and nothing more."""
-        self.plain_steps += max(0, steps - TIMED_PLAIN_STEPS)  # plain_step counts the timed ones
+        self.plain_steps += steps
         for step in range(steps):
-            logits = self.plain_step(rows, pending) if step < TIMED_PLAIN_STEPS else rows.decode(pending)
-            pending = sampler(logits, streams)
+            started = time.perf_counter()
+            pending = sampler(rows.decode(pending), streams)
+            if step < TIMED_PLAIN_STEPS:  # a step and its pick: the yardstick every k is weighed against
+                self.record(0, time.perf_counter() - started)
             yield pending
 
     def plain_step(self, rows: Rows, pending: np.ndarray) -> np.ndarray:
-        """`rows.decode(pending)`, timed: the yardstick every k is weighed against."""
+        """`rows.decode(pending)`, timed: the yardstick every k is weighed against (for a caller that picks
+        tokens from these logits later, and so times verify steps without their picks too)."""
         started = time.perf_counter()
         logits = rows.decode(pending)
-        self._time(0, time.perf_counter() - started)
+        self.record(0, time.perf_counter() - started)
         self.plain_steps += 1
         return logits
 
@@ -146,11 +149,14 @@ class Speculator:
                      streams: list) -> list[list[int]] | None:
         """Write each row's next token and up to k guesses after it, verify them; return each row's emitted
         tokens (its new pending one last), or None when there is nothing to verify (a plain step then)."""
+        started = time.perf_counter()
         extended = self.extend(rows, pending, k)
         if extended is None:
             return None
         lengths, guesses, logits = extended
         accepted, emitted = verify(logits, guesses, sampler, streams)
+        # Timed with its picks: picking k + 1 positions costs more than one (sampling: ~50 us more here).
+        self.record(logits.shape[1] - 1, time.perf_counter() - started)
         self.settle(rows, lengths, guesses, accepted)
         return emitted
 
@@ -158,7 +164,6 @@ class Speculator:
         """Write each row's next token and the draft's guesses after it (up to k) in one extend: return each
         row's length before, its guesses and the (rows, k' + 1, V) logits; None when there is nothing to guess
         (or no room for it), so that the caller runs a plain step."""
-        started = time.perf_counter()
         if rows.room <= k:  # too close to the end of the block: full rows restart first
             k = min(k, rows.make_room() - 1)
             if k < 1:  # a row is one token from the end: its next token restarts it, in a plain step
@@ -175,8 +180,6 @@ class Speculator:
         # A short guess is padded (and the padding not verified); one list, one array: cheaper than filling rows.
         logits = rows.extend(np.array([[first, *guess] + [0] * (k - len(guess))
                                        for first, guess in zip(pending.tolist(), guesses)], dtype=np.int64))
-        # Timed to here: what guessing costs. Picking tokens costs the same per token as in plain decoding.
-        self._time(k, time.perf_counter() - started)
         return lengths, guesses, logits
 
     def settle(self, rows: Rows, lengths: list[int], guesses: list[list[int]], accepted: list[int]) -> None:
@@ -189,7 +192,8 @@ class Speculator:
         self.accepted = 0.95 * self.accepted + sum(accepted)
         self.guessed = 0.95 * self.guessed + max(1, reached)
 
-    def _time(self, k: int, seconds: float) -> None:
+    def record(self, k: int, seconds: float) -> None:
+        """What a step with k guesses took (k = 0: a plain step), as the caller timed it."""
         if k not in self._recent:  # a shape's first call builds its binding: not what later steps cost
             self._recent[k] = deque(maxlen=RECENT_STEPS)
             return

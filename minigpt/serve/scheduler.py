@@ -257,11 +257,12 @@ class Scheduler:
             self.plain_left = max(0, self.plain_left - 1)
             return self.rows.decode(ids)
         k, plain = speculator.choose_k()
+        started = time.perf_counter()
         extended = speculator.extend(self.rows, ids, k) if k else None
         if extended is None:
             self.plain_left = plain - 1
             return speculator.plain_step(self.rows, ids)
-        return self._verified(speculator, *extended)
+        return self._verified(speculator, started, *extended)
 
     def _speculator(self) -> Speculator | None:
         if self.draft is None or not Speculator.pays(self.rows.engine, self.rows.count):
@@ -271,7 +272,7 @@ class Scheduler:
             self.speculators[size] = Speculator(self.draft, self.draft_tokens)
         return self.speculators[size]
 
-    def _verified(self, speculator: Speculator, lengths: list[int], guesses: list[list[int]],
+    def _verified(self, speculator: Speculator, started: float, lengths: list[int], guesses: list[list[int]],
                   logits: np.ndarray) -> np.ndarray:
         """Deliver the guesses each row accepts (those equal to what it samples there with its own draws); the
         logits after them, where each row's next token is sampled in the next step as in plain decoding."""
@@ -285,6 +286,8 @@ class Scheduler:
                 kept = [0] * len(rows)
             for row, count in zip(rows, kept):
                 accepted[row] = count
+        # Timed with the guesses' picks (delivering them is what plain steps pay later, untimed): as plain_step.
+        speculator.record(logits.shape[1] - 1, time.perf_counter() - started)
         speculator.settle(self.rows, lengths, guesses, accepted)
         self.observer.verify_steps.inc()
         self.observer.draft_tokens.inc(sum(accepted))
