@@ -188,8 +188,7 @@ def test_speculation_ceiling(benchmark, record_throughput, request, trained, eng
 
     benchmark.group = f"speculation ceiling {config_name} batch 1"
     _, graph, prompts = trained(config_name)
-    count, engine = new_tokens(config_name), OnnxEngine(graph)
-    engine.start(1)
+    count, engine = new_tokens(config_name), OnnxEngine(graph)  # one row: what it starts with
 
     def calls(guesses: int) -> None:
         """Every prompt's `count` tokens, k + 1 a call from the prompt's end to the block's, as decoding goes."""

@@ -103,7 +103,7 @@ class Sampler:
             # Rounding left a row's total a hair under its draw: its last kept token is the pick.
             last_kept = probs.shape[-1] - 1 - np.argmax(probs[:, ::-1] > 0, axis=-1)
             ids = np.minimum(ids, last_kept)
-        return ids.astype(np.int64)
+        return ids.astype(np.int64, copy=False)
 
 
 def read_ahead(streams: list[np.random.Generator], count: int) -> np.ndarray:
