@@ -11,6 +11,7 @@ import dataclasses
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 import time
 
@@ -400,6 +401,12 @@ def _serve(args: argparse.Namespace) -> None:
           file=sys.stderr, flush=True)
     limits = Limits(max_batch=args.max_batch, max_tokens=args.max_tokens, max_queue=args.max_queue,
                     max_connections=args.max_connections, read_timeout=args.read_timeout)
+    # serve answers SIGTERM and Ctrl-C with a graceful stop, then puts back the handlers it found. Those are
+    # ignored ones: a stop asked for again while the process exits (a supervisor repeating it) must not turn a
+    # clean exit into death by signal, and Python puts the default back at exit for any handler of its own.
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
     serve(engine, tokenizer, model_id=model_id, host=args.host, port=args.port, limits=limits,
           api_key=args.api_key or os.environ.get("MINIGPT_API_KEY") or None, shutdown_timeout=args.shutdown_timeout,
           draft=speculator.draft if speculator else None, draft_tokens=args.draft_tokens)

@@ -377,9 +377,9 @@ def serve(engine: Engine, tokenizer: CharTokenizer, *, model_id: str, host: str 
     config = uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False, http=protocol,
                             timeout_keep_alive=5, timeout_graceful_shutdown=shutdown_timeout, lifespan="on")
     # uvicorn raises the signal it stopped on again once it is done; the graceful stop was the answer to that
-    # signal, so the raised copy meets a handler that does nothing, and `minigpt serve` exits 0.
+    # signal, so the raised copy is ignored, and `minigpt serve` exits 0.
     handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
-    previous = {sig: signal.signal(sig, lambda *_: None) for sig in handled}
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in handled}
     try:
         uvicorn.Server(config).run()
     finally:
