@@ -106,6 +106,15 @@ class Sampler:
         return ids.astype(np.int64, copy=False)
 
 
+def rows_alike(samplers: list[Sampler]) -> list[tuple[list[int], Sampler]]:
+    """The rows grouped by how they sample (temperature, top-k, top-p), each group with one of its samplers:
+    a group is picked as one batch, each row still with its own draw."""
+    groups: dict[tuple, list[int]] = {}
+    for row, sampler in enumerate(samplers):
+        groups.setdefault((sampler.temperature, sampler.top_k, sampler.top_p), []).append(row)
+    return [(rows, samplers[rows[0]]) for rows in groups.values()]
+
+
 def read_ahead(streams: list[np.random.Generator], count: int) -> np.ndarray:
     """The next `count` draws of each stream, (len(streams), count): exactly what `count` calls of
     `stream.random()` return (speculative decoding samples several positions at once with them)."""

@@ -34,7 +34,7 @@ from minigpt.sampling import Sampler, give_back, read_ahead
 
 DECIDE_EVERY = 4  # verify steps between choices of k
 PLAIN_STRETCH = 16  # plain steps run as one stretch, exactly plain decoding's loop, when k = 0 is chosen
-PROBE_EVERY = 8  # plain stretches before guessing again, to notice a draft that helps now
+FIRST_PROBE = 2  # plain stretches before guessing again, to notice a draft that helps now; doubled after each
 TIMED_PLAIN_STEPS = 2  # of each stretch: enough to keep the yardstick current
 RECENT_STEPS = 8  # a step's cost is the least of its recent times: this host's noise only ever adds time
 UNMEASURED_COST_PER_TOKEN = 0.2  # a step's cost per extra token until measured (onnxruntime: ~0.1-0.2)
@@ -67,13 +67,15 @@ class Speculator:
         self.draft, self.max_tokens = draft, max_tokens
         # A draft model guesses for every row in one batch; the others guess a row at a time.
         self._propose_rows = getattr(draft, "propose_rows", None) or (
-            lambda histories, k: [draft.propose(history, k) for history in histories])
+            lambda histories, k, draws, samplers: [
+                draft.propose(history, k, None if draws is None else draws[row], sampler)
+                for row, (history, sampler) in enumerate(zip(histories, samplers))])
         self.steps, self.tokens = 0, 0  # verify steps, and the tokens rows emitted in them (per row)
         self.plain_steps = 0
         self.accepted, self.guessed = 0.5, 1.0  # a weak prior: one guess, half right
         self.step_seconds: dict[int, float] = {}  # a step's cost at each k: the least of its recent times
         self._recent: dict[int, deque] = {}
-        self.countdown, self.chosen, self.stretches = 0, 0, 0
+        self.countdown, self.chosen, self.stretches, self.probe_after = 0, 0, 0, FIRST_PROBE
 
     @staticmethod
     def pays(engine, rows: int) -> bool:
@@ -150,20 +152,22 @@ class Speculator:
         """Write each row's next token and up to k guesses after it, verify them; return each row's emitted
         tokens (its new pending one last), or None when there is nothing to verify (a plain step then)."""
         started = time.perf_counter()
-        extended = self.extend(rows, pending, k)
+        extended = self.extend(rows, pending, k, [sampler] * rows.count, streams)
         if extended is None:
             return None
-        lengths, guesses, logits = extended
-        accepted, emitted = verify(logits, guesses, sampler, streams)
+        lengths, guesses, logits, draws = extended
+        accepted, emitted = verify(logits, guesses, sampler, streams, draws=draws)
         # Timed with its picks: picking k + 1 positions costs more than one (sampling: ~50 us more here).
         self.record(logits.shape[1] - 1, time.perf_counter() - started)
         self.settle(rows, lengths, guesses, accepted)
         return emitted
 
-    def extend(self, rows: Rows, pending: np.ndarray, k: int) -> tuple[list[int], list[list[int]], np.ndarray] | None:
+    def extend(self, rows: Rows, pending: np.ndarray, k: int, samplers: list[Sampler],
+               streams: list) -> tuple[list[int], list[list[int]], np.ndarray, np.ndarray | None] | None:
         """Write each row's next token and the draft's guesses after it (up to k) in one extend: return each
-        row's length before, its guesses and the (rows, k' + 1, V) logits; None when there is nothing to guess
-        (or no room for it), so that the caller runs a plain step."""
+        row's length before, its guesses, the (rows, k' + 1, V) logits and the draws read ahead for them (see
+        `read_draws`); None when there is nothing to guess (or no room for it), so that the caller runs a plain
+        step. Each row samples with samplers[i] from streams[i]; a sampling row's draft sees its next draws."""
         if rows.room <= k:  # too close to the end of the block: full rows restart first
             k = min(k, rows.make_room() - 1)
             if k < 1:  # a row is one token from the end: its next token restarts it, in a plain step
@@ -172,15 +176,17 @@ class Speculator:
         for row, length in enumerate(lengths):
             rows.tokens[row, length] = pending[row]  # where extend writes it: the draft reads it there
         histories = [rows.tokens[row, :length + 1] for row, length in enumerate(lengths)]
-        guesses = self._propose_rows(histories, k)
+        draws = read_draws(samplers, streams, k + 1)
+        guesses = self._propose_rows(histories, k, draws, samplers)
         k = max(map(len, guesses))
         if k == 0:  # nothing to verify: a miss for every row
+            give_back_draws(samplers, streams, draws)
             self.accepted, self.guessed = 0.95 * self.accepted, 0.95 * self.guessed + rows.count
             return None
         # A short guess is padded (and the padding not verified); one list, one array: cheaper than filling rows.
         logits = rows.extend(np.array([[first, *guess] + [0] * (k - len(guess))
                                        for first, guess in zip(pending.tolist(), guesses)], dtype=np.int64))
-        return lengths, guesses, logits
+        return lengths, guesses, logits, draws
 
     def settle(self, rows: Rows, lengths: list[int], guesses: list[list[int]], accepted: list[int]) -> None:
         """Roll each row back to its next token and the guesses it accepted; learn the draft's hit rate."""
@@ -213,39 +219,65 @@ class Speculator:
         self.chosen = self._best_k()
         if self.chosen == 0:
             self.stretches += 1
-            if self.stretches % PROBE_EVERY == 0:  # now and then, a few steps see whether guessing pays now
-                self.chosen = 1
+            if self.stretches == self.probe_after:  # now and then a few steps see whether guessing pays now
+                self.chosen, self.stretches = 1, 0  # (a few early misses can be bad luck), less often each time
+                self.probe_after *= 2               # it did not: a useless draft costs less and less
+        else:
+            self.probe_after = FIRST_PROBE
         self.countdown = DECIDE_EVERY if self.chosen else 1
         return self.chosen, 1 if self.chosen else PLAIN_STRETCH
 
     def _best_k(self) -> int:
         rate = min(self.accepted / self.guessed, 0.99)
-        base = self.step_seconds[0]
-        guessing = [k for k in self.step_seconds if k > 0]
-        # What one more guess costs: from the largest k timed (onnxruntime verifies a batch row by row, so for
-        # batches this is steep), else a prior.
-        slope = (max(0.0, (self.step_seconds[max(guessing)] - base) / max(guessing)) if guessing
-                 else UNMEASURED_COST_PER_TOKEN * base)
+        measured = sorted(k for k in self.step_seconds if k > 0)
+        # A verify step costs a fixed amount more than a plain one (the draft, the draws, picking two positions
+        # or more) and then a little per guess: what one more guess costs is the slope between the smallest and
+        # largest k timed (onnxruntime verifies a batch row by row, so for batches this is steep), else a prior.
+        anchor = measured[-1] if measured else 0
+        slope = ((self.step_seconds[anchor] - self.step_seconds[measured[0]]) / (anchor - measured[0])
+                 if len(measured) > 1 else UNMEASURED_COST_PER_TOKEN * self.step_seconds[0])
 
         def cost(k: int) -> float:
-            return self.step_seconds.get(k, base + slope * k)
+            return self.step_seconds.get(k, self.step_seconds[anchor] + max(0.0, slope) * (k - anchor))
 
         return max(range(self.max_tokens + 1), key=lambda k: (1 - rate ** (k + 1)) / (1 - rate) / cost(k))
 
 
+def read_draws(samplers: list[Sampler], streams: list, count: int) -> np.ndarray | None:
+    """Each row's next `count` draws, read ahead as (rows, count) so that the draft can guess what each row
+    will sample and `verify` picks with them; a greedy row reads none (zeros). None when every row is greedy."""
+    sampled = [row for row, sampler in enumerate(samplers) if not sampler.greedy]
+    if len(sampled) == len(samplers):
+        return read_ahead(streams, count)
+    if not sampled:
+        return None
+    draws = np.zeros((len(samplers), count))
+    draws[sampled] = read_ahead([streams[row] for row in sampled], count)
+    return draws
+
+
+def give_back_draws(samplers: list[Sampler], streams: list, draws: np.ndarray | None) -> None:
+    """Return every draw `read_draws` read to its row's stream."""
+    for sampler, stream in zip(samplers, streams):
+        if draws is not None and not sampler.greedy:
+            give_back(stream, draws.shape[1])
+
+
 def verify(logits: np.ndarray, guesses: list[list[int]], sampler: Sampler, streams: list,
-           own_pick: bool = True) -> tuple[list[int], list[list[int]]]:
+           own_pick: bool = True, draws: np.ndarray | None = None) -> tuple[list[int], list[list[int]]]:
     """For (rows, k + 1, V) logits and each row's guesses (up to k): how many guesses each row accepts, and the
     tokens it emits (its picks: the accepted guesses, then, with `own_pick`, the model's own). One draw per
     emitted token, as plain decoding: every position is picked at once with the draw plain decoding would use
-    there, and the draws of the positions no token is emitted for are given back to the row's stream (without
-    `own_pick`, the next step picks that position again, from the logits there, with the same draw)."""
+    there (`draws`, read ahead, at least k + 1 a row; by default read here), and the draws no token is emitted
+    for are given back to the row's stream (without `own_pick`, the next step picks that position again, from
+    the logits there, with the same draw)."""
     rows, positions = logits.shape[:2]
     if sampler.greedy:
         picks = logits.argmax(axis=-1).tolist()
     else:
-        draws = read_ahead(streams, positions)
-        picks = sampler.pick(logits.reshape(rows * positions, -1), draws.reshape(-1)).reshape(rows, positions).tolist()
+        draws = read_ahead(streams, positions) if draws is None else draws
+        picks = sampler.pick(logits.reshape(rows * positions, -1),
+                             draws[:, :positions].reshape(-1)).reshape(rows, positions).tolist()
     accepted = []
     for row_picks, row_guesses in zip(picks, guesses):  # a few tokens: lists beat numpy calls here
         kept, most = 0, len(row_guesses)
@@ -254,5 +286,5 @@ def verify(logits: np.ndarray, guesses: list[list[int]], sampler: Sampler, strea
         accepted.append(kept)
     if not sampler.greedy:
         for stream, kept in zip(streams, accepted):
-            give_back(stream, positions - 1 - kept + (not own_pick))
+            give_back(stream, draws.shape[1] - kept - own_pick)
     return accepted, [row_picks[:kept + own_pick] for row_picks, kept in zip(picks, accepted)]

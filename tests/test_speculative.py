@@ -22,7 +22,7 @@ class WrongDraft:
 
     name = "wrong"
 
-    def propose(self, history, k):
+    def propose(self, history, k, draws=None, sampler=None):
         return [(history[-1] + 7 + i) % 20 for i in range(k)]
 
 
@@ -133,7 +133,7 @@ def test_a_draft_with_nothing_to_guess_decodes_plainly(make_engine):
     class Silent:
         name = "silent"
 
-        def propose(self, history, k):
+        def propose(self, history, k, draws=None, sampler=None):
             return []
 
     speculator = Speculator(Silent(), max_tokens=8)
@@ -213,3 +213,45 @@ def test_generate_with_a_draft_model_file(tiny_checkpoint, tiny_onnx, tmp_path, 
               "--draft", ".safetensors or .onnx file")
     cli_error(["generate", "--checkpoint", str(tiny_checkpoint), "--draft", str(tmp_path / "missing.onnx")],
               "missing.onnx")
+
+
+def test_sampling_the_ngram_table_guesses_what_the_row_will_sample():
+    """With the row's next draws, a guess is what the row's sampler picks from the context's counts (taken as
+    probabilities, with the sampler's temperature, top-k and top-p, by the same inverse CDF); greedy, the most
+    frequent next character."""
+    text = np.array([0, 1, 2] * 6 + [0, 1, 3] * 4 + [1, 4, 0, 1, 5], dtype=np.uint8)
+    draft = NGramDraft.build(text, vocab_size=6, order=2)
+    after = [4, 0, 1]  # "0 1" is followed by 2 six times, by 3 four times, by 5 once
+
+    def guess(draw, **options):
+        return draft.propose(after, 1, np.array([draw]), Sampler(**options))[0]
+
+    assert draft.propose(after, 1) == [2] == draft.propose(after, 1, np.array([0.99]), Sampler(temperature=0))
+    assert [guess(draw) for draw in (0.5, 0.6, 0.95)] == [2, 3, 5]  # 6/11, 10/11 of the mass: vocabulary order
+    assert guess(0.6, temperature=0.5) == 2  # colder: 2 holds 36/53 of the mass
+    assert guess(0.95, top_p=0.6) == 3 and guess(0.95, top_k=1) == 2  # filtered as the sampler filters
+    counts = np.array([0, 0, 6, 4, 0, 1], dtype=np.float64)
+    rng = np.random.default_rng(0)
+    for options in (dict(temperature=1.0), dict(temperature=0.7, top_p=0.9), dict(temperature=1.6, top_k=2)):
+        sampler = Sampler(**options)
+        for draw in rng.random(50):
+            expected = int(sampler.pick(np.log(np.maximum(counts, 1e-30))[None], np.array([draw]))[0])
+            assert guess(draw, **options) == expected, (options, draw)
+    # A table stored before counts were (its most frequent next characters alone) guesses those, sampling too.
+    old = NGramDraft.from_tensors({"draft.ngram.keys": draft.keys, "draft.ngram.next": draft.next_ids}, 2, 6)
+    assert old.propose(after, 1, np.array([0.95]), Sampler()) == [2]
+    again = NGramDraft.from_metadata(draft.metadata())
+    assert [again.propose(after, 1, np.array([draw]), Sampler()) for draw in (0.5, 0.6, 0.95)] == [[2], [3], [5]]
+
+
+def test_a_draft_model_guesses_what_a_sampling_row_will_sample(make_engine):
+    """The model as its own draft, sampling: it picks from (the same) logits with the row's own draws, so
+    nearly every guess is kept, at a temperature where its greedy guess would often be wrong."""
+    from minigpt.drafts import ModelDraft
+
+    rows = prompts([6])
+    options = dict(temperature=1.0, seed=4)
+    speculator = Speculator(ModelDraft(make_engine("recompute")), max_tokens=4)
+    assert tokens(make_engine("kv-cache"), rows, Sampler(**options), speculator) == \
+        tokens(make_engine("kv-cache"), rows, Sampler(**options))
+    assert speculator.accepted / speculator.guessed > 0.9, speculator.report()  # its greedy guesses: ~0.5

@@ -35,7 +35,7 @@ import numpy as np
 
 from minigpt.config import DRAFT_TOKENS
 from minigpt.decoding import Engine, Rows
-from minigpt.sampling import Sampler
+from minigpt.sampling import Sampler, rows_alike
 from minigpt.scoring import log_softmax, score, top_tokens
 from minigpt.serve.protocol import CompletionRequest, RequestError, Scores
 from minigpt.serve.stop_strings import StopMatcher
@@ -225,12 +225,10 @@ class Scheduler:
 
     def _rows_alike(self) -> list[tuple[list[int], Sampler]]:
         """The rows grouped by how they sample, each group with its sampler: a group is sampled as one batch."""
-        groups: dict[tuple, list[int]] = {}
-        running = self.rows.payloads
-        for row, (job, _) in enumerate(running):
-            sampler = job.request.sampler
-            groups.setdefault((sampler.temperature, sampler.top_k, sampler.top_p), []).append(row)
-        return [(rows, running[rows[0]][0].request.sampler) for rows in groups.values()]
+        return rows_alike(self._samplers())
+
+    def _samplers(self) -> list[Sampler]:
+        return [job.request.sampler for job, _ in self.rows.payloads]
 
     def _sample(self, logits: np.ndarray) -> np.ndarray:
         """One token per row, each row from its own stream; rows sampled alike are sampled as one batch."""
@@ -258,11 +256,12 @@ class Scheduler:
             return self.rows.decode(ids)
         k, plain = speculator.choose_k()
         started = time.perf_counter()
-        extended = speculator.extend(self.rows, ids, k) if k else None
+        streams = [choice.stream for _, choice in self.rows.payloads]
+        extended = speculator.extend(self.rows, ids, k, self._samplers(), streams) if k else None
         if extended is None:
             self.plain_left = plain - 1
             return speculator.plain_step(self.rows, ids)
-        return self._verified(speculator, started, *extended)
+        return self._verified(speculator, started, streams, *extended)
 
     def _speculator(self) -> Speculator | None:
         if self.draft is None or not Speculator.pays(self.rows.engine, self.rows.count):
@@ -272,15 +271,16 @@ class Scheduler:
             self.speculators[size] = Speculator(self.draft, self.draft_tokens)
         return self.speculators[size]
 
-    def _verified(self, speculator: Speculator, started: float, lengths: list[int], guesses: list[list[int]],
-                  logits: np.ndarray) -> np.ndarray:
+    def _verified(self, speculator: Speculator, started: float, streams: list, lengths: list[int],
+                  guesses: list[list[int]], logits: np.ndarray, draws: np.ndarray | None) -> np.ndarray:
         """Deliver the guesses each row accepts (those equal to what it samples there with its own draws); the
         logits after them, where each row's next token is sampled in the next step as in plain decoding."""
-        running, accepted = self.rows.payloads, [0] * self.rows.count
+        accepted = [0] * self.rows.count
         for rows, sampler in self._rows_alike():
             try:
                 kept, _ = verify(logits[rows], [guesses[row] for row in rows], sampler,
-                                 [running[row][1].stream for row in rows], own_pick=False)
+                                 [streams[row] for row in rows], own_pick=False,
+                                 draws=None if draws is None else draws[rows])
             except Exception as exc:  # as in _sample: these requests alone fail
                 self._fail_rows(rows, f"sampling failed for this request: {exc!r}")
                 kept = [0] * len(rows)
