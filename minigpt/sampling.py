@@ -60,7 +60,7 @@ class Sampler:
         Every step samples with it, so it is written in few numpy calls (each
         costs microseconds on rows of a hundred tokens); the arithmetic is
         that of a softmax over the filtered logits, value for value."""
-        scaled = np.asarray(logits, dtype=np.float64) / self.temperature
+        scaled = np.divide(logits, self.temperature, dtype=np.float64)
         if self.top_k is not None and self.top_k < scaled.shape[-1]:
             kth_largest = np.partition(scaled, -self.top_k, axis=-1)[:, -self.top_k, None]
             scaled[scaled < kth_largest] = -np.inf
@@ -96,14 +96,10 @@ class Sampler:
         """Inverse-CDF sampling: row i's token for its uniform draw draws[i], vectorised over the batch."""
         if self.greedy:
             return logits.argmax(axis=-1).astype(np.int64, copy=False)
-        weights = self._weights(logits)
-        probs = weights / weights.sum(axis=-1, keepdims=True)
-        ids = (np.cumsum(probs, axis=-1) < draws[:, None]).sum(axis=-1)
-        if ids.max(initial=0) == probs.shape[-1]:
-            # Rounding left a row's total a hair under its draw: its last kept token is the pick.
-            last_kept = probs.shape[-1] - 1 - np.argmax(probs[:, ::-1] > 0, axis=-1)
-            ids = np.minimum(ids, last_kept)
-        return ids.astype(np.int64, copy=False)
+        # The first token whose cumulative weight reaches the draw's share of the row's total. Unnormalised,
+        # the last kept token's cumulative weight is the total itself, so no draw can walk past it.
+        cumulative = np.cumsum(self._weights(logits), axis=-1)
+        return (cumulative < (draws * cumulative[:, -1])[:, None]).sum(axis=-1)
 
 
 def rows_alike(samplers: list[Sampler]) -> list[tuple[list[int], Sampler]]:
