@@ -44,6 +44,9 @@ from minigpt.sampling import rows_alike
 DEFAULT_ORDER = 4  # context characters: ~2.5 accepted tokens a step on the default model at k = 4
 MAX_TABLE_CHARACTERS = 5_000_000  # of training text read into the table: ~2 s of numpy, a few arrays of it
 CANDIDATES = 8  # next characters kept per context with their counts: as good a guess as all of them
+# A sampling row's guesses use each context's distribution for its sampler's settings, made when first met
+# (~7 us; most contexts are never met in a run) and kept: for this many contexts, for a few settings at once.
+MADE_DISTRIBUTIONS, RECENT_SETTINGS = 1 << 16, 4
 NGRAM_KEYS, NGRAM_NEXT, NGRAM_META = "draft.ngram.keys", "draft.ngram.next", "draft_ngram"
 # Each context's candidates, most frequent first, and their counts: flat, `followers` of them per context.
 # NGRAM_NEXT (the first candidate) stays, so that a table without them (an older checkpoint) still guesses.
@@ -135,10 +138,14 @@ class NGramDraft:
         """pick(context index, draw): the candidate that draw picks from the context's counts, taken as
         probabilities and filtered as `sampler` filters the model's (`minigpt.sampling`)."""
         settings = sampler.temperature, sampler.top_k, sampler.top_p
+        if settings not in self._distributions and len(self._distributions) >= RECENT_SETTINGS:
+            self._distributions.pop(next(iter(self._distributions)))  # a server's requests may differ in each
         made = self._distributions.setdefault(settings, {})
 
         def pick(index: int, draw: float) -> int:
             if index not in made:
+                if len(made) >= MADE_DISTRIBUTIONS:  # a long-running server meets ever more contexts
+                    made.clear()
                 made[index] = self._distribution(index, *settings)
             ids, cumulative = made[index]
             return ids[min(bisect.bisect_left(cumulative, draw), len(ids) - 1)]

@@ -255,3 +255,18 @@ def test_a_draft_model_guesses_what_a_sampling_row_will_sample(make_engine):
     assert tokens(make_engine("kv-cache"), rows, Sampler(**options), speculator) == \
         tokens(make_engine("kv-cache"), rows, Sampler(**options))
     assert speculator.accepted / speculator.guessed > 0.9, speculator.report()  # its greedy guesses: ~0.5
+
+
+def test_the_ngram_tables_sampling_distributions_stay_few(monkeypatch):
+    """A long-running server meets ever more contexts and sampler settings: what the table keeps for them is
+    bounded."""
+    import minigpt.drafts
+
+    monkeypatch.setattr(minigpt.drafts, "MADE_DISTRIBUTIONS", 3)
+    monkeypatch.setattr(minigpt.drafts, "RECENT_SETTINGS", 2)
+    rng = np.random.default_rng(0)
+    draft = NGramDraft.build(rng.integers(0, 6, size=3000), vocab_size=6, order=3)
+    for temperature in (0.5, 0.7, 0.9):
+        for start in range(40):
+            draft.propose(rng.integers(0, 6, size=5), 3, rng.random(3), Sampler(temperature=temperature))
+    assert len(draft._distributions) == 2 and all(len(made) <= 3 for made in draft._distributions.values())
