@@ -44,10 +44,13 @@ def run_lm_eval(folder, model, model_args, text, prompts, max_gen_toks=30):
     generation})."""
     lm_eval_tasks(folder, text, prompts, max_gen_toks)
     tasks = "minigpt_text,minigpt_prompts" if prompts else "minigpt_text"
+    # Run from the task folder, as a user's `lm_eval` would run from anywhere: `python -m` puts the working
+    # directory first on sys.path, and from this repository's root its kernels/ folder would shadow the
+    # `kernels` package transformers imports.
     result = subprocess.run([sys.executable, "-m", "lm_eval", "--model", model, "--model_args", model_args,
                              "--tasks", tasks, "--include_path", str(folder),
                              "--output_path", str(folder / "out"), "--log_samples"],
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=300, cwd=folder)
     assert result.returncode == 0, result.stderr[-3000:]
     (results,) = (folder / "out").rglob("results_*.json")
     bits = json.loads(results.read_text())["results"]["minigpt_text"]["bits_per_byte,none"]
