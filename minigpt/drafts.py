@@ -50,7 +50,8 @@ MADE_DISTRIBUTIONS, RECENT_SETTINGS = 1 << 16, 4
 NGRAM_KEYS, NGRAM_NEXT, NGRAM_META = "draft.ngram.keys", "draft.ngram.next", "draft_ngram"
 # Each context's candidates, most frequent first, and their counts: flat, `followers` of them per context.
 # NGRAM_NEXT (the first candidate) stays, so that a table without them (an older checkpoint) still guesses.
-NGRAM_FOLLOWERS, NGRAM_CANDIDATES, NGRAM_COUNTS = "draft.ngram.followers", "draft.ngram.candidates", "draft.ngram.counts"
+NGRAM_FOLLOWERS, NGRAM_CANDIDATES, NGRAM_COUNTS = ("draft.ngram.followers", "draft.ngram.candidates",
+                                                    "draft.ngram.counts")
 
 
 def _base(vocab_size: int) -> int:
@@ -246,8 +247,9 @@ class ContextDraft:
 class ModelDraft:
     """A smaller model's guesses (gpt-fast's draft model), through any engine: it must share the model's
     vocabulary. Greedy rows get its argmax; sampling rows what their sampler picks from its logits with the
-    row's own next draws, which is the model's own pick wherever the two models agree. Each row keeps its own cache of what the draft has read, so a step only feeds it the
-    tokens that are new since the last (the accepted guesses and the model's own token)."""
+    row's own next draws, which is the model's own pick wherever the two models agree. Each row keeps its own
+    cache of what the draft has read, so a step only feeds it the tokens that are new since the last (the
+    accepted guesses and the model's own token)."""
 
     name = "model"
 
