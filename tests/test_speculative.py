@@ -141,7 +141,7 @@ def test_a_draft_with_nothing_to_guess_decodes_plainly(make_engine):
     assert tokens(make_engine("onnx"), rows, Sampler(temperature=0), speculator, 60) == \
         tokens(make_engine("onnx"), rows, Sampler(temperature=0), new_tokens=60)
     assert speculator.steps == 0 and speculator.plain_steps == 59  # every step after the first a plain one
-    assert speculator.accepted / speculator.guessed < 0.1  # and each empty guess counted as a miss
+    assert speculator.accepted / speculator.guessed < 0.2  # and each empty guess counted as a miss (prior: 0.75)
 
 
 def test_the_ngram_table_predicts_its_own_text():
