@@ -171,17 +171,13 @@ class NGramDraft:
 
     # Storage: tensors in a checkpoint, base64 strings in an .onnx file's metadata.
 
-    def _arrays(self) -> dict[str, np.ndarray]:
+    def tensors(self) -> dict[str, np.ndarray]:
         return {NGRAM_KEYS: self.keys.astype("<i8"), NGRAM_NEXT: self.next_ids.astype("<i4"),
                 NGRAM_FOLLOWERS: self.followers.astype("<i4"), NGRAM_CANDIDATES: self.candidates.astype("<i4"),
                 NGRAM_COUNTS: self.counts.astype("<i4")}
 
-    def tensors(self) -> dict[str, np.ndarray]:
-        return self._arrays()
-
     def metadata(self) -> str:
-        fields = {name.rsplit(".", 1)[1]: base64.b64encode(array.tobytes()).decode()
-                  for name, array in self._arrays().items()}
+        fields = {_field(name): base64.b64encode(array.tobytes()).decode() for name, array in self.tensors().items()}
         return json.dumps({"order": self.order, "vocab_size": self.vocab_size, **fields})
 
     @classmethod
@@ -194,14 +190,19 @@ class NGramDraft:
     def from_metadata(cls, text: str) -> "NGramDraft":
         try:
             fields = json.loads(text)
-            arrays = {name: np.frombuffer(base64.b64decode(fields[name.rsplit(".", 1)[1]]),
+            arrays = {name: np.frombuffer(base64.b64decode(fields[_field(name)]),
                                           dtype="<i8" if name == NGRAM_KEYS else "<i4")
                       for name in (NGRAM_KEYS, NGRAM_NEXT, NGRAM_FOLLOWERS, NGRAM_CANDIDATES, NGRAM_COUNTS)
-                      if name.rsplit(".", 1)[1] in fields}
+                      if _field(name) in fields}
             return cls.from_tensors(arrays, int(fields["order"]), int(fields["vocab_size"]))
         except (ValueError, KeyError, TypeError):
             raise CheckpointError("the model's n-gram draft table is damaged; export it again, or use "
                                   "--draft context") from None
+
+
+def _field(tensor_name: str) -> str:
+    """An array's name in the .onnx metadata: its tensor name's last part ("draft.ngram.keys" -> "keys")."""
+    return tensor_name.rsplit(".", 1)[1]
 
 
 def _followers_of(keys: np.ndarray, next_ids: np.ndarray, vocab_size: int) -> tuple[np.ndarray, ...]:
@@ -268,11 +269,12 @@ class ModelDraft:
         logits = np.stack([self._catch_up(row, np.asarray(history), k) for row, history in enumerate(histories)])
         lengths = np.array([len(read) for read in self.read])
         guesses = []
+        sampling = [(rows, sampler) for rows, sampler in (rows_alike(samplers) if draws is not None else ())
+                    if not sampler.greedy]
         for step in range(k):
             next_ids = np.argmax(logits, axis=-1)
-            for rows, sampler in rows_alike(samplers) if draws is not None else ():
-                if not sampler.greedy:
-                    next_ids[rows] = sampler.pick(logits[rows], draws[rows, step])
+            for rows, sampler in sampling:
+                next_ids[rows] = sampler.pick(logits[rows], draws[rows, step])
             guesses.append(next_ids)
             if step + 1 < k:
                 logits = self.engine.extend(next_ids[:, None], lengths + step)[:, 0]

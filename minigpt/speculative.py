@@ -158,7 +158,7 @@ class Speculator:
         if extended is None:
             return None
         lengths, guesses, logits, draws = extended
-        accepted, emitted = verify(logits, guesses, sampler, streams, draws=draws)
+        accepted, emitted = verify(logits, guesses, sampler, streams, draws)
         # Timed with its picks: picking k + 1 positions costs more than one (sampling: ~50 us more here).
         self.record(logits.shape[1] - 1, time.perf_counter() - started)
         self.settle(rows, lengths, guesses, accepted)
@@ -260,24 +260,25 @@ def read_draws(samplers: list[Sampler], streams: list, count: int) -> np.ndarray
 
 def give_back_draws(samplers: list[Sampler], streams: list, draws: np.ndarray | None) -> None:
     """Return every draw `read_draws` read to its row's stream."""
+    if draws is None:
+        return
     for sampler, stream in zip(samplers, streams):
-        if draws is not None and not sampler.greedy:
+        if not sampler.greedy:
             give_back(stream, draws.shape[1])
 
 
-def verify(logits: np.ndarray, guesses: list[list[int]], sampler: Sampler, streams: list,
-           own_pick: bool = True, draws: np.ndarray | None = None) -> tuple[list[int], list[list[int]]]:
+def verify(logits: np.ndarray, guesses: list[list[int]], sampler: Sampler, streams: list, draws: np.ndarray | None,
+           own_pick: bool = True) -> tuple[list[int], list[list[int]]]:
     """For (rows, k + 1, V) logits and each row's guesses (up to k): how many guesses each row accepts, and the
     tokens it emits (its picks: the accepted guesses, then, with `own_pick`, the model's own). One draw per
     emitted token, as plain decoding: every position is picked at once with the draw plain decoding would use
-    there (`draws`, read ahead, at least k + 1 a row; by default read here), and the draws no token is emitted
-    for are given back to the row's stream (without `own_pick`, the next step picks that position again, from
+    there (`draws`, read ahead by `read_draws`, at least k + 1 a row; None when greedy), and the draws no token
+    is emitted for are given back to the row's stream (without `own_pick`, the next step picks that position again, from
     the logits there, with the same draw)."""
     rows, positions = logits.shape[:2]
     if sampler.greedy:
         picks = logits.argmax(axis=-1).tolist()
     else:
-        draws = read_ahead(streams, positions) if draws is None else draws
         picks = sampler.pick(logits.reshape(rows * positions, -1),
                              draws[:, :positions].reshape(-1)).reshape(rows, positions).tolist()
     accepted = []

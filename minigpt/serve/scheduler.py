@@ -279,8 +279,8 @@ class Scheduler:
         for rows, sampler in self._rows_alike():
             try:
                 kept, _ = verify(logits[rows], [guesses[row] for row in rows], sampler,
-                                 [streams[row] for row in rows], own_pick=False,
-                                 draws=None if draws is None else draws[rows])
+                                 [streams[row] for row in rows], None if draws is None else draws[rows],
+                                 own_pick=False)
             except Exception as exc:  # as in _sample: these requests alone fail
                 self._fail_rows(rows, f"sampling failed for this request: {exc!r}")
                 kept = [0] * len(rows)
