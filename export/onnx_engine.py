@@ -146,8 +146,13 @@ class OnnxEngine:
         # GroupQueryAttention reads each row's old length from seqlens_k (its total after this run, minus
         # one) and, once any row has a past, appends the new keys after it: a prefill, a decode step and a
         # k-token extend are one call. Positions past a row's length are simply overwritten.
-        np.add(start_pos[:, None], self._offsets[:new], out=step.positions)
-        if new > 1 and rows > 1:  # one new token, or one row: seqlens_k is bound to the positions themselves
+        # Copies, not arithmetic: right after a graph call a numpy ufunc costs microseconds of cold cache.
+        if new == 1:
+            step.positions[:, 0] = start_pos
+        elif rows == 1:
+            step.positions[0] = self._offsets[end - new:end]
+        else:  # rows of several tokens (a prefill): seqlens_k has an array of its own (see _step)
+            np.add(start_pos[:, None], self._offsets[:new], out=step.positions)
             np.add(start_pos, new - 1, out=step.seqlens)
         step.total[()] = end
         self.session.run_with_iobinding(step.binding)
