@@ -14,10 +14,13 @@ and sampled text are identical to plain decoding for the same seed, at any
 temperature, top-k and top-p; the cache positions of wrong guesses are
 rolled back by lowering the row's length.
 
-How many guesses pay depends on the draft and the engine: k is chosen each
-step to maximise expected tokens per second, from the measured acceptance
-rate and the measured time of a step at each k (k = 0 is plain decoding,
-which a poor draft falls back to).
+How far to guess is the draft's call and the measured speed's: a draft with
+probabilities stops guessing once it is unsure (`minigpt.drafts`), a step
+verifies at most k guesses (k grows after a step whose every guess was kept
+and shrinks after a miss, as HuggingFace's assisted generation schedules
+it), and while verify steps emit tokens more slowly than plain steps do (a
+poor draft, random weights) decoding runs plain steps, guessing again now
+and then to notice a draft that helps again.
 """
 
 from __future__ import annotations
@@ -32,12 +35,11 @@ from minigpt.config import DRAFT_TOKENS
 from minigpt.decoding import Rows
 from minigpt.sampling import Sampler, give_back, read_ahead
 
-DECIDE_EVERY = 4  # verify steps between choices of k
-PLAIN_STRETCH = 16  # plain steps run as one stretch, exactly plain decoding's loop, when k = 0 is chosen
-FIRST_PROBE = 8  # plain stretches before guessing again, to notice a draft that helps now; doubled after each
+DECIDE_EVERY = 4  # verify steps between comparisons with plain decoding
+PLAIN_STRETCH = 16  # plain steps run as one stretch, exactly plain decoding's loop, when guessing does not pay
+FIRST_PROBE = 1  # plain stretches before guessing again, to notice a draft that helps now; doubled after each
 TIMED_PLAIN_STEPS = 2  # of each stretch: enough to keep the yardstick current
-RECENT_STEPS = 8  # a step's cost is the least of its recent times: this host's noise only ever adds time
-UNMEASURED_COST_PER_TOKEN = 0.2  # a step's cost per extra token until measured (onnxruntime: ~0.1-0.2)
+RECENT_STEPS = 8  # what guessing and plain steps achieve is judged from this many recent steps of each
 
 
 DRAFT_CHOICES = ("auto", "ngram", "context", "none")  # or a smaller model's file
@@ -72,12 +74,13 @@ class Speculator:
                 for row, (history, sampler) in enumerate(zip(histories, samplers))])
         self.steps, self.tokens = 0, 0  # verify steps, and the tokens rows emitted in them (per row)
         self.plain_steps = 0
-        # A weak prior, one guess worth: drafts are right about 3 times in 4 (the n-gram table on the default
-        # model: ~0.7), and presuming less sent some rows to plain decoding after a few early misses.
-        self.accepted, self.guessed = 0.75, 1.0
-        self.step_seconds: dict[int, float] = {}  # a step's cost at each k: the least of its recent times
+        self.k = max(1, max_tokens // 2)  # the most guesses the next verify step takes (see `settle`)
+        # A step's cost by how many guesses it verified (0: a plain step): the least of its recent times, since
+        # this host's noise only ever adds time (and a width's first call may build the engine's binding).
+        self.step_seconds: dict[int, float] = {}
         self._recent: dict[int, deque] = {}
-        self.countdown, self.chosen, self.stretches, self.probe_after = 0, 0, 0, FIRST_PROBE
+        self.verified: deque = deque(maxlen=RECENT_STEPS)  # recent verify steps: (tokens a row emitted, width)
+        self.countdown, self.stretches, self.probe_after = 0, 0, FIRST_PROBE
 
     @staticmethod
     def pays(engine, rows: int) -> bool:
@@ -136,12 +139,12 @@ class Speculator:
         for step in range(steps):
             started = time.perf_counter() if step < TIMED_PLAIN_STEPS else None
             pending = sampler(rows.decode(pending), streams)
-            if started is not None:  # a step and its pick: the yardstick every k is weighed against
+            if started is not None:  # a step and its pick: the yardstick guessing is weighed against
                 self.record(0, time.perf_counter() - started)
             yield pending
 
     def plain_step(self, rows: Rows, pending: np.ndarray) -> np.ndarray:
-        """`rows.decode(pending)`, timed: the yardstick every k is weighed against (for a caller that picks
+        """`rows.decode(pending)`, timed: the yardstick guessing is weighed against (for a caller that picks
         tokens from these logits later, and so times verify steps without their picks too)."""
         started = time.perf_counter()
         logits = rows.decode(pending)
@@ -160,8 +163,7 @@ class Speculator:
         lengths, guesses, logits, draws = extended
         accepted, emitted = verify(logits, guesses, sampler, streams, draws)
         # Timed with its picks: picking k + 1 positions costs more than one (sampling: ~50 us more here).
-        self.record(logits.shape[1] - 1, time.perf_counter() - started)
-        self.settle(rows, lengths, guesses, accepted)
+        self.settle(rows, lengths, guesses, accepted, time.perf_counter() - started)
         return emitted
 
     def extend(self, rows: Rows, pending: np.ndarray, k: int, samplers: list[Sampler],
@@ -181,68 +183,64 @@ class Speculator:
         draws = read_draws(samplers, streams, k + 1)
         guesses = self._propose_rows(histories, k, draws, samplers)
         k = max(map(len, guesses))
-        if k == 0:  # nothing to verify: a miss for every row
+        if k == 0:  # nothing to verify
             give_back_draws(samplers, streams, draws)
-            self.accepted, self.guessed = 0.95 * self.accepted, 0.95 * self.guessed + rows.count
             return None
         # A short guess is padded (and the padding not verified); one list, one array: cheaper than filling rows.
         logits = rows.extend(np.array([[first, *guess] + [0] * (k - len(guess))
                                        for first, guess in zip(pending.tolist(), guesses)], dtype=np.int64))
         return lengths, guesses, logits, draws
 
-    def settle(self, rows: Rows, lengths: list[int], guesses: list[list[int]], accepted: list[int]) -> None:
-        """Roll each row back to its next token and the guesses it accepted; learn the draft's hit rate."""
+    def settle(self, rows: Rows, lengths: list[int], guesses: list[list[int]], accepted: list[int],
+               seconds: float) -> None:
+        """Roll each row back to its next token and the guesses it accepted; count what the step, timed by the
+        caller (`seconds`), achieved; choose the next step's k: two more after a step whose every guess was
+        kept (the draft may be able to say more), one fewer after a miss."""
         rows.roll_back([length + 1 + kept for length, kept in zip(lengths, accepted)])
-        # Guesses a row did not reach (after a wrong one) say nothing about the draft: count up to the first miss.
-        reached = sum(min(len(guess), kept + 1) for guess, kept in zip(guesses, accepted))
+        emitted = 1 + sum(accepted) / len(accepted)  # tokens a row emitted, on average
         self.steps += 1
-        self.tokens += 1 + sum(accepted) / len(accepted)
-        self.accepted = 0.95 * self.accepted + sum(accepted)
-        self.guessed = 0.95 * self.guessed + max(1, reached)
+        self.tokens += emitted
+        width = max(map(len, guesses))
+        self.record(width, seconds)
+        self.verified.append((emitted, width))
+        every_guess_kept = all(kept == len(guess) for guess, kept in zip(guesses, accepted))
+        self.k = min(self.max_tokens, self.k + 2) if every_guess_kept else max(1, self.k - 1)
 
-    def record(self, k: int, seconds: float) -> None:
-        """What a step with k guesses took (k = 0: a plain step), as the caller timed it."""
-        if k not in self._recent:  # a shape's first call builds its binding: not what later steps cost
-            self._recent[k] = deque(maxlen=RECENT_STEPS)
-            return
-        recent = self._recent[k]
+    def record(self, width: int, seconds: float) -> None:
+        """What a step verifying `width` guesses took (0: a plain step), as the caller timed it."""
+        recent = self._recent.setdefault(width, deque(maxlen=RECENT_STEPS))
         recent.append(seconds)
-        self.step_seconds[k] = min(recent)
+        self.step_seconds[width] = min(recent)
 
     def choose_k(self) -> tuple[int, int]:
-        """(k, plain steps to run if k is 0 or the draft has nothing to guess): the k with the most expected
-        tokens per second, from the acceptance rate and measured step times, decided again every DECIDE_EVERY
-        verify steps or after a stretch of PLAIN_STRETCH plain steps."""
-        if 0 not in self.step_seconds:  # time plain steps first: the yardstick every k is weighed against
-            return 0, 1
+        """(k, plain steps to run if k is 0 or the draft has nothing to guess): guess while verify steps emit
+        tokens faster than plain steps, judged again every DECIDE_EVERY verify steps; else a stretch of
+        PLAIN_STRETCH plain steps, with a few verify steps now and then to see whether guessing pays now."""
+        if len(self._recent.get(0, ())) < TIMED_PLAIN_STEPS:  # plain steps first: the yardstick guessing is
+            return 0, 1                                      # weighed against (the first may build a binding)
         self.countdown -= 1
         if self.countdown > 0:
-            return self.chosen, 1
-        self.chosen = self._best_k()
-        if self.chosen == 0:
-            self.stretches += 1
-            if self.stretches == self.probe_after:  # now and then a few steps see whether guessing pays now,
-                self.chosen, self.stretches = 1, 0  # less often each time it did not: a useless draft costs
-                self.probe_after *= 2               # less and less
-        else:
-            self.probe_after = FIRST_PROBE
-        self.countdown = DECIDE_EVERY if self.chosen else 1
-        return self.chosen, 1 if self.chosen else PLAIN_STRETCH
+            return self.k, 1
+        if self._guessing_pays():
+            self.probe_after, self.countdown = FIRST_PROBE, DECIDE_EVERY
+            return self.k, 1
+        if self.stretches == self.probe_after:  # guess again, less often each time it did not pay: a useless
+            self.stretches, self.probe_after = 0, self.probe_after * 2  # draft costs less and less
+            self.verified.clear()  # judged on its own steps, from one guess a step (the cheapest) upwards
+            self.countdown, self.k = DECIDE_EVERY, 1
+            return self.k, 1
+        self.stretches += 1
+        self.countdown = 1
+        return 0, PLAIN_STRETCH
 
-    def _best_k(self) -> int:
-        rate = min(self.accepted / self.guessed, 0.99)
-        measured = sorted(k for k in self.step_seconds if k > 0)
-        # A verify step costs a fixed amount more than a plain one (the draft, the draws, picking two positions
-        # or more) and then a little per guess: what one more guess costs is the slope between the smallest and
-        # largest k timed (onnxruntime verifies a batch row by row, so for batches this is steep), else a prior.
-        anchor = measured[-1] if measured else 0
-        slope = ((self.step_seconds[anchor] - self.step_seconds[measured[0]]) / (anchor - measured[0])
-                 if len(measured) > 1 else UNMEASURED_COST_PER_TOKEN * self.step_seconds[0])
-
-        def cost(k: int) -> float:
-            return self.step_seconds.get(k, self.step_seconds[anchor] + max(0.0, slope) * (k - anchor))
-
-        return max(range(self.max_tokens + 1), key=lambda k: (1 - rate ** (k + 1)) / (1 - rate) / cost(k))
+    def _guessing_pays(self) -> bool:
+        """Whether recent verify steps emitted a row's tokens faster than plain steps do (presumed so until
+        DECIDE_EVERY are done: one early miss says little)."""
+        if len(self.verified) < DECIDE_EVERY:
+            return True
+        tokens = sum(emitted for emitted, _ in self.verified)
+        seconds = sum(self.step_seconds[width] for _, width in self.verified)
+        return tokens / seconds > 1 / self.step_seconds[0]
 
 
 def read_draws(samplers: list[Sampler], streams: list, count: int) -> np.ndarray | None:

@@ -287,8 +287,7 @@ class Scheduler:
             for row, count in zip(rows, kept):
                 accepted[row] = count
         # Timed with the guesses' picks (delivering them is what plain steps pay later, untimed): as plain_step.
-        speculator.record(logits.shape[1] - 1, time.perf_counter() - started)
-        speculator.settle(self.rows, lengths, guesses, accepted)
+        speculator.settle(self.rows, lengths, guesses, accepted, time.perf_counter() - started)
         self.observer.verify_steps.inc()
         self.observer.draft_tokens.inc(sum(accepted))
         next_logits = logits[np.arange(len(accepted)), accepted]
