@@ -64,19 +64,22 @@ class Sampler:
         if self.top_k is not None and self.top_k < scaled.shape[-1]:
             kth_largest = np.partition(scaled, -self.top_k, axis=-1)[:, -self.top_k, None]
             scaled[scaled < kth_largest] = -np.inf
+        top_p = self.top_p is not None and self.top_p < 1
+        if top_p:  # each row's tokens, likeliest first (ranked now: the weights are made in scaled's memory)
+            ranked = (-scaled).argsort(axis=-1, kind="stable")
         # The likeliest token is never filtered out, so the shift by the maximum is the same before and after.
-        weights = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
-        if self.top_p is not None and self.top_p < 1:
-            # Each row's tokens, likeliest first, as indices into the flattened batch (a plain fancy index
-            # costs a fraction of take_along_axis here).
-            offsets = np.arange(0, scaled.size, scaled.shape[-1])[:, None]
-            ranked = np.argsort(-scaled, axis=-1, kind="stable") + offsets
+        # (Reductions as ufunc methods: the same arithmetic as .max() and .sum(), without their Python layer.)
+        weights = np.exp(np.subtract(scaled, np.maximum.reduce(scaled, axis=-1, keepdims=True), out=scaled),
+                         out=scaled)
+        if top_p:
+            if len(ranked) > 1:  # as indices into the flattened batch (a fraction of take_along_axis's cost)
+                ranked += np.arange(0, scaled.size, scaled.shape[-1])[:, None]
             flat_weights = weights.reshape(-1)
             sorted_weights = flat_weights[ranked]
-            sorted_probs = sorted_weights / sorted_weights.sum(axis=-1, keepdims=True)
+            sorted_probs = sorted_weights / np.add.reduce(sorted_weights, axis=-1, keepdims=True)
             # Drop a token once the tokens ranked above it already hold top_p
             # of the mass; the likeliest token always stays.
-            drop = np.cumsum(sorted_probs, axis=-1) - sorted_probs >= self.top_p
+            drop = np.add.accumulate(sorted_probs, axis=-1) - sorted_probs >= self.top_p
             drop[:, 0] = False  # at top_p 0 too
             flat_weights[ranked[drop]] = 0.0
         return weights
@@ -98,8 +101,8 @@ class Sampler:
             return logits.argmax(axis=-1).astype(np.int64, copy=False)
         # The first token whose cumulative weight reaches the draw's share of the row's total. Unnormalised,
         # the last kept token's cumulative weight is the total itself, so no draw can walk past it.
-        cumulative = np.cumsum(self._weights(logits), axis=-1)
-        return (cumulative < (draws * cumulative[:, -1])[:, None]).sum(axis=-1)
+        cumulative = np.add.accumulate(self._weights(logits), axis=-1)  # np.cumsum, without its Python layer
+        return np.add.reduce(cumulative < (draws * cumulative[:, -1])[:, None], axis=-1)
 
 
 def rows_alike(samplers: list[Sampler]) -> list[tuple[list[int], Sampler]]:
