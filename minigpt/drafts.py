@@ -5,11 +5,13 @@ against what the model itself picks, so a draft can make decoding faster or
 (slightly) slower, never different. Two drafts need no second model:
 
 - `NGramDraft`: the next character after each context of up to `order`
-  characters in the training text, longest context first. Built from the
-  encoded corpus at the end of `minigpt train` and stored in the checkpoint
-  (and carried into an exported .onnx file), because the table belongs to
-  the model it was made for: it must use the model's vocabulary and travel
-  with it. Greedy, it guesses the most frequent next character. Sampling, it
+  characters, longest context first, counted over the training text: not
+  the text's own next character but the finished model's pick there (read
+  through the text as in training), since a guess is right when it is what
+  the model says. Built at the end of `minigpt train` and stored in the
+  checkpoint (and carried into an exported .onnx file), because the table
+  belongs to the model it was made for: it must use the model's vocabulary
+  and travel with it. Greedy, it guesses the most frequent pick. Sampling, it
   guesses what the row will sample: the table keeps each context's few most
   frequent next characters with their counts, and the draft picks from those
   counts as the sampler picks from the model's probabilities (the same
@@ -95,18 +97,22 @@ class NGramDraft:
         self._distributions: dict[tuple, dict[int, tuple[list[int], list[float]]]] = {}  # by sampler settings
 
     @classmethod
-    def build(cls, ids: np.ndarray, vocab_size: int, order: int = DEFAULT_ORDER) -> "NGramDraft":
+    def build(cls, ids: np.ndarray, vocab_size: int, order: int = DEFAULT_ORDER,
+              follows: np.ndarray | None = None) -> "NGramDraft":
         """The table of `ids` (a training split, its first MAX_TABLE_CHARACTERS), every context length from 1
-        to `order`, one length at a time so memory stays a few arrays of the text's size."""
+        to `order`, one length at a time so memory stays a few arrays of the text's size. What is counted
+        after the context that ends at ids[j - 1] is follows[j]: by default ids[j], the text's own next
+        character; `minigpt train` passes the model's own pick there, so that the table guesses the model."""
         order = min(order, max_order(vocab_size))
         ids = np.asarray(ids[:MAX_TABLE_CHARACTERS], dtype=np.int64)
+        follows = ids if follows is None else np.asarray(follows[:len(ids)], dtype=np.int64)
         base, parts = _base(vocab_size), []
         key = np.zeros(max(0, len(ids) - 1), dtype=np.int64)
         for length in range(1, min(order, len(ids) - 1) + 1):
             # Contexts of this length ending just before each next character, newest character first:
             # the key of length L is the key of length L - 1 with one more base-(V+1) digit.
             key = key[1:] * base + ids[:len(ids) - length] + 1 if length > 1 else ids[:-1] + 1
-            parts.append(_followers_of(key, ids[length:], vocab_size))
+            parts.append(_followers_of(key, follows[length:], vocab_size))
         if not parts:
             empty = np.zeros(0, dtype=np.int32)
             return cls(np.zeros(0, dtype=np.int64), empty, order, vocab_size, empty, empty, empty)

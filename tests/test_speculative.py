@@ -188,6 +188,52 @@ def test_the_ngram_table_predicts_its_own_text():
     assert again.table == draft.table and again.order == 3
 
 
+def test_model_picks_are_the_models_own_greedy_next_characters_window_by_window(tiny_loaded):
+    import torch
+
+    from minigpt.train import model_picks
+
+    model = tiny_loaded.model
+    text = np.random.default_rng(3).integers(0, 20, size=3 * BLOCK + 5)
+    picks = model_picks(model, text, torch.device("cpu"))
+    assert len(picks) == 3 * BLOCK + 1 and picks[0] == text[0]  # whole windows only
+    for window in range(3):
+        read = torch.from_numpy(text[window * BLOCK:(window + 1) * BLOCK])[None]
+        with torch.no_grad():
+            expected = model(read)[0].argmax(-1)[0].numpy()
+        assert (picks[window * BLOCK + 1:(window + 1) * BLOCK + 1] == expected).all()
+    assert (model_picks(model, text[:BLOCK], torch.device("cpu")) == text[:BLOCK]).all()  # too short: the text
+    assert model.training is False
+
+
+def test_a_finished_run_stores_the_table_of_its_models_picks_which_guesses_the_model_better(tiny_loaded,
+                                                                                          make_engine):
+    """The stored table counts the model's own picks: it guesses the model's greedy text further than the
+    same table counting the text's characters."""
+    from minigpt.data import load_corpus
+    from minigpt.drafts import DEFAULT_ORDER
+
+    train_ids = load_corpus(tiny_loaded.metadata["data"]).split("train")
+    stored = tiny_loaded.ngram_draft()
+    of_text = NGramDraft.build(train_ids, tiny_loaded.tokenizer.vocab_size, DEFAULT_ORDER)
+    assert stored.table.keys() <= of_text.table.keys() and stored.next_ids.tolist() != of_text.next_ids.tolist()
+    rows = [train_ids[start:start + 5].tolist() for start in range(0, 400, 40)]
+    text = [row + out for row, out in zip(rows, tokens(make_engine("kv-cache"), rows, Sampler(temperature=0)))]
+
+    def guessed(draft):  # tokens a verify step would emit, every step of every row
+        emitted = []
+        for row in text:
+            at = 4
+            while at < len(row) - 1:
+                guesses = draft.propose(np.array(row[:at + 1]), 8)
+                kept = next((i for i, (g, t) in enumerate(zip(guesses, row[at + 1:])) if g != t), len(guesses))
+                emitted.append(1 + kept)
+                at += 1 + kept
+        return np.mean(emitted)
+
+    assert guessed(stored) > guessed(of_text) + 0.2, (guessed(stored), guessed(of_text))
+
+
 def test_the_ngram_table_stops_guessing_once_its_guesses_are_unlikely_all_to_be_right():
     from minigpt.drafts import CONFIDENT
 
