@@ -53,6 +53,7 @@ MADE_DISTRIBUTIONS, RECENT_SETTINGS = 1 << 16, 4
 # under the context's counts) is at least this: a long guess past an unsure one is mostly a wider graph call
 # for nothing (default model, greedy: 48.7 against 53.5 us a token for the best fixed k, bench/README.md).
 CONFIDENT = 0.3
+LONGEST_GUESS = 64  # guesses a greedy context keeps: the most --draft-tokens allows
 NGRAM_KEYS, NGRAM_NEXT, NGRAM_META = "draft.ngram.keys", "draft.ngram.next", "draft_ngram"
 # Each context's candidates, most frequent first, and their counts: flat, `followers` of them per context.
 # NGRAM_NEXT (the first candidate) stays, so that a table without them (an older checkpoint) still guesses.
@@ -95,6 +96,7 @@ class NGramDraft:
         self._top_share = (counts[starts] / np.maximum(totals, 1)).tolist() if len(starts) else []
         self._candidates, self._counts = candidates.tolist(), counts.tolist()
         self._distributions: dict[tuple, dict[int, tuple[list[int], list[float]]]] = {}  # by sampler settings
+        self._chains: dict[int, list[int]] = {}  # a context's key -> its greedy guesses, up to LONGEST_GUESS
 
     @classmethod
     def build(cls, ids: np.ndarray, vocab_size: int, order: int = DEFAULT_ORDER,
@@ -124,14 +126,24 @@ class NGramDraft:
         """Up to k guesses at the characters after `history` (its last `order` characters matter); with the
         row's next k draws and its sampler, each guess is what that draw picks from the context's counts. The
         guesses stop early once they are unlikely all to be right (see CONFIDENT)."""
-        table, base, guesses, sure = self.table, self.base, [], 1.0
-        pick = self._picker(sampler) if draws is not None and not sampler.greedy else None
-        draws = draws.tolist() if pick is not None else None
         context = np.asarray(history[-self.order:]).tolist()
-        length, key = len(context), 0
+        key = 0
         for char in reversed(context):  # the newest character is the key's highest digit
-            key = key * base + char + 1
-        top = base ** (length - 1) if length else 0  # the value of that highest digit
+            key = key * self.base + char + 1
+        if draws is None or sampler.greedy:  # a context's greedy guesses never change: made once, kept
+            if key not in self._chains:
+                if len(self._chains) >= MADE_DISTRIBUTIONS:  # a long-running server meets ever more contexts
+                    self._chains.clear()
+                self._chains[key] = self._guesses(key, len(context), LONGEST_GUESS, None)
+            return self._chains[key][:k]
+        pick = self._picker(sampler)
+        return self._guesses(key, len(context), k, lambda found, step: pick(found, draws[step]))
+
+    def _guesses(self, key: int, length: int, k: int, pick) -> list[int]:
+        """Up to k guesses after the context packed in `key` (`length` characters): each context's most
+        frequent candidate, or pick(context index, guess number) -> (candidate, its probability)."""
+        table, base, guesses, sure = self.table, self.base, [], 1.0
+        top = base ** (length - 1) if length else 0  # the value of the key's highest digit
         for step in range(k):
             found, shorter = None, key
             while shorter:  # the longest context the text has is the answer; usually the whole one
@@ -141,7 +153,7 @@ class NGramDraft:
                 shorter //= base  # drop the oldest character
             if found is None:
                 break
-            found, chance = (self._next[found], self._top_share[found]) if pick is None else pick(found, draws[step])
+            found, chance = (self._next[found], self._top_share[found]) if pick is None else pick(found, step)
             sure *= chance
             if guesses and sure < CONFIDENT:
                 break

@@ -45,8 +45,11 @@ class Sampler:
         if self.seed is not None:
             check_seed(self.seed)
 
-    def streams(self, count: int) -> list[np.random.Generator]:
-        """The random streams of rows 0 .. count-1: row i's depends on the seed and i alone."""
+    def streams(self, count: int) -> list[np.random.Generator | None]:
+        """The random streams of rows 0 .. count-1: row i's depends on the seed and i alone. A greedy sampler
+        draws nothing: its rows get None (making a stream costs ~40 us, a tenth of a short greedy reply)."""
+        if self.greedy:
+            return [None] * count
         return [np.random.default_rng(child) for child in np.random.SeedSequence(self.seed).spawn(count)]
 
     @property

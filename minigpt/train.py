@@ -29,6 +29,7 @@ from minigpt import distributed
 from minigpt.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, warm_start
 from minigpt.config import GPTConfig, TrainConfig
 from minigpt.data import DataSource, load_corpus, load_recorded_corpus
+from minigpt.decoding import EMPTY_PROMPT
 from minigpt.devices import check_memory, resolve_device
 from minigpt.drafts import NGramDraft
 from minigpt.encoded import EncodedCorpus
@@ -447,4 +448,8 @@ def evaluate(model: MiniGPT, train_ids: np.ndarray, valid_ids: np.ndarray, confi
 
 
 def sample_after_training(result: TrainResult, length: int = 300, seed: int = 0) -> str:
-    return generate(result.model, result.tokenizer, "", length, temperature=0.8, seed=seed)
+    """A sample from the start of a line, or from the vocabulary's first character when the text had no
+    newline (the model is saved by then: a sample must not turn a finished run into an error)."""
+    tokenizer = result.tokenizer
+    start = "" if EMPTY_PROMPT in tokenizer.chars else tokenizer.chars[0]
+    return generate(result.model, tokenizer, start, length, temperature=0.8, seed=seed)

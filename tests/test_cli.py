@@ -46,6 +46,18 @@ def test_train_generate_eval_end_to_end(tmp_path, tiny_text_file, capsys, train_
     assert out.startswith("valid: loss") and "bits/char" in out
 
 
+def test_train_on_a_text_without_newlines_ends_with_a_sample(tmp_path, capsys, train_flags):
+    """The end-of-training sample starts from a newline, which this text lacks: it starts from the
+    vocabulary's first character instead, and the run ends well."""
+    text = tmp_path / "one line.txt"
+    text.write_text("the cat sat on the mat and the dog sat on the log " * 40, encoding="utf-8")
+    ckpt = tmp_path / "model.safetensors"
+    code, out, err = run(capsys, "train", "--data", str(text), "--out", str(ckpt), "--sample_tokens", "30",
+                         *train_flags)
+    assert code == 0, err
+    assert ckpt.is_file() and len(out.rstrip("\n")) == 1 + 30 and out.startswith(" ")
+
+
 def test_same_seed_same_text_and_greedy_is_repeatable(tiny_checkpoint, capsys):
     texts = []
     for seed in ("1", "1", "2"):
