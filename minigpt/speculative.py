@@ -36,6 +36,7 @@ from minigpt.decoding import Rows
 from minigpt.sampling import Sampler, give_back, read_ahead
 
 DECIDE_EVERY = 4  # verify steps between comparisons with plain decoding
+PROBE_STEPS = 2  # verify steps a probe takes (one guess each, then three) before it is judged
 PLAIN_STRETCH = 16  # plain steps run as one stretch, exactly plain decoding's loop, when guessing does not pay
 FIRST_PROBE = 1  # plain stretches before guessing again, to notice a draft that helps now; doubled after each
 TIMED_PLAIN_STEPS = 2  # of each stretch: enough to keep the yardstick current
@@ -81,6 +82,7 @@ class Speculator:
         self._recent: dict[int, deque] = {}
         self.verified: deque = deque(maxlen=RECENT_STEPS)  # recent verify steps: (tokens a row emitted, width)
         self.countdown, self.stretches, self.probe_after = 0, 0, FIRST_PROBE
+        self.judge_after = DECIDE_EVERY  # verify steps timed before guessing is judged (a probe's: fewer)
 
     @staticmethod
     def pays(engine, rows: int) -> bool:
@@ -227,7 +229,7 @@ class Speculator:
         if self.stretches == self.probe_after:  # guess again, less often each time it did not pay: a useless
             self.stretches, self.probe_after = 0, self.probe_after * 2  # draft costs less and less
             self.verified.clear()  # judged on its own steps, from one guess a step (the cheapest) upwards
-            self.countdown, self.k = DECIDE_EVERY, 1
+            self.countdown, self.k, self.judge_after = PROBE_STEPS, 1, PROBE_STEPS
             return self.k, 1
         self.stretches += 1
         self.countdown = 1
@@ -235,8 +237,8 @@ class Speculator:
 
     def _guessing_pays(self) -> bool:
         """Whether recent verify steps emitted a row's tokens faster than plain steps do (presumed so until
-        DECIDE_EVERY are done: one early miss says little)."""
-        if len(self.verified) < DECIDE_EVERY:
+        DECIDE_EVERY are done, or a probe's PROBE_STEPS: one early miss says little)."""
+        if len(self.verified) < self.judge_after:
             return True
         tokens = sum(emitted for emitted, _ in self.verified)
         seconds = sum(self.step_seconds[width] for _, width in self.verified)

@@ -144,19 +144,19 @@ def test_k_grows_while_every_guess_is_kept_and_shrinks_after_a_miss():
 
 
 def test_a_draft_that_does_not_pay_gives_way_to_plain_stretches_and_is_tried_again_less_often():
-    from minigpt.speculative import DECIDE_EVERY, FIRST_PROBE, PLAIN_STRETCH
+    from minigpt.speculative import DECIDE_EVERY, FIRST_PROBE, PLAIN_STRETCH, PROBE_STEPS
 
     speculator = Speculator(WrongDraft(), max_tokens=8)
     speculator.record(0, 100e-6), speculator.record(0, 100e-6)
     missing = dict(kept=lambda k: 0, seconds=lambda k: 130e-6)  # one token for 1.3 plain steps' time
     assert verify_steps(speculator, DECIDE_EVERY, **missing) == [4, 3, 2, 1]
     stretches = 0
-    for probe in range(3):  # each probe one guess a step for DECIDE_EVERY steps, after twice as many stretches
+    for probe in range(3):  # each probe one guess a step for PROBE_STEPS steps, after twice as many stretches
         while (choice := speculator.choose_k()) == (0, PLAIN_STRETCH):
             stretches += 1
         assert choice == (1, 1) and stretches == FIRST_PROBE * (2 ** (probe + 1) - 1)
         speculator.settle(SettledRows(), [10], [[1]], [0], 130e-6)
-        verify_steps(speculator, DECIDE_EVERY - 1, **missing)
+        verify_steps(speculator, PROBE_STEPS - 1, **missing)
     # A probe whose guesses are kept (two tokens for 1.3 plain steps' time) goes on guessing, k growing.
     assert speculator.choose_k() == (0, PLAIN_STRETCH)
     while speculator.choose_k() == (0, PLAIN_STRETCH):
