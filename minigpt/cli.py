@@ -81,7 +81,8 @@ def _engine_options(parser: argparse.ArgumentParser) -> None:
                  "smaller model's .safetensors or .onnx file (same characters) guesses with that model, none "
                  "decodes one token a step (default auto)")
     _option(parser, "draft_tokens", type=Bounded(int, 1, 64), default=DRAFT_TOKENS, metavar="K",
-            help="the most guesses verified in one step; fewer are used when they do not pay (default 8)")
+            help="the most guesses verified in one step; fewer after a miss or where the draft is unsure "
+                 f"(default {DRAFT_TOKENS})")
 
 
 def _version() -> str:
