@@ -43,7 +43,7 @@ import numpy as np
 from minigpt.errors import CheckpointError
 from minigpt.sampling import rows_alike
 
-DEFAULT_ORDER = 4  # context characters: ~2.5 accepted tokens a step on the default model at k = 4
+DEFAULT_ORDER = 4  # context characters (6 guessed no better on the default model: 6.5 tokens a verify step)
 MAX_TABLE_CHARACTERS = 5_000_000  # of training text read into the table: ~2 s of numpy, a few arrays of it
 CANDIDATES = 8  # next characters kept per context with their counts: as good a guess as all of them
 # A sampling row's guesses use each context's distribution for its sampler's settings, made when first met
@@ -51,7 +51,7 @@ CANDIDATES = 8  # next characters kept per context with their counts: as good a 
 MADE_DISTRIBUTIONS, RECENT_SETTINGS = 1 << 16, 4
 # A draft guesses on while the chance that all its guesses are right (the product of each guess's probability
 # under the context's counts) is at least this: a long guess past an unsure one is mostly a wider graph call
-# for nothing (default model, greedy: 48.7 against 53.5 us a token for the best fixed k, bench/README.md).
+# for nothing (default model, batch 1, k = 12: 0.2 and 0.3 alike best, greedy and sampled; 0.5 and 0.1 slower).
 CONFIDENT = 0.3
 LONGEST_GUESS = 64  # guesses a greedy context keeps: the most --draft-tokens allows
 NGRAM_KEYS, NGRAM_NEXT, NGRAM_META = "draft.ngram.keys", "draft.ngram.next", "draft_ngram"

@@ -224,7 +224,7 @@ class Speculator:
         if self.countdown > 0:
             return self.k, 1
         if self._guessing_pays():
-            self.probe_after, self.countdown = FIRST_PROBE, DECIDE_EVERY
+            self.probe_after, self.stretches, self.countdown = FIRST_PROBE, 0, DECIDE_EVERY
             return self.k, 1
         if self.stretches == self.probe_after:  # guess again, less often each time it did not pay: a useless
             self.stretches, self.probe_after = 0, self.probe_after * 2  # draft costs less and less
