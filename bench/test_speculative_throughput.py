@@ -70,9 +70,9 @@ def trained(request, corpus_source, tmp_path_factory):
             return made[name]
         # Untimed (CI): a few small steps, enough for every equality below to mean something.
         settings = dict(TRAINING[name]) if timing(request) else dict(TRAINING[name], steps=4, batch_size=2)
-        # "picks": the n-gram table counts the finished model's own picks (a cached model from before would
-        # speculate as an older minigpt did).
-        stem = f"{name}-{settings['steps']}-picks-{Path(corpus_source).name}"
+        # "likely": the n-gram table counts the finished model's own picks and likeliest characters (a cached
+        # model from before would speculate as an older minigpt did).
+        stem = f"{name}-{settings['steps']}-likely-{Path(corpus_source).name}"
         folder = cache_dir() / "bench" if timing(request) else tmp_path_factory.mktemp(name)
         folder.mkdir(parents=True, exist_ok=True)
         checkpoint, graph = folder / f"{stem}.safetensors", folder / f"{stem}.onnx"

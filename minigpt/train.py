@@ -31,7 +31,7 @@ from minigpt.config import GPTConfig, TrainConfig
 from minigpt.data import DataSource, load_corpus, load_recorded_corpus
 from minigpt.decoding import EMPTY_PROMPT
 from minigpt.devices import check_memory, resolve_device
-from minigpt.drafts import NGramDraft
+from minigpt.drafts import CANDIDATES, NGramDraft
 from minigpt.encoded import EncodedCorpus
 from minigpt.errors import DataError, MiniGPTError
 from minigpt.generation import KVCacheEngine, generate
@@ -281,30 +281,37 @@ PICK_WINDOWS = 64  # block-long windows a forward pass of `model_picks` reads
 
 
 @torch.inference_mode()
-def model_picks(model: MiniGPT, ids: np.ndarray, device: torch.device) -> np.ndarray:
-    """The model's own greedy pick after each character of `ids`, reading it in block-long windows: picks[j]
-    for j >= 1 is what it predicts at j from the text before (within its window); picks[0] is ids[0]. Cut to
-    the whole windows (and one), or ids itself when it is shorter than a block.
+def model_picks(model: MiniGPT, ids: np.ndarray, device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What the model says after each character of `ids`, reading it in block-long windows: (picks, likely,
+    chances), where for j >= 1 picks[j] is its greedy pick at j from the text before (within its window),
+    likely[j] its CANDIDATES likeliest characters there and chances[j] their probabilities (row 0: ids[0],
+    certain). Cut to the whole windows (and one), or ids itself, certain, when it is shorter than a block.
 
     Its n-gram draft table counts these, not the text's characters: a draft is right when it guesses what
-    the model will say, and the model's greedy text drifts from the corpus (on the default model the table
-    of its picks guesses 6.5 tokens a verify step where the text's guesses 3.8)."""
+    the model will say, and the model's greedy text drifts from the corpus (default model: the table of its
+    picks guesses 6.5 tokens a verify step where the text's guesses 3.8; sampling from its probabilities
+    instead of its picks, 1.52x plain sampling against 1.31x)."""
     block, text = model.config.block_size, np.asarray(ids, dtype=np.int64)
-    windows = (len(text) - 1) // block
-    if windows == 0:
-        return text
-    picks = text[:windows * block + 1].copy()
+    windows = (len(text) - 1) // block if len(text) > block else 0
+    picks = text[:windows * block + 1].copy() if windows else text.copy()
+    width = min(CANDIDATES, model.config.vocab_size)
+    likely = np.zeros((len(picks), width), dtype=np.int64)
+    chances = np.zeros((len(picks), width), dtype=np.float32)
+    likely[:, 0], chances[:, 0] = picks, 1.0  # what the model read no window for: the text, certain
     training = model.training
     model.eval()
     try:
         for first in range(0, windows, PICK_WINDOWS):
             count = min(PICK_WINDOWS, windows - first)
             read = torch.from_numpy(text[first * block:(first + count) * block].reshape(count, block))
-            logits, _ = model(read.to(device))
-            picks[first * block + 1:(first + count) * block + 1] = logits.argmax(-1).reshape(-1).cpu().numpy()
+            logits = model(read.to(device))[0].reshape(count * block, -1).float()
+            top = torch.softmax(logits, dim=-1).topk(width, dim=-1)
+            said = slice(first * block + 1, (first + count) * block + 1)
+            picks[said] = logits.argmax(-1).cpu().numpy()
+            likely[said], chances[said] = top.indices.cpu().numpy(), top.values.cpu().numpy()
     finally:
         model.train(training)
-    return picks
+    return picks, likely, chances
 
 
 class Run:
@@ -323,8 +330,9 @@ class Run:
             plan = self.plan
             if final:
                 ids = plan.split("train")[:DISTILLED_CHARACTERS]
-                picks = model_picks(self.model, ids, plan.device)
-                self.draft = NGramDraft.build(ids[:len(picks)], plan.tokenizer.vocab_size, follows=picks)
+                picks, likely, chances = model_picks(self.model, ids, plan.device)
+                self.draft = NGramDraft.build(ids[:len(picks)], plan.tokenizer.vocab_size, picks=picks,
+                                              likely=(likely, chances))
             elif self.draft is None:  # made once, at the first save: what speculative decoding guesses from
                 self.draft = NGramDraft.build(plan.split("train"), plan.tokenizer.vocab_size)
             save_checkpoint(plan.out, self.model, plan.tokenizer, step=step, data=plan.corpus.source, draft=self.draft,

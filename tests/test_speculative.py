@@ -195,15 +195,19 @@ def test_model_picks_are_the_models_own_greedy_next_characters_window_by_window(
 
     model = tiny_loaded.model
     text = np.random.default_rng(3).integers(0, 20, size=3 * BLOCK + 5)
-    picks = model_picks(model, text, torch.device("cpu"))
-    assert len(picks) == 3 * BLOCK + 1 and picks[0] == text[0]  # whole windows only
+    picks, likely, chances = model_picks(model, text, torch.device("cpu"))
+    assert len(picks) == len(likely) == len(chances) == 3 * BLOCK + 1 and picks[0] == text[0]  # whole windows
     for window in range(3):
         read = torch.from_numpy(text[window * BLOCK:(window + 1) * BLOCK])[None]
         with torch.no_grad():
-            expected = model(read)[0].argmax(-1)[0].numpy()
-        assert (picks[window * BLOCK + 1:(window + 1) * BLOCK + 1] == expected).all()
-    assert (model_picks(model, text[:BLOCK], torch.device("cpu")) == text[:BLOCK]).all()  # too short: the text
-    assert model.training is False
+            probabilities = torch.softmax(model(read)[0][0], dim=-1).numpy()
+        said = slice(window * BLOCK + 1, (window + 1) * BLOCK + 1)
+        assert (picks[said] == probabilities.argmax(-1)).all()
+        np.testing.assert_allclose(chances[said], np.take_along_axis(probabilities, likely[said], 1), rtol=1e-5)
+        assert (np.diff(chances[said], axis=1) <= 0).all()  # likeliest first
+    short_picks, short_likely, short_chances = model_picks(model, text[:BLOCK], torch.device("cpu"))
+    assert (short_picks == text[:BLOCK]).all() and (short_likely[:, 0] == text[:BLOCK]).all()  # too short: the
+    assert (short_chances[:, 0] == 1).all() and model.training is False                         # text, certain
 
 
 def test_a_finished_run_stores_the_table_of_its_models_picks_which_guesses_the_model_better(tiny_loaded,
