@@ -98,9 +98,7 @@ class NGramDraft:
         ends = np.cumsum(followers)
         starts = ends - followers
         self._starts, self._ends = starts.tolist(), ends.tolist()
-        if sure is None:  # the first candidate's share of its context's kept counts
-            totals = np.add.reduceat(counts, starts) if len(starts) else np.zeros(0)
-            sure = (counts[starts] / np.maximum(totals, 1) if len(starts) else np.zeros(0)).astype(np.float32)
+        sure = _first_shares(counts, starts) if sure is None else sure
         self.sure, self._sure = sure, sure.tolist()  # how sure each context's greedy guess is
         self._candidates, self._counts = candidates.tolist(), counts.tolist()
         self._distributions: dict[tuple, dict[int, tuple[list[int], list[float]]]] = {}  # by sampler settings
@@ -135,7 +133,7 @@ class NGramDraft:
             return cls(np.zeros(0, dtype=np.int64), empty, order, vocab_size, empty, empty, empty)
         keys, followers, candidates, counts = (np.concatenate(column) for column in zip(*greedy))
         starts = np.cumsum(followers) - followers
-        next_ids, sure = candidates[starts], (counts[starts] / np.add.reduceat(counts, starts)).astype(np.float32)
+        next_ids, sure = candidates[starts], _first_shares(counts, starts)
         if sampled:  # the same contexts (every position counts its pick among its likeliest characters)
             sampled_keys, followers, candidates, counts = (np.concatenate(column) for column in zip(*sampled))
             assert (sampled_keys == keys).all()
@@ -254,6 +252,14 @@ class NGramDraft:
 def _field(tensor_name: str) -> str:
     """An array's name in the .onnx metadata: its tensor name's last part ("draft.ngram.keys" -> "keys")."""
     return tensor_name.rsplit(".", 1)[1]
+
+
+def _first_shares(counts: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Each context's first (most frequent) candidate's share of its kept counts (float32), contexts starting
+    at `starts` in the flat `counts`: how sure a greedy guess of it is."""
+    if not len(starts):
+        return np.zeros(0, dtype=np.float32)
+    return (counts[starts] / np.maximum(np.add.reduceat(counts, starts), 1)).astype(np.float32)
 
 
 def _followers_of(keys: np.ndarray, next_ids: np.ndarray, vocab_size: int,
