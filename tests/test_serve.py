@@ -185,8 +185,16 @@ def test_models_health_and_metrics(server):
     assert json.loads(server.get("/health")[1]) == {"status": "ok"}
     before = server.metric("minigpt_generated_tokens_total")
     server.client().completions.create(model=MODEL_ID, prompt="a", max_tokens=7)
+    assert server.request("POST", "/v1/completions", {"model": MODEL_ID, "prompt": "a", "max_tokens": -1})[0] == 400
     text = server.get("/metrics")[1]
     assert server.metric("minigpt_generated_tokens_total") == before + 7
+    # Greedy, the n-gram table guesses far past 3 tokens: only what the request took is counted.
+    before = [server.metric(name) for name in ("minigpt_generated_tokens_total", "minigpt_draft_accepted_tokens_total")]
+    for prompt in ("the ", "and ", "a"):
+        server.client().completions.create(model=MODEL_ID, prompt=prompt, max_tokens=3, temperature=0)
+    generated, guessed = (server.metric(name) - was for name, was in zip(
+        ("minigpt_generated_tokens_total", "minigpt_draft_accepted_tokens_total"), before))
+    assert generated == 9 and guessed <= 6  # a request's first token is the model's own
     for name in ("minigpt_requests_total{status=\"200\"}", "minigpt_queue_depth", "minigpt_rows_in_use",
                  "minigpt_batch_rows_bucket", "minigpt_time_to_first_token_seconds_bucket",
                  "minigpt_inter_token_latency_seconds_bucket", "minigpt_requests_total{status=\"400\"}"):

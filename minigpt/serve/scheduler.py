@@ -289,11 +289,10 @@ class Scheduler:
         # Timed with the guesses' picks (delivering them is what plain steps pay later, untimed): as plain_step.
         speculator.settle(self.rows, lengths, guesses, accepted, time.perf_counter() - started)
         self.observer.verify_steps.inc()
-        self.observer.draft_tokens.inc(sum(accepted))
         next_logits = logits[np.arange(len(accepted)), accepted]
         if any(accepted):
             tokens = [guess[:count] for guess, count in zip(guesses, accepted)]
-            self._deliver(tokens, self._logprobs(logits, tokens), step=False)
+            self.observer.draft_tokens.inc(self._deliver(tokens, self._logprobs(logits, tokens), step=False))
             next_logits = self.rows.remove(self._done(), carry=next_logits)
         return next_logits
 
@@ -328,28 +327,32 @@ class Scheduler:
             job.cancel()
             job.loop.call_soon_threadsafe(job.events.put_nowait, RuntimeError(message))
 
-    def _deliver(self, tokens: list[list[int]], scored: list[list | None], step: bool = True) -> None:
-        """Hand each row's new tokens to its request; `step`: these are the tokens of a new step (they time it)."""
+    def _deliver(self, tokens: list[list[int]], scored: list[list | None], step: bool = True) -> int:
+        """Hand each row's new tokens to its request; `step`: these are the tokens of a new step (they time it).
+        Returns how many the requests took (a row's guesses may run past its max_tokens or a stop string)."""
         now = time.perf_counter()
         if step:
             if self.last_step_at is not None:  # every row that was in the last step waited this long for its token
                 self.observer.inter_token_latency.observe(now - self.last_step_at)
             self.last_step_at = now
         events: dict[int, tuple[Job, list]] = {}
-        chars = self.tokenizer.chars
+        chars, taken = self.tokenizer.chars, 0
         for (job, choice), row_tokens, row_scores in zip(self.rows.payloads, tokens, scored):
             if job.cancelled or choice.finish_reason or not row_tokens:
                 continue
             if job.first_token_at is None:
                 job.first_token_at = now
                 self.observer.time_to_first_token.observe(now - job.arrived)
+            before = choice.tokens
             piece, piece_scores = choice.add("".join(chars[token] for token in row_tokens), job.request.max_tokens,
                                              row_scores)
+            taken += choice.tokens - before
             if piece or choice.finish_reason:
                 events.setdefault(id(job), (job, []))[1].append((choice.index, piece, choice.finish_reason,
                                                                   piece_scores))
-        self.observer.tokens.inc(sum(map(len, tokens)))
+        self.observer.tokens.inc(taken)
         self._send(events)
+        return taken
 
     @staticmethod
     def _send(events: dict[int, tuple[Job, list]]) -> None:
