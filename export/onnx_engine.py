@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minigpt.config import GPTConfig
+from minigpt.config import MOST_DRAFT_TOKENS, GPTConfig
 from minigpt.decoding import check_extend
 from minigpt.devices import check_threads, threads_for
 from minigpt.errors import CheckpointError, MiniGPTError
@@ -32,7 +32,7 @@ from minigpt.tokenizer import CharTokenizer
 # handing work to a second thread costs more than it saves); batches, long
 # contexts and larger models are faster on every core (onnxruntime's default).
 ALL_CORES = 0  # onnxruntime's own choice: one thread per physical core
-KEPT_STEP_TOKENS = 16  # bindings for up to this many new tokens are kept (decode steps, verifying drafts)
+KEPT_STEP_TOKENS = MOST_DRAFT_TOKENS + 1  # bindings for up to this many new tokens are kept (decoding, verifying)
 
 
 def graph_metadata(config: GPTConfig, tokenizer: CharTokenizer) -> dict[str, str]:

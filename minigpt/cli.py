@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 import time
 
-from minigpt.config import COUNT, DRAFT_TOKENS, POSITIVE, SEED, Bounded
+from minigpt.config import COUNT, DRAFT_TOKENS, MOST_DRAFT_TOKENS, POSITIVE, SEED, Bounded
 from minigpt.errors import MiniGPTError
 
 EXIT_USAGE = 2
@@ -80,8 +80,9 @@ def _engine_options(parser: argparse.ArgumentParser) -> None:
                  "with the model, context from the text so far, auto the table when the model has one, a "
                  "smaller model's .safetensors or .onnx file (same characters) guesses with that model, none "
                  "decodes one token a step (default auto)")
-    _option(parser, "draft_tokens", type=Bounded(int, 1, 64), default=DRAFT_TOKENS, metavar="K",
-            help="the most guesses verified in one step; fewer after a miss or where the draft is unsure "
+    _option(parser, "draft_tokens", type=Bounded(int, 1, MOST_DRAFT_TOKENS), default=DRAFT_TOKENS, metavar="K",
+            help="the most guesses verified in one step; fewer where the draft is unsure or, for guesses it "
+                 "cannot vouch for (sampled ones, context lookup, a draft model), after a miss "
                  f"(default {DRAFT_TOKENS})")
 
 

@@ -11,7 +11,11 @@ from minigpt.devices import check_device_name
 from minigpt.errors import ConfigError
 
 MAX_SEED = 2**63 - 1  # what every random generator used here (torch, numpy) takes
-DRAFT_TOKENS = 12  # the most guesses a speculative step verifies by default (the table stops sooner when unsure)
+# The most guesses a speculative step verifies by default: the n-gram table's greedy guesses stop sooner
+# where it is unsure, and other guesses follow a schedule from a few (`minigpt.speculative`). Trained default
+# model, batch 1, in turn: 32 against 12 1.09x (1.40x the large model's); sampled text alike.
+DRAFT_TOKENS = 32
+MOST_DRAFT_TOKENS = 64  # what --draft-tokens accepts
 
 
 def _require(condition: bool, message: str) -> None:

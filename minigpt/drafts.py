@@ -41,6 +41,7 @@ from itertools import accumulate
 
 import numpy as np
 
+from minigpt.config import MOST_DRAFT_TOKENS
 from minigpt.errors import CheckpointError
 from minigpt.sampling import rows_alike
 
@@ -52,10 +53,10 @@ CANDIDATES = 8  # next characters kept per context with their counts: as good a 
 MADE_DISTRIBUTIONS, RECENT_SETTINGS = 1 << 16, 4
 # A greedy row's guesses go on while the chance that all are right (the product of how often the model picked
 # each in its context) is at least this: a long guess past an unsure one is mostly a wider graph call for
-# nothing (default model, batch 1, k = 12: 0.2 and 0.3 alike best, 0.5 and 0.1 slower). A sampling row's go on
-# to k: with its draw known, a guess's probability says little of whether it is right (0 and 0.1 measured best).
+# nothing (default model, batch 1, k = 12: 0.2 and 0.3 alike best, 0.5 and 0.1 slower; k = 32: 0.3 best, 0.5
+# 0.96x). A sampling row's go on to k: with its draw known, a guess's probability says little of whether it is
+# right (0 and 0.1 measured best).
 CONFIDENT = 0.3
-LONGEST_GUESS = 64  # guesses a greedy context keeps: the most --draft-tokens allows
 NGRAM_KEYS, NGRAM_NEXT, NGRAM_META = "draft.ngram.keys", "draft.ngram.next", "draft_ngram"
 # Each context's candidates, most frequent first, and their counts: flat, `followers` of them per context.
 # NGRAM_NEXT (the first candidate) stays, so that a table without them (an older checkpoint) still guesses.
@@ -102,7 +103,7 @@ class NGramDraft:
         self.sure, self._sure = sure, sure.tolist()  # how sure each context's greedy guess is
         self._candidates, self._counts = candidates.tolist(), counts.tolist()
         self._distributions: dict[tuple, dict[int, tuple[list[int], list[float]]]] = {}  # by sampler settings
-        self._chains: dict[int, list[int]] = {}  # a context's key -> its greedy guesses, up to LONGEST_GUESS
+        self._chains: dict[int, list[int]] = {}  # a context's key -> its greedy guesses, as many as any k
 
     @classmethod
     def build(cls, ids: np.ndarray, vocab_size: int, order: int = DEFAULT_ORDER, picks: np.ndarray | None = None,
@@ -139,6 +140,12 @@ class NGramDraft:
             assert (sampled_keys == keys).all()
         return cls(keys, next_ids, order, vocab_size, followers, candidates, counts, sure)
 
+    @staticmethod
+    def stops_itself(sampler) -> bool:
+        """Whether a row sampling with `sampler` gets guesses that stop where they become unlikely all to be
+        right (greedy rows do: the speculator then lets them run to its most, not to its schedule's k)."""
+        return sampler.greedy
+
     def propose(self, history: np.ndarray, k: int, draws=None, sampler=None) -> list[int]:
         """Up to k guesses at the characters after `history` (its last `order` characters matter); with the
         row's next k draws and its sampler, each guess is what that draw picks from the context's counts. The
@@ -151,7 +158,7 @@ class NGramDraft:
             if key not in self._chains:
                 if len(self._chains) >= MADE_DISTRIBUTIONS:  # a long-running server meets ever more contexts
                     self._chains.clear()
-                self._chains[key] = self._guesses(key, len(context), LONGEST_GUESS, None)
+                self._chains[key] = self._guesses(key, len(context), MOST_DRAFT_TOKENS, None)
             return self._chains[key][:k]
         pick = self._picker(sampler)
         return self._guesses(key, len(context), k, lambda found, step: pick(found, draws[step]))

@@ -14,13 +14,14 @@ and sampled text are identical to plain decoding for the same seed, at any
 temperature, top-k and top-p; the cache positions of wrong guesses are
 rolled back by lowering the row's length.
 
-How far to guess is the draft's call and the measured speed's: a draft with
-probabilities stops guessing once it is unsure (`minigpt.drafts`), a step
-verifies at most k guesses (k grows after a step whose every guess was kept
-and shrinks after a miss, as HuggingFace's assisted generation schedules
-it), and while verify steps emit tokens more slowly than plain steps do (a
-poor draft, random weights) decoding runs plain steps, guessing again now
-and then to notice a draft that helps again.
+How far to guess is the draft's call and the measured speed's: a draft that
+knows how sure it is (the n-gram table's greedy guesses) stops once it is
+unsure and may otherwise go on to the most a step verifies (`max_tokens`);
+other guesses stop at k, which starts at a few, grows after a step whose
+every guess was kept and shrinks after a miss (as HuggingFace's assisted
+generation schedules it); and while verify steps emit tokens more slowly
+than plain steps do (a poor draft, random weights) decoding runs plain
+steps, guessing again now and then to notice a draft that helps again.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ from minigpt.decoding import Rows
 from minigpt.sampling import Sampler, give_back, read_ahead
 
 DECIDE_EVERY = 4  # verify steps between comparisons with plain decoding
+# Where k starts: guesses no draft vouches for (sampled ones) were slower from more (trained default model,
+# T 0.8, top-p 0.95: starting at 12, 0.96x; at 6 the same whether k may grow to 12 or to 32).
+FIRST_GUESSES = 6
 PROBE_STEPS = 2  # verify steps a probe takes (one guess each, then three) before it is judged
 PLAIN_STRETCH = 16  # plain steps run as one stretch, exactly plain decoding's loop, when guessing does not pay
 FIRST_PROBE = 1  # plain stretches before guessing again, to notice a draft that helps now; doubled after each
@@ -68,14 +72,10 @@ class Speculator:
 
     def __init__(self, draft, max_tokens: int = DRAFT_TOKENS):
         self.draft, self.max_tokens = draft, max_tokens
-        # A draft model guesses for every row in one batch; the others guess a row at a time.
-        self._propose_rows = getattr(draft, "propose_rows", None) or (
-            lambda histories, k, draws, samplers: [
-                draft.propose(history, k, None if draws is None else draws[row], sampler)
-                for row, (history, sampler) in enumerate(zip(histories, samplers))])
+        self._stops_itself = getattr(draft, "stops_itself", lambda sampler: False)
         self.steps, self.tokens = 0, 0  # verify steps, and the tokens rows emitted in them (per row)
         self.plain_steps = 0
-        self.k = max(1, max_tokens // 2)  # the most guesses the next verify step takes (see `settle`)
+        self.k = min(max_tokens, FIRST_GUESSES)  # the most guesses a row the draft does not vouch for takes next
         # A step's cost by how many guesses it verified (0: a plain step): the least of its recent times, since
         # this host's noise only ever adds time (and a width's first call may build the engine's binding).
         self.step_seconds: dict[int, float] = {}
@@ -173,17 +173,20 @@ class Speculator:
         """Write each row's next token and the draft's guesses after it (up to k) in one extend: return each
         row's length before, its guesses, the (rows, k' + 1, V) logits and the draws read ahead for them (see
         `read_draws`); None when there is nothing to guess (or no room for it), so that the caller runs a plain
-        step. Each row samples with samplers[i] from streams[i]; a sampling row's draft sees its next draws."""
-        if rows.room <= k:  # too close to the end of the block: full rows restart first
-            k = min(k, rows.make_room() - 1)
-            if k < 1:  # a row is one token from the end: its next token restarts it, in a plain step
+        step. Each row samples with samplers[i] from streams[i]; a sampling row's draft sees its next draws. A row
+        whose guesses stop themselves where unsure may take up to max_tokens."""
+        stops = [self._stops_itself(sampler) for sampler in samplers]
+        reach = self.max_tokens if any(stops) else k
+        if rows.room <= reach:  # too close to the end of the block: full rows restart first
+            reach = min(reach, rows.make_room() - 1)
+            if reach < 1:  # a row is one token from the end: its next token restarts it, in a plain step
                 return None
         lengths = rows.lengths[:rows.count].tolist()
         for row, length in enumerate(lengths):
             rows.tokens[row, length] = pending[row]  # where extend writes it: the draft reads it there
         histories = [rows.tokens[row, :length + 1] for row, length in enumerate(lengths)]
-        draws = read_draws(samplers, streams, k + 1)
-        guesses = self._propose_rows(histories, k, draws, samplers)
+        draws = read_draws(samplers, streams, reach + 1)
+        guesses = self._propose(histories, [reach if stop else min(k, reach) for stop in stops], draws, samplers)
         k = max(map(len, guesses))
         if k == 0:  # nothing to verify
             give_back_draws(samplers, streams, draws)
@@ -192,6 +195,15 @@ class Speculator:
         logits = rows.extend(np.array([[first, *guess] + [0] * (k - len(guess))
                                        for first, guess in zip(pending.tolist(), guesses)], dtype=np.int64))
         return lengths, guesses, logits, draws
+
+    def _propose(self, histories: list[np.ndarray], limits: list[int], draws: np.ndarray | None,
+                 samplers: list[Sampler]) -> list[list[int]]:
+        """Each row's guesses, up to limits[row]: a draft model's for every row in one batch (as many for each),
+        the others' a row at a time."""
+        if hasattr(self.draft, "propose_rows"):
+            return self.draft.propose_rows(histories, max(limits), draws, samplers)
+        return [self.draft.propose(history, limit, None if draws is None else draws[row], sampler)
+                for row, (history, limit, sampler) in enumerate(zip(histories, limits, samplers))]
 
     def settle(self, rows: Rows, lengths: list[int], guesses: list[list[int]], accepted: list[int],
                seconds: float) -> None:

@@ -132,24 +132,27 @@ def verify_steps(speculator, steps, kept, seconds):
 
 def test_k_grows_while_every_guess_is_kept_and_shrinks_after_a_miss():
     """Step times as measured on the default model: a plain step ~100 us, verifying k guesses ~130 + 10k us."""
-    speculator = Speculator(ContextDraft(), max_tokens=8)
+    from minigpt.speculative import FIRST_GUESSES as first
+
+    speculator = Speculator(ContextDraft(), max_tokens=first + 4)
     assert speculator.choose_k() == speculator.choose_k() == (0, 1)  # plain steps first, for the yardstick
     speculator.record(0, 100e-6)
     assert speculator.choose_k() == (0, 1)  # the first may have built a binding: one more
     speculator.record(0, 100e-6)
-    assert verify_steps(speculator, 4, kept=lambda k: k, seconds=lambda k: 130e-6 + 10e-6 * k) == [4, 6, 8, 8]
-    assert verify_steps(speculator, 3, kept=lambda k: 0, seconds=lambda k: 130e-6 + 10e-6 * k) == [8, 7, 6]
-    assert speculator.choose_k() == (5, 1)  # each miss emitted one token in 2x a plain step's time, but the
-    # recent steps together still beat plain steps (33 tokens in 1.4 ms)
+    step_time = dict(seconds=lambda k: 130e-6 + 10e-6 * k)
+    assert verify_steps(speculator, 4, kept=lambda k: k, **step_time) == [first, first + 2, first + 4, first + 4]
+    assert verify_steps(speculator, 3, kept=lambda k: 0, **step_time) == [first + 4, first + 3, first + 2]
+    assert speculator.choose_k() == (first + 1, 1)  # each miss emitted one token in 2x a plain step's time, but
+    # the recent steps together still beat plain steps (41 tokens in 1.5 ms, from 6 guesses)
 
 
 def test_a_draft_that_does_not_pay_gives_way_to_plain_stretches_and_is_tried_again_less_often():
-    from minigpt.speculative import DECIDE_EVERY, FIRST_PROBE, PLAIN_STRETCH, PROBE_STEPS
+    from minigpt.speculative import DECIDE_EVERY, FIRST_GUESSES, FIRST_PROBE, PLAIN_STRETCH, PROBE_STEPS
 
     speculator = Speculator(WrongDraft(), max_tokens=8)
     speculator.record(0, 100e-6), speculator.record(0, 100e-6)
     missing = dict(kept=lambda k: 0, seconds=lambda k: 130e-6)  # one token for 1.3 plain steps' time
-    assert verify_steps(speculator, DECIDE_EVERY, **missing) == [4, 3, 2, 1]
+    assert verify_steps(speculator, DECIDE_EVERY, **missing) == [FIRST_GUESSES - step for step in range(DECIDE_EVERY)]
     stretches = 0
     for probe in range(3):  # each probe one guess a step for PROBE_STEPS steps, after twice as many stretches
         while (choice := speculator.choose_k()) == (0, PLAIN_STRETCH):
@@ -163,6 +166,32 @@ def test_a_draft_that_does_not_pay_gives_way_to_plain_stretches_and_is_tried_aga
         pass
     speculator.settle(SettledRows(), [10], [[1]], [1], 130e-6)
     assert verify_steps(speculator, 6, kept=lambda k: k, seconds=lambda k: 130e-6) == [3, 5, 7, 8, 8, 8]
+
+
+def test_guesses_that_stop_themselves_may_run_to_the_most_a_step_verifies(make_engine):
+    """A draft that stops where it is unsure (the n-gram table's greedy guesses) is asked for up to max_tokens
+    guesses, not the schedule's k; guesses with no stop of their own (sampled ones) start at FIRST_GUESSES. The
+    text is the same either way."""
+    from minigpt.speculative import FIRST_GUESSES
+
+    class Asked(WrongDraft):
+        def __init__(self):
+            self.asked = []
+
+        def stops_itself(self, sampler):
+            return sampler.greedy
+
+        def propose(self, history, k, draws=None, sampler=None):
+            self.asked.append(k)
+            return super().propose(history, k, draws, sampler)
+
+    for options, first_asked in ((dict(temperature=0), FIRST_GUESSES + 3), (dict(temperature=0.8, seed=1),
+                                                                             FIRST_GUESSES)):
+        draft = Asked()
+        guessed = tokens(make_engine("onnx"), prompts([1]), Sampler(**options), Speculator(draft, FIRST_GUESSES + 3),
+                         new_tokens=8)
+        assert draft.asked[0] == first_asked
+        assert guessed == tokens(make_engine("onnx"), prompts([1]), Sampler(**options), new_tokens=8)
 
 
 def test_a_draft_with_nothing_to_guess_decodes_plainly(make_engine):
