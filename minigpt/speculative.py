@@ -40,7 +40,9 @@ DECIDE_EVERY = 4  # verify steps between comparisons with plain decoding
 # Where k starts: guesses no draft vouches for (sampled ones) were slower from more (trained default model,
 # T 0.8, top-p 0.95: starting at 12, 0.96x; at 6 the same whether k may grow to 12 or to 32).
 FIRST_GUESSES = 6
-PROBE_STEPS = 2  # verify steps a probe takes (one guess each, then three) before it is judged
+# Verify steps a probe takes before it is judged: k = 1, then 3 (guesses that stop themselves take as many as
+# the draft is sure of, as always).
+PROBE_STEPS = 2
 PLAIN_STRETCH = 16  # plain steps run as one stretch, exactly plain decoding's loop, when guessing does not pay
 FIRST_PROBE = 1  # plain stretches before guessing again, to notice a draft that helps now; doubled after each
 TIMED_PLAIN_STEPS = 2  # of each stretch: enough to keep the yardstick current
@@ -240,7 +242,7 @@ class Speculator:
             return self.k, 1
         if self.stretches == self.probe_after:  # guess again, less often each time it did not pay: a useless
             self.stretches, self.probe_after = 0, self.probe_after * 2  # draft costs less and less
-            self.verified.clear()  # judged on its own steps, from one guess a step (the cheapest) upwards
+            self.verified.clear()  # judged on its own steps, from k = 1 (the cheapest) upwards
             self.countdown, self.k, self.judge_after = PROBE_STEPS, 1, PROBE_STEPS
             return self.k, 1
         self.stretches += 1
