@@ -22,8 +22,8 @@ from minigpt.config import MOST_DRAFT_TOKENS, GPTConfig
 from minigpt.decoding import check_extend
 from minigpt.devices import check_threads, threads_for
 from minigpt.errors import CheckpointError, MiniGPTError
-from minigpt.export.onnx_graph import (INPUT_IDS, LOGITS, POSITION_IDS, SEQLENS_K, TOTAL_LENGTH, cache_names,
-                                       padded_head_dim)
+from minigpt.export.onnx_graph import (INPUT_IDS, LOGITS, POSITION_IDS, QUERY_LENGTHS, SEQLENS_K, TOTAL_LENGTH,
+                                       cache_names, padded_head_dim)
 from minigpt.paths import check_onnx_model_path
 from minigpt.tokenizer import CharTokenizer
 
@@ -76,10 +76,6 @@ def _bind(binding, name: str, array: np.ndarray, output: bool = False) -> None:
 class OnnxEngine:
     """Prefill and decode through onnxruntime, rows of a batch at their own lengths (see `minigpt.decoding`)."""
 
-    # GroupQueryAttention appends several tokens after a past to one row per call: verifying guesses for a
-    # batch costs a call per row, which speculative decoding (`minigpt.speculative`) knows not to pay for.
-    verifies_rows_together = False
-
     def __init__(self, model: str | os.PathLike | bytes, threads: int | None = None):
         """threads: intra-op threads; None picks by model size and batch (see `default_threads`)."""
         check_threads(threads)
@@ -98,9 +94,13 @@ class OnnxEngine:
         if "config" not in metadata or "vocab" not in metadata:
             raise CheckpointError(f"{_describe(model)} has no minigpt "
                                   "config/vocab metadata; export it with `minigpt export --onnx`")
-        if SEQLENS_K not in {i.name for i in self.session.get_inputs()}:
+        inputs = {i.name for i in self.session.get_inputs()}
+        if SEQLENS_K not in inputs:
             raise CheckpointError(f"{_describe(model)} was exported by an older minigpt (its cache is not "
                                   "updated in place); export it again with `minigpt export --onnx --force`")
+        # A graph exported before `query_seqlens` appends several tokens after a past to one row per call:
+        # verifying guesses for a batch would cost a call per row, which speculative decoding knows not to pay.
+        self.verifies_rows_together = QUERY_LENGTHS in inputs
         try:
             self.config = GPTConfig.from_json(metadata["config"])
             self.tokenizer = CharTokenizer.from_json(metadata["vocab"])
@@ -145,15 +145,15 @@ class OnnxEngine:
         (n, k, V) logits of the new positions, a view of a buffer the next call of this shape overwrites."""
         end = check_extend(ids, start_pos, first_row, self.cache.shape[2], self.block_size)
         rows, new = ids.shape
-        if new > 1 and rows > 1 and end > new:
-            # GroupQueryAttention appends several tokens after a past to one row at a time.
+        if new > 1 and rows > 1 and end > new and not self.verifies_rows_together:  # an older graph
             return np.concatenate([self.extend(ids[i:i + 1], start_pos[i:i + 1], first_row + i).copy()
                                    for i in range(rows)])
         step = self._step(first_row, rows, new)
         step.ids[:] = ids
         # GroupQueryAttention reads each row's old length from seqlens_k (its total after this run, minus
-        # one) and, once any row has a past, appends the new keys after it: a prefill, a decode step and a
-        # k-token extend are one call. Positions past a row's length are simply overwritten.
+        # one) less query_seqlens (its new tokens: all of them) and appends the new keys after it: a prefill,
+        # a decode step and a k-token extend of any rows are one call. Positions past a row's length are
+        # simply overwritten.
         # Copies, not arithmetic: right after a graph call a numpy ufunc costs microseconds of cold cache.
         if new == 1:
             step.positions[:, 0] = start_pos
@@ -178,8 +178,12 @@ class OnnxEngine:
         seqlens = positions[:, -1] if new == 1 or rows == 1 else np.zeros(rows, dtype=np.int32)
         step = _Step(self.session.io_binding(), np.zeros((rows, new), dtype=np.int32), positions, seqlens,
                      np.zeros((), dtype=np.int32), np.zeros((rows, new, self.config.vocab_size), dtype=np.float32))
-        for name, array in ((INPUT_IDS, step.ids), (POSITION_IDS, step.positions), (SEQLENS_K, step.seqlens),
-                            (TOTAL_LENGTH, step.total)):
+        inputs = [(INPUT_IDS, step.ids), (POSITION_IDS, step.positions), (SEQLENS_K, step.seqlens),
+                  (TOTAL_LENGTH, step.total)]
+        if self.verifies_rows_together:
+            step.query_lengths = np.full(rows, new, dtype=np.int32)
+            inputs.append((QUERY_LENGTHS, step.query_lengths))
+        for name, array in inputs:
             _bind(step.binding, name, array)
         for names, output in ((self.past_names, False), (self.present_names, True)):
             for name, layer_kind in zip(names, self.cache.reshape(-1, *self.cache.shape[2:])):
@@ -203,3 +207,4 @@ class _Step:
     seqlens: np.ndarray
     total: np.ndarray
     logits: np.ndarray
+    query_lengths: np.ndarray | None = None

@@ -20,13 +20,16 @@ Why GroupQueryAttention (com.microsoft): given the same buffer as past and
 present (bound through IOBinding), it writes the new positions into that
 buffer and attends over each row's own length (`seqlens_k`), so a decode step
 allocates no cache and copies only the new token, and rows of a batch may sit
-at different lengths. The standard opset-23 `Attention` returns
+at different lengths. With `query_seqlens` (each row's count of new tokens)
+it appends several tokens after each row's past in one call: speculative
+decoding verifies a whole batch's guesses at once. The standard opset-23 `Attention` returns
 `Concat(past, new)`, a copy of the whole cache every step; MultiHeadAttention
 shares buffers only on CUDA. No mask is built in the graph at all.
 
 Graph inputs: `input_ids` (batch, seq) int32, `position_ids` (batch, seq)
 int32, `seqlens_k` (batch,) int32 (each row's total length after this run,
-minus one), `total_sequence_length` () int32, and `past.{i}.key/value`
+minus one), `total_sequence_length` () int32, `query_seqlens` (batch,) int32
+(each row's new tokens: all of seq), and `past.{i}.key/value`
 (batch, heads, max_positions, head_dim_padded). Outputs: `logits`
 (batch, seq, vocab) and `present.{i}.key/value`, the same buffers.
 
@@ -48,6 +51,8 @@ INPUT_IDS = "input_ids"
 POSITION_IDS = "position_ids"
 SEQLENS_K = "seqlens_k"
 TOTAL_LENGTH = "total_sequence_length"
+QUERY_LENGTHS = "query_seqlens"
+QUERY_LENGTHS_INPUT = 16  # GroupQueryAttention's input index for it (onnxruntime 1.32's schema)
 LOGITS = "logits"
 MS_DOMAIN = "com.microsoft"
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which MiniGPT uses
@@ -114,8 +119,9 @@ def build_graph(weights: dict[str, np.ndarray], config: GPTConfig, opset: int = 
         qkv_bias = _pad_heads(weights[f"{p}.attn.qkv.bias"], heads, head_dim, axis=0)
         node("MatMul", [f"{p}.attn_in", weight(f"{p}.attn.qkv.weight", qkv_weight)], [f"{p}.qkv_nobias"])
         node("Add", [f"{p}.qkv_nobias", weight(f"{p}.attn.qkv.bias", qkv_bias)], [f"{p}.qkv"])
-        node("GroupQueryAttention",
-             [f"{p}.qkv", "", "", f"past.{i}.key", f"past.{i}.value", SEQLENS_K, TOTAL_LENGTH],
+        attention_inputs = [f"{p}.qkv", "", "", f"past.{i}.key", f"past.{i}.value", SEQLENS_K, TOTAL_LENGTH]
+        attention_inputs += [""] * (QUERY_LENGTHS_INPUT - len(attention_inputs)) + [QUERY_LENGTHS]
+        node("GroupQueryAttention", attention_inputs,
              [f"{p}.attn_heads", f"present.{i}.key", f"present.{i}.value"], domain=MS_DOMAIN,
              num_heads=heads, kv_num_heads=heads, scale=1.0 / math.sqrt(head_dim))
         proj_weight = _pad_heads(weights[f"{p}.attn.proj.weight"], heads, head_dim, axis=1).T
@@ -147,7 +153,8 @@ def _graph_io(config: GPTConfig) -> tuple[list, list]:
     inputs = [helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT32, [batch, seq]),
               helper.make_tensor_value_info(POSITION_IDS, TensorProto.INT32, [batch, seq]),
               helper.make_tensor_value_info(SEQLENS_K, TensorProto.INT32, [batch]),
-              helper.make_tensor_value_info(TOTAL_LENGTH, TensorProto.INT32, [])]
+              helper.make_tensor_value_info(TOTAL_LENGTH, TensorProto.INT32, []),
+              helper.make_tensor_value_info(QUERY_LENGTHS, TensorProto.INT32, [batch])]
     inputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, cache_shape)
                for name in cache_names("past", config.num_layers)]
     outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, [batch, seq, config.vocab_size])]

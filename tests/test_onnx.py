@@ -149,3 +149,42 @@ def older_export(folder, current):
     path = folder / "old.onnx"
     onnx.save(model, path)
     return path
+
+
+def without_query_lengths(folder, current):
+    """The graph as minigpt exported it before GroupQueryAttention took each row's count of new tokens."""
+    import onnx
+
+    from minigpt.export.onnx_graph import QUERY_LENGTHS
+
+    model = onnx.load(current)
+    kept = [graph_input for graph_input in model.graph.input if graph_input.name != QUERY_LENGTHS]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    for node in model.graph.node:
+        if QUERY_LENGTHS in node.input:
+            del node.input[list(node.input).index(QUERY_LENGTHS):]
+    path = folder / "before-query-lengths.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def test_a_graph_from_before_query_lengths_extends_a_batch_one_row_at_a_time(tmp_path, exported):
+    """Several tokens for each of several rows with a past: one call on this minigpt's graph, a call per row on
+    an older one (whose GroupQueryAttention refuses them together), the same logits either way; speculative
+    decoding then verifies a batch only on the graph that does it in one call."""
+    from minigpt.speculative import Speculator
+
+    engines = {"current": OnnxEngine(exported["fp32"]),
+               "older": OnnxEngine(without_query_lengths(tmp_path, exported["fp32"]))}
+    assert [engine.verifies_rows_together for engine in engines.values()] == [True, False]
+    assert [Speculator.pays(engine, 3) for engine in engines.values()] == [True, False]
+    rng = np.random.default_rng(4)
+    prompts, new = [rng.integers(0, 20, size=(1, length)) for length in (2, 9, 5)], rng.integers(0, 20, size=(3, 4))
+    logits = {}
+    for name, engine in engines.items():
+        engine.start(3)
+        for row, prompt in enumerate(prompts):  # rows at their own lengths
+            prefill(engine, prompt, first_row=row)
+        logits[name] = engine.extend(new, np.array([prompt.shape[1] for prompt in prompts])).copy()
+    np.testing.assert_allclose(logits["current"], logits["older"], atol=1e-5, rtol=1e-5)

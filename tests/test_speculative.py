@@ -170,8 +170,8 @@ def test_a_draft_that_does_not_pay_gives_way_to_plain_stretches_and_is_tried_aga
 
 def test_guesses_that_stop_themselves_may_run_to_the_most_a_step_verifies(make_engine):
     """A draft that stops where it is unsure (the n-gram table's greedy guesses) is asked for up to max_tokens
-    guesses, not the schedule's k; guesses with no stop of their own (sampled ones) start at FIRST_GUESSES. The
-    text is the same either way."""
+    guesses for a row alone, not the schedule's k; guesses with no stop of their own (sampled ones), and every
+    guess in a batch (each row pays for the longest), start at FIRST_GUESSES. The text is the same either way."""
     from minigpt.speculative import FIRST_GUESSES
 
     class Asked(WrongDraft):
@@ -185,27 +185,65 @@ def test_guesses_that_stop_themselves_may_run_to_the_most_a_step_verifies(make_e
             self.asked.append(k)
             return super().propose(history, k, draws, sampler)
 
-    for options, first_asked in ((dict(temperature=0), FIRST_GUESSES + 3), (dict(temperature=0.8, seed=1),
-                                                                             FIRST_GUESSES)):
+    greedy, sampled = dict(temperature=0), dict(temperature=0.8, seed=1)
+    for options, rows, first_asked in ((greedy, [1], FIRST_GUESSES + 3), (sampled, [1], FIRST_GUESSES),
+                                       (greedy, [1, 3], FIRST_GUESSES)):
         draft = Asked()
-        guessed = tokens(make_engine("onnx"), prompts([1]), Sampler(**options), Speculator(draft, FIRST_GUESSES + 3),
-                         new_tokens=8)
+        guessed = tokens(make_engine("onnx"), prompts(rows), Sampler(**options),
+                         Speculator(draft, FIRST_GUESSES + 3), new_tokens=8)
         assert draft.asked[0] == first_asked
-        assert guessed == tokens(make_engine("onnx"), prompts([1]), Sampler(**options), new_tokens=8)
+        assert guessed == tokens(make_engine("onnx"), prompts(rows), Sampler(**options), new_tokens=8)
+
+
+@pytest.mark.parametrize("engine_name", ["kv-cache", "onnx"])
+def test_a_row_that_has_all_its_tokens_leaves_the_batch(make_engine, engine_name):
+    """A row whose guesses are all right finds its tokens long before a row whose guesses are all wrong; it
+    leaves the batch then, rather than decoding on to the end of the block and restarting there for tokens
+    nobody asked for. The text is plain decoding's."""
+    rows, new = prompts([1, 2, 2]), BLOCK - 3  # no row needs more than the block: no restart is needed
+    plain = tokens(make_engine(engine_name), rows, Sampler(temperature=0), new_tokens=new)
+    right = rows[0] + plain[0]
+
+    class RightForTheFirstRow(WrongDraft):
+        def propose(self, history, k, draws=None, sampler=None):
+            length = len(history)
+            if list(history) == right[:length]:
+                return right[length:length + k]
+            return super().propose(history, k, draws, sampler)
+
+    engine = make_engine(engine_name)
+    calls = []
+    extend = engine.extend
+
+    def recorded(ids, start_pos, first_row=0):
+        calls.append((len(ids), np.asarray(start_pos).tolist()))
+        return extend(ids, start_pos, first_row)
+
+    engine.extend = recorded
+    assert tokens(engine, rows, Sampler(temperature=0), Speculator(RightForTheFirstRow(), 4), new) == plain
+    prefills = [rows for rows, starts in calls if 0 in starts]
+    assert prefills == [1, 2]  # the prompts (by length) and never a restart
+    assert calls[-1][0] < len(rows)  # the last steps ran without the row that was done
 
 
 def test_a_draft_with_nothing_to_guess_decodes_plainly(make_engine):
+    """Asking costs time too: a draft that has nothing to say is judged as one that does not pay, and is asked
+    again only now and then."""
     class Silent:
         name = "silent"
+        asked = 0
 
         def propose(self, history, k, draws=None, sampler=None):
+            self.asked += 1
             return []
 
-    speculator = Speculator(Silent(), max_tokens=8)
+    draft = Silent()
+    speculator = Speculator(draft, max_tokens=8)
     rows = prompts([5])
     assert tokens(make_engine("onnx"), rows, Sampler(temperature=0), speculator, 60) == \
         tokens(make_engine("onnx"), rows, Sampler(temperature=0), new_tokens=60)
     assert speculator.steps == 0 and speculator.plain_steps == 59  # every step after the first a plain one
+    assert draft.asked < 10
 
 
 def test_the_ngram_table_predicts_its_own_text():
