@@ -79,7 +79,7 @@ def generate_rows(engine: Engine, prompts: Sequence[Sequence[int]], max_new_toke
     check_lengths(max_new_tokens, len(prompts))
     if any(len(prompt) == 0 for prompt in prompts):
         raise MiniGPTError("every prompt needs at least one token")
-    if speculator is not None and speculator.pays(engine, len(prompts)):
+    if speculator is not None and speculator.pays(engine, [sampler] * len(prompts)):
         return speculator.decode(Rows(engine, len(prompts)), prompts, max_new_tokens, sampler)
     return _decode(engine, prompts, max_new_tokens, sampler)
 

@@ -264,12 +264,13 @@ class Scheduler:
         return self._verified(speculator, started, streams, *extended)
 
     def _speculator(self) -> Speculator | None:
-        if self.draft is None or not Speculator.pays(self.rows.engine, self.rows.count):
+        if self.draft is None:
             return None
         size = self.rows.count.bit_length()  # step costs differ with the batch: learned per size
         if size not in self.speculators:
             self.speculators[size] = Speculator(self.draft, self.draft_tokens)
-        return self.speculators[size]
+        speculator = self.speculators[size]
+        return speculator if speculator.pays(self.rows.engine, self._samplers()) else None
 
     def _verified(self, speculator: Speculator, started: float, streams: list, lengths: list[int],
                   guesses: list[list[int]], logits: np.ndarray, draws: np.ndarray | None) -> np.ndarray:
