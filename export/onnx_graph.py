@@ -22,9 +22,10 @@ buffer and attends over each row's own length (`seqlens_k`), so a decode step
 allocates no cache and copies only the new token, and rows of a batch may sit
 at different lengths. With `query_seqlens` (each row's count of new tokens)
 it appends several tokens after each row's past in one call: speculative
-decoding verifies a whole batch's guesses at once. The standard opset-23 `Attention` returns
-`Concat(past, new)`, a copy of the whole cache every step; MultiHeadAttention
-shares buffers only on CUDA. No mask is built in the graph at all.
+decoding verifies a whole batch's guesses at once. The standard opset-23
+`Attention` returns `Concat(past, new)`, a copy of the whole cache every
+step; MultiHeadAttention shares buffers only on CUDA. No mask is built in the
+graph at all.
 
 Graph inputs: `input_ids` (batch, seq) int32, `position_ids` (batch, seq)
 int32, `seqlens_k` (batch,) int32 (each row's total length after this run,
