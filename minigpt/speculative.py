@@ -124,7 +124,13 @@ class Speculator:
         found = Found(len(prompts), max_new_tokens)
         yield from found.one_each(rows.payloads, pending)
         streams = all_streams
-        while rows.count:
+        while True:
+            done = [row for row, sequence in enumerate(rows.payloads) if not found.left(sequence)]
+            if done:
+                pending = rows.remove(done, carry=pending)
+                streams = [all_streams[sequence] for sequence in rows.payloads]
+            if not rows.count:
+                return
             k, plain = self.choose_k()
             emitted = self._verify_step(rows, pending, k, sampler, streams) if k else None
             if emitted is None:
@@ -134,10 +140,6 @@ class Speculator:
             else:
                 pending = np.array([tokens[-1] for tokens in emitted], dtype=np.int64)
                 yield from found.step(rows.payloads, emitted)
-            done = [row for row, sequence in enumerate(rows.payloads) if not found.left(sequence)]
-            if done:
-                pending = rows.remove(done, carry=pending)
-                streams = [all_streams[sequence] for sequence in rows.payloads]
 
     def _plain_steps(self, rows: Rows, pending: np.ndarray, sampler: Sampler, streams: list,
                      steps: int) -> Iterator[np.ndarray]:

@@ -229,6 +229,10 @@ def test_a_row_that_has_all_its_tokens_leaves_the_batch(make_engine, engine_name
     prefills = [rows for rows, starts in calls if 0 in starts]
     assert prefills == [1, 2]  # the prompts (by length) and never a restart
     assert calls[-1][0] < len(rows)  # the last steps ran without the row that was done
+    calls.clear()  # one new token each: the prefill's, and no step after it
+    assert tokens(engine, rows, Sampler(temperature=0), Speculator(RightForTheFirstRow(), 4), 1) == \
+        [row[:1] for row in plain]
+    assert all(0 in starts for _, starts in calls)
 
 
 def test_a_draft_with_nothing_to_guess_decodes_plainly(make_engine):
