@@ -69,7 +69,7 @@ def test_speculative_greedy_tokens_equal_plain_decoding(make_engine, tiny_loaded
     plain = tokens(make_engine(engine_name), rows, Sampler(temperature=0))
     speculator = Speculator(draft, max_tokens=4)
     assert tokens(make_engine(engine_name), rows, Sampler(temperature=0), speculator) == plain
-    # One row at a time too: where a batch is verified row by row (onnxruntime), batches decode plainly.
+    # One row at a time too: a batch decodes plainly where its guesses do not stop themselves (context, wrong).
     alone = [tokens(make_engine(engine_name), [row], Sampler(temperature=0), Speculator(draft, 4))[0] for row in rows]
     assert alone == plain
     assert speculator.steps < NEW_TOKENS or draft_name == "wrong" or \
@@ -226,7 +226,7 @@ def test_a_row_that_has_all_its_tokens_leaves_the_batch(make_engine, engine_name
 
     engine.extend = recorded
     assert tokens(engine, rows, Sampler(temperature=0), Speculator(RightForTheFirstRow(), 4), new) == plain
-    prefills = [rows for rows, starts in calls if 0 in starts]
+    prefills = [count for count, starts in calls if 0 in starts]
     assert prefills == [1, 2]  # the prompts (by length) and never a restart
     assert calls[-1][0] < len(rows)  # the last steps ran without the row that was done
     calls.clear()  # one new token each: the prefill's, and no step after it
