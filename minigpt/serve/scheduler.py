@@ -250,27 +250,29 @@ class Scheduler:
     def _decode(self, ids: np.ndarray) -> np.ndarray:
         """Append each row's token: one plain step, or, when the draft pays for a batch this size, a verify step
         (`minigpt.speculative`) that also hands out the guesses rows accept. Returns the next logits."""
-        speculator = self._speculator()
-        if speculator is None or self.plain_left:
+        speculator = None
+        if self.draft is not None and not self.plain_left:  # a plain stretch asks nothing of the draft
+            samplers = self._samplers()
+            speculator = self._speculator(samplers)
+        if speculator is None:
             self.plain_left = max(0, self.plain_left - 1)
             return self.rows.decode(ids)
         k, plain = speculator.choose_k()
         started = time.perf_counter()
         streams = [choice.stream for _, choice in self.rows.payloads]
-        extended = speculator.extend(self.rows, ids, k, self._samplers(), streams) if k else None
+        extended = speculator.extend(self.rows, ids, k, samplers, streams) if k else None
         if extended is None:
             self.plain_left = plain - 1
             return speculator.plain_step(self.rows, ids)
         return self._verified(speculator, started, streams, *extended)
 
-    def _speculator(self) -> Speculator | None:
-        if self.draft is None:
-            return None
+    def _speculator(self, samplers: list[Sampler]) -> Speculator | None:
+        """The speculator for a batch this size, if guessing can pay for rows sampled by `samplers`."""
         size = self.rows.count.bit_length()  # step costs differ with the batch: learned per size
         if size not in self.speculators:
             self.speculators[size] = Speculator(self.draft, self.draft_tokens)
         speculator = self.speculators[size]
-        return speculator if speculator.pays(self.rows.engine, self._samplers()) else None
+        return speculator if speculator.pays(self.rows.engine, samplers) else None
 
     def _verified(self, speculator: Speculator, started: float, streams: list, lengths: list[int],
                   guesses: list[list[int]], logits: np.ndarray, draws: np.ndarray | None) -> np.ndarray:
