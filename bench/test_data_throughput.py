@@ -29,7 +29,7 @@ FIRST_STEP = textwrap.dedent("""
     from minigpt.config import GPTConfig, TrainConfig
     from minigpt.data import load_corpus
     from minigpt.model import MiniGPT
-    from minigpt.train import make_optimizer, sample_batch, training_step
+    from minigpt.training import make_optimizer, sample_batch, training_step
     imported = time.perf_counter()
     corpus = load_corpus(sys.argv[1], sys.argv[2])
     encoded = time.perf_counter()
@@ -91,7 +91,7 @@ def test_training_steps_from_the_map_and_from_memory(benchmark, record_throughpu
     from minigpt.config import GPTConfig, TrainConfig
     from minigpt.data import load_corpus
     from minigpt.model import MiniGPT
-    from minigpt.train import make_optimizer, sample_batch, training_step
+    from minigpt.training import make_optimizer, sample_batch, training_step
 
     benchmark.group = "data: training from"
     corpus = load_corpus(corpus_file, tmp_path / "cache")

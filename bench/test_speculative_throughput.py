@@ -32,7 +32,7 @@ from minigpt import Sampler
 from minigpt.data import FALLBACK_SOURCE, load_corpus
 from minigpt.decoding import generate_rows
 from minigpt.drafts import ContextDraft, ModelDraft
-from minigpt.speculative import Speculator
+from minigpt.speculative import SpeculativeStep
 
 CONFIGS = {"default": dict(), "long": dict(block_size=1024),
            "large": dict(block_size=256, embed_dim=384, num_heads=6, num_layers=6),
@@ -120,8 +120,8 @@ def engines(trained, tmp_path_factory):
                  "onnx-draft": lambda: ModelDraft(OnnxEngine(trained("draft")[1]))}.get(engine_name, lambda: None)()
 
         def run(prompts, count, sampler):
-            speculator = Speculator(draft) if draft is not None else None  # fresh: it learns within the call
-            return np.stack(list(generate_rows(engine, prompts, count, sampler, speculator)), axis=1)
+            step = SpeculativeStep(draft) if draft is not None else None  # fresh: it learns within the call
+            return np.stack(list(generate_rows(engine, prompts, count, sampler, step)), axis=1)
 
         made[key] = run
         return made[key]
@@ -261,9 +261,9 @@ def test_speculative_on_random_weights(benchmark, record_throughput, request, tr
     draft, count = engine.ngram_draft(), new_tokens("default")
 
     def run(speculate):
-        speculator = Speculator(draft) if speculate else None
+        step = SpeculativeStep(draft) if speculate else None
         return np.concatenate([np.stack(list(generate_rows(engine, [prompt], count, Sampler(temperature=0),
-                                                           speculator)), axis=1) for prompt in prompts])
+                                                           step)), axis=1) for prompt in prompts])
 
     runs = {"onnx-plain": functools.partial(run, False), "onnx-ngram": functools.partial(run, True)}
     results = alternating(benchmark, record_throughput, request, runs, len(prompts) * count, rounds=12)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from minigpt import GPTConfig, MiniGPT, TrainConfig
-from minigpt.train import make_optimizer, sample_batch, training_step
+from minigpt.training import make_optimizer, sample_batch, training_step
 
 VOCAB = 103  # the offline fallback corpus's vocabulary; speed barely depends on it
 

@@ -332,10 +332,10 @@ def _engine_for(args: argparse.Namespace):
     return torch_engine(checkpoint.model, args.kv_cache), checkpoint.tokenizer, checkpoint.ngram_draft()
 
 
-def _speculator_for(args: argparse.Namespace, tokenizer, ngram):
-    """The speculator --draft and --draft-tokens ask for (None for --draft none); a draft model named by its
-    file is loaded as the model is, and must use the model's characters."""
-    from minigpt.speculative import DRAFT_CHOICES, make_speculator
+def _step_for(args: argparse.Namespace, tokenizer, ngram):
+    """The speculative step --draft and --draft-tokens ask for (None for --draft none); a draft model named by
+    its file is loaded as the model is, and must use the model's characters."""
+    from minigpt.speculative import DRAFT_CHOICES, make_step
 
     draft_engine = None
     if args.draft not in DRAFT_CHOICES:
@@ -345,17 +345,17 @@ def _speculator_for(args: argparse.Namespace, tokenizer, ngram):
             raise MiniGPTError(f"the draft model {args.draft} has other characters than the model "
                                f"({len(draft_tokenizer.chars)} against {len(tokenizer.chars)}); a draft model must "
                                "be trained on the same text, or use --draft ngram or context")
-    return make_speculator(args.draft, ngram, args.draft_tokens, draft_engine)
+    return make_step(args.draft, ngram, args.draft_tokens, draft_engine)
 
 
 def _generate(args: argparse.Namespace) -> None:
     from minigpt.decoding import join_samples, stream_characters
 
     engine, tokenizer, ngram = _engine_for(args)
-    speculator = _speculator_for(args, tokenizer, ngram)
+    step = _step_for(args, tokenizer, ngram)
     steps = stream_characters(engine, tokenizer, args.prompt, args.max_new_tokens, num_samples=args.num_samples,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                              speculator=speculator)
+                              step=step)
     start = time.perf_counter()
     if args.num_samples == 1:  # one sample streams as it is produced
         sys.stdout.write(args.prompt)
@@ -368,7 +368,7 @@ def _generate(args: argparse.Namespace) -> None:
             sys.stdout.write(f"--- sample {number} of {args.num_samples} ---\n{text}\n")
     elapsed = time.perf_counter() - start
     count = args.num_samples * args.max_new_tokens
-    speculated = f"; speculative: {speculator.report()}" if speculator is not None else ""
+    speculated = f"; speculative: {step.report()}" if step is not None else ""
     print(f"minigpt: {count} new tokens in {elapsed:.2f} s ({count / max(elapsed, 1e-9):,.0f} tokens/s, "
           f"{type(engine).__name__}{speculated})", file=sys.stderr)
 
@@ -394,7 +394,7 @@ def _serve(args: argparse.Namespace) -> None:
     from minigpt.serve.protocol import Limits, lm_eval_model_args
 
     engine, tokenizer, ngram = _engine_for(args)
-    speculator = _speculator_for(args, tokenizer, ngram)
+    step = _step_for(args, tokenizer, ngram)
     model_id = Path(args.checkpoint).stem
     print(f"minigpt: serving {model_id!r} ({type(engine).__name__}, {args.max_batch} rows) at "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
@@ -411,7 +411,7 @@ def _serve(args: argparse.Namespace) -> None:
             signal.signal(sig, signal.SIG_IGN)
     serve(engine, tokenizer, model_id=model_id, host=args.host, port=args.port, limits=limits,
           api_key=args.api_key or os.environ.get("MINIGPT_API_KEY") or None, shutdown_timeout=args.shutdown_timeout,
-          draft=speculator.draft if speculator else None, draft_tokens=args.draft_tokens)
+          step=step)
 
 
 def _plot(args: argparse.Namespace) -> None:
@@ -478,7 +478,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     from minigpt.data import load_corpus, load_recorded_corpus
     from minigpt.decoding import EMPTY_PROMPT
     from minigpt.devices import resolve_device
-    from minigpt.train import evaluate_split, split_ids
+    from minigpt.training import evaluate_split, split_ids
 
     _use_threads(args.threads)
     checkpoint = load_checkpoint(args.checkpoint, device=resolve_device(args.device))

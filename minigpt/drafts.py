@@ -19,14 +19,14 @@ against what the model itself picks, so a draft can make decoding faster or
   temperature, top-k and top-p, the same inverse CDF) with the very draw the
   row will use there. Where the counts resemble the model's probabilities the
   two picks agree far more often than the most frequent character alone is
-  sampled (default model, T 0.8, top-p 0.95: 1.53x plain sampling, against
-  1.27x counting its greedy picks and 1.18x counting the text).
+  sampled (bench/README.md has the figures).
 - `ContextDraft` (prompt lookup): find the last earlier place the row's own
   recent characters occurred, and propose what followed them there.
 
-A draft's `propose(history, k, draws, sampler)` gets the row's next k random
-draws and its sampler when the row samples (None when greedy); only the
-n-gram table and a draft model use them.
+Every draft answers for a batch of rows at once (`propose_rows`, the
+`minigpt.speculative.Draft` protocol); the two table drafts answer a row at a
+time (`RowByRow`), given the row's next k random draws and its sampler when
+the row samples (None when greedy).
 
 numpy only: the onnxruntime path stays torch-free.
 """
@@ -43,19 +43,20 @@ import numpy as np
 
 from minigpt.config import MOST_DRAFT_TOKENS
 from minigpt.errors import CheckpointError
+from minigpt.rows import restart_length
 from minigpt.sampling import rows_alike
 
-DEFAULT_ORDER = 4  # context characters (6 guessed no better on the default model: 6.5 tokens a verify step)
-MAX_TABLE_CHARACTERS = 5_000_000  # of training text read into the table: ~2 s of numpy, a few arrays of it
-CANDIDATES = 8  # next characters kept per context with their counts: as good a guess as all of them
+# The table's sizes and thresholds; what each setting measured is in bench/README.md ("Speculative decoding").
+DEFAULT_ORDER = 4  # context characters a guess reads
+MAX_TABLE_CHARACTERS = 5_000_000  # of training text read into the table (its build's memory and time)
+CANDIDATES = 8  # next characters kept per context with their counts
 # A sampling row's guesses use each context's distribution for its sampler's settings, made when first met
 # (~7 us; most contexts are never met in a run) and kept: for this many contexts, for a few settings at once.
 MADE_DISTRIBUTIONS, RECENT_SETTINGS = 1 << 16, 4
 # A greedy row's guesses go on while the chance that all are right (the product of how often the model picked
-# each in its context) is at least this: a long guess past an unsure one is mostly a wider graph call for
-# nothing (default model, batch 1, k = 12: 0.2 and 0.3 alike best, 0.5 and 0.1 slower; k = 32: 0.3 best, 0.5
-# 0.96x). A sampling row's go on to k: with its draw known, a guess's probability says little of whether it is
-# right (0 and 0.1 measured best).
+# each in its context) is at least this: a long guess past an unsure one is mostly a wider engine call for
+# nothing. A sampling row's go on to k: with its draw known, a guess's probability says little of whether it
+# is right.
 CONFIDENT = 0.3
 NGRAM_KEYS, NGRAM_NEXT, NGRAM_META = "draft.ngram.keys", "draft.ngram.next", "draft_ngram"
 # Each context's candidates, most frequent first, and their counts: flat, `followers` of them per context.
@@ -77,7 +78,24 @@ def max_order(vocab_size: int) -> int:
     return int((62 * math.log(2) - math.log(vocab_size)) / math.log(_base(vocab_size)))
 
 
-class NGramDraft:
+class RowByRow:
+    """A draft that guesses for one row at a time: `propose_rows` asks `propose` of each row."""
+
+    name = "row"
+
+    def stops_itself(self, sampler) -> bool:
+        return False
+
+    def propose(self, history: np.ndarray, k: int, draws=None, sampler=None) -> list[int]:
+        raise NotImplementedError
+
+    def propose_rows(self, histories: list[np.ndarray], limits: list[int], draws: np.ndarray | None,
+                     samplers: list) -> list[list[int]]:
+        return [self.propose(history, limit, None if draws is None else draws[row], sampler)
+                for row, (history, limit, sampler) in enumerate(zip(histories, limits, samplers))]
+
+
+class NGramDraft(RowByRow):
     """Next character by the longest matching context of the training text (see the module's docstring)."""
 
     name = "ngram"
@@ -291,7 +309,7 @@ def _followers_of(keys: np.ndarray, next_ids: np.ndarray, vocab_size: int,
             counts[kept].astype(np.int32))
 
 
-class ContextDraft:
+class ContextDraft(RowByRow):
     """Prompt lookup: what followed the last earlier occurrence of the row's newest `match` characters."""
 
     name = "context"
@@ -325,13 +343,19 @@ class ModelDraft:
 
     def __init__(self, engine):
         self.engine, self.block = engine, engine.block_size
+        self.keep = restart_length(self.block)
         self.read: list[np.ndarray] = []  # per row: the tokens in the draft's cache
         self.offsets: list[int] = []  # per row: where in the row's history the draft's window starts
 
-    def propose_rows(self, histories: list[np.ndarray], k: int, draws: np.ndarray | None = None,
+    @staticmethod
+    def stops_itself(sampler) -> bool:
+        return False
+
+    def propose_rows(self, histories: list[np.ndarray], limits: list[int], draws: np.ndarray | None = None,
                      samplers: list | None = None) -> list[list[int]]:
-        """k guesses for each row of the batch, the draft's rows decoded together (see `propose`)."""
-        k = min(k, self.block // 2)
+        """The same number of guesses for each row of the batch (the most of `limits`), the draft's rows decoded
+        together."""
+        k = min(max(limits), self.keep)
         if len(histories) != len(self.read):
             self.engine.start(len(histories))
             self.read, self.offsets = [np.zeros(0, dtype=np.int64)] * len(histories), [0] * len(histories)
@@ -353,10 +377,10 @@ class ModelDraft:
 
     def _catch_up(self, row: int, history: np.ndarray, k: int) -> np.ndarray:
         """Feed row's cache what its history has that the cache lacks; return the next-token logits. Past the
-        draft's block the window restarts from the newest half block (as `minigpt.decoding` does)."""
+        draft's block the window restarts from its newest tokens (as `minigpt.rows` restarts a row)."""
         offset = self.offsets[row]
         if offset >= len(history) or len(history) - offset + k - 1 > self.block:
-            offset = max(0, len(history) - self.block // 2)
+            offset = max(0, len(history) - self.keep)
         window, read = history[offset:], self.read[row] if offset == self.offsets[row] else history[:0]
         same = min(len(read), len(window) - 1)
         differs = np.flatnonzero(read[:same] != window[:same])

@@ -1,7 +1,7 @@
 """Generation with the torch engines: the model recomputed each step, or with its KV-cache.
 
-The decoding loop, the policy past the block size and the sampler are shared
-with every engine and live in `minigpt.decoding`.
+The decoding loop, the rows and the sampler are shared with every engine and
+live in `minigpt.decoding`, `minigpt.rows` and `minigpt.sampling`.
 """
 
 from __future__ import annotations
@@ -11,13 +11,16 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from minigpt.decoding import check_extend, join_samples, runs_of_equal, stream_characters
+from minigpt.decoding import check_extend, join_samples, stream_characters
 from minigpt.model import KVCache, MiniGPT
+from minigpt.rows import runs_of_equal
 from minigpt.tokenizer import CharTokenizer
 
 
 class RecomputeEngine:
     """The reference: every call runs the model over each row's whole context again."""
+
+    verifies_rows_together = True
 
     def __init__(self, model: MiniGPT):
         self.model = model
@@ -47,6 +50,8 @@ class RecomputeEngine:
 
 class KVCacheEngine:
     """Keys and values of earlier positions stay in a static cache: each call computes only the new positions."""
+
+    verifies_rows_together = True
 
     def __init__(self, model: MiniGPT):
         self.model = model

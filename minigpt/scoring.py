@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from minigpt.decoding import Engine, runs_of_equal
+from minigpt.decoding import Engine
+from minigpt.rows import runs_of_equal
 
 
 @dataclass

@@ -1,9 +1,8 @@
 """What a training run checks before it starts, and how it stops.
 
-Kept apart from `minigpt.train` so the loop reads on its own: an output is
+Kept apart from `minigpt.train` so the plan reads on its own: an output is
 never a file it must not replace, a resume has something to resume, a
-compile has a compiler; Ctrl-C or SIGTERM ends a run after a step, saved; a
-loss that is no longer finite ends it with the last good checkpoint kept.
+compile has a compiler; Ctrl-C or SIGTERM ends a run after a step, saved.
 """
 
 from __future__ import annotations
@@ -37,10 +36,6 @@ class TrainingInterrupted(Exception):
     def __init__(self, signum: int, step: int, path: Path):
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}")
         self.signum, self.step, self.path = signum, step, path
-
-
-class NonFiniteLoss(MiniGPTError):
-    """The loss became inf or NaN; nothing from that step on was saved."""
 
 
 class StopSignals:

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow  # every test runs the installed command in fresh 
 
 from minigpt import load_checkpoint
 from minigpt.config import TrainConfig
-from minigpt.train import learning_rate_at
+from minigpt.training import learning_rate_at
 
 
 

@@ -6,7 +6,7 @@ import torch
 
 from minigpt import GPTConfig, MiniGPT, load_checkpoint
 from minigpt.cli import main
-from minigpt.decoding import prefill
+from minigpt.rows import prefill
 from minigpt.errors import MiniGPTError
 from minigpt.generation import KVCacheEngine, RecomputeEngine, generate, generate_samples, stream
 

@@ -81,7 +81,7 @@ def test_the_gpu_paths_import_and_build_without_a_gpu():
         assert not torch.cuda.is_initialized(), "a module touched CUDA when imported"
         from minigpt.config import GPTConfig, TrainConfig
         from minigpt.model import MiniGPT
-        from minigpt.train import autocast_for, make_optimizer
+        from minigpt.training import autocast_for, make_optimizer
         cuda = torch.device("cuda")
         autocast = autocast_for(cuda)
         assert autocast.device == "cuda" and autocast.fast_dtype == torch.bfloat16

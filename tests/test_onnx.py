@@ -6,7 +6,8 @@ import pytest
 
 from minigpt import load_checkpoint
 from minigpt.cli import main
-from minigpt.decoding import generate_tokens, join_samples, prefill, stream_characters
+from minigpt.decoding import generate_tokens, join_samples, stream_characters
+from minigpt.rows import prefill
 from minigpt.export.onnx_engine import OnnxEngine
 from minigpt.generation import KVCacheEngine
 from minigpt.sampling import Sampler
@@ -173,13 +174,21 @@ def test_a_graph_from_before_query_lengths_extends_a_batch_one_row_at_a_time(tmp
     """Several tokens for each of several rows with a past: one call on this minigpt's graph, a call per row on
     an older one (whose GroupQueryAttention refuses them together), the same logits either way; speculative
     decoding then verifies a batch only on the graph that does it in one call."""
-    from minigpt.speculative import Speculator
+    from minigpt.decoding import Continuation
+    from minigpt.rows import Rows
+    from minigpt.speculative import SpeculativeStep
 
     engines = {"current": OnnxEngine(exported["fp32"]),
                "older": OnnxEngine(without_query_lengths(tmp_path, exported["fp32"]))}
     assert [engine.verifies_rows_together for engine in engines.values()] == [True, False]
-    speculator = Speculator(engines["current"].ngram_draft())
-    assert [speculator.pays(engine, [Sampler(temperature=0)] * 3) for engine in engines.values()] == [True, False]
+    step = SpeculativeStep(engines["current"].ngram_draft())
+
+    def greedy_rows(engine):
+        rows = Rows(engine, 3)
+        rows.add([[1], [2], [3]], [Continuation([1], Sampler(temperature=0), None, 4) for _ in range(3)])
+        return rows
+
+    assert [step.pays(greedy_rows(engine)) for engine in engines.values()] == [True, False]
     rng = np.random.default_rng(4)
     prompts, new = [rng.integers(0, 20, size=(1, length)) for length in (2, 9, 5)], rng.integers(0, 20, size=(3, 4))
     logits = {}

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from minigpt.cli import main
-from minigpt.decoding import Rows, generate_rows, prefill
+from minigpt.decoding import generate_rows
+from minigpt.rows import Rows, prefill
 from minigpt.errors import MiniGPTError
 from minigpt.generation import KVCacheEngine
 from minigpt.sampling import Sampler
@@ -130,7 +131,7 @@ def test_sequences_joining_and_leaving_a_running_batch_each_decode_as_if_alone(m
     expected = [greedy(make_engine(engine_name), [prompt], wanted)[0]
                 for prompt, (_, _, wanted) in zip(sequences, plan)]
 
-    rows = Rows(make_engine(engine_name), capacity=4)  # rows.payloads[i]: the sequence in row i
+    rows = Rows(make_engine(engine_name), capacity=4)  # rows.sequences[i]: the sequence in row i
     produced = [[] for _ in plan]
     logits = np.zeros((0, 0), dtype=np.float32)
     waiting = list(range(len(plan)))
@@ -138,14 +139,14 @@ def test_sequences_joining_and_leaving_a_running_batch_each_decode_as_if_alone(m
     while waiting or rows.count:
         if rows.count:
             ids = logits.argmax(-1)
-            for row, sequence in enumerate(rows.payloads):
+            for row, sequence in enumerate(rows.sequences):
                 produced[sequence].append(int(ids[row]))
-            done = [row for row, sequence in enumerate(rows.payloads) if len(produced[sequence]) == plan[sequence][2]]
+            done = [row for row, sequence in enumerate(rows.sequences) if len(produced[sequence]) == plan[sequence][2]]
             ids = rows.remove(done, carry=ids)  # the last rows move into the gaps, and their ids with them
             logits = rows.decode(ids).copy() if rows.count else logits[:0]
         joining = [s for s in waiting if plan[s][1] <= step][:rows.capacity - rows.count]
         for sequence in joining:
-            new = rows.add([sequences[sequence]], payloads=[sequence])
+            new = rows.add([sequences[sequence]], [sequence])
             logits = np.concatenate([logits, new]) if len(logits) else new.copy()
             waiting.remove(sequence)
         step += 1

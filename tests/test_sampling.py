@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from minigpt import MiniGPTError, Sampler
-from minigpt.sampling import give_back, read_ahead
+from minigpt.decoding import Continuation
+from minigpt.speculative import give_back, read_draws
 
 
 def random_logits(seed, batch=4, vocab=30):
@@ -110,7 +111,7 @@ def test_bad_settings_are_refused(kwargs):
 def test_draws_read_ahead_and_given_back_are_drawn_again():
     """Speculative sampling picks several positions with draws read ahead and gives back the unused ones."""
     streams, twins = Sampler(seed=4).streams(2), Sampler(seed=4).streams(2)
-    ahead = read_ahead(streams, 5)
+    ahead = read_draws([Continuation([1], Sampler(seed=4), stream, 5) for stream in streams], 5)
     assert ahead.tolist() == [[twin.random() for _ in range(5)] for twin in twins]
     give_back(streams[0], 3)
     give_back(streams[1], 0)

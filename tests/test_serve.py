@@ -376,14 +376,14 @@ def test_a_request_whose_sampling_fails_fails_alone(onnx_model, wait_for, free_p
     from minigpt.export.onnx_engine import OnnxEngine
     from minigpt.sampling import Sampler
 
-    real = Sampler.__call__
+    real = Sampler.pick
 
-    def fragile(self, logits, streams=None):
+    def fragile(self, logits, draws):
         if self.temperature == 1.25:
             raise FloatingPointError("a broken sampler")
-        return real(self, logits, streams)
+        return real(self, logits, draws)
 
-    monkeypatch.setattr(Sampler, "__call__", fragile)
+    monkeypatch.setattr(Sampler, "pick", fragile)
     with in_process(OnnxEngine(onnx_model), free_port(), wait_for) as probe:
         status, body, _ = probe.post({"model": MODEL_ID, "prompt": "a", "max_tokens": 10, "temperature": 1.25})
         assert status == 500 and "sampling failed for this request" in body["error"]["message"], body

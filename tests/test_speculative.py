@@ -6,18 +6,19 @@ import pytest
 
 from minigpt import load_checkpoint, save_checkpoint
 from minigpt.cli import main
-from minigpt.decoding import generate_rows, prefill
-from minigpt.drafts import ContextDraft, NGramDraft
+from minigpt.decoding import generate_rows
+from minigpt.drafts import ContextDraft, NGramDraft, RowByRow
 from minigpt.export.onnx_engine import OnnxEngine
+from minigpt.rows import prefill
 from minigpt.sampling import Sampler
-from minigpt.speculative import Speculator
+from minigpt.speculative import SpeculativeStep as Speculator
 
 BLOCK = 16  # the tiny model's block_size
 PROMPT_LENGTHS = [1, 7, BLOCK, BLOCK + 7]  # rows fill up and restart at different steps
 NEW_TOKENS = 2 * BLOCK + 3
 
 
-class WrongDraft:
+class WrongDraft(RowByRow):
     """Guesses that are almost always wrong: verification must throw them all away."""
 
     name = "wrong"
@@ -72,8 +73,7 @@ def test_speculative_greedy_tokens_equal_plain_decoding(make_engine, tiny_loaded
     # One row at a time too: a batch decodes plainly where its guesses do not stop themselves (context, wrong).
     alone = [tokens(make_engine(engine_name), [row], Sampler(temperature=0), Speculator(draft, 4))[0] for row in rows]
     assert alone == plain
-    assert speculator.steps < NEW_TOKENS or draft_name == "wrong" or \
-        not speculator.pays(make_engine(engine_name), [Sampler(temperature=0)] * len(rows))
+    assert speculator.steps < NEW_TOKENS or draft_name == "wrong"
 
 
 @pytest.mark.parametrize("engine_name", ["kv-cache", "onnx"])
@@ -110,63 +110,70 @@ def test_a_draft_model_changes_nothing_but_the_speed(make_engine, engine_name):
     text = tokens(make_engine(engine_name), [prompt], Sampler(temperature=0), new_tokens=8)[0]
     draft = ModelDraft(make_engine("kv-cache"))
     for done in (1, 2, 4, 1):
-        assert draft.propose_rows([np.array(prompt + text[:done])], 4) == [text[done:done + 4]]
+        assert draft.propose_rows([np.array(prompt + text[:done])], [4]) == [text[done:done + 4]]
 
 
-class SettledRows:
-    """What `Speculator.settle` needs of `Rows`, for driving a speculator with made-up steps."""
-
-    def roll_back(self, lengths):
-        self.lengths = lengths
-
-
-def verify_steps(speculator, steps, kept, seconds):
+def verify_steps(schedule, steps, kept, seconds):
     """Run `steps` made-up verify steps, each keeping `kept(k)` of its k guesses in `seconds(k)`; return the ks."""
     ks = []
     for _ in range(steps):
-        k, _ = speculator.choose_k()
+        k, _ = schedule.choose_k()
         assert k >= 1
         ks.append(k)
-        speculator.settle(SettledRows(), [10], [[1] * k], [kept(k)], seconds(k))
+        schedule.settle([[1] * k], [kept(k)], seconds(k))
     return ks
 
 
-def test_k_grows_while_every_guess_is_kept_and_shrinks_after_a_miss():
-    """Step times as measured on the default model: a plain step ~100 us, verifying k guesses ~130 + 10k us."""
-    from minigpt.speculative import FIRST_GUESSES as first
+def timed_schedule(most):
+    """A schedule past its yardstick: two plain steps of 100 us."""
+    from minigpt.speculative import Schedule
 
-    speculator = Speculator(ContextDraft(), max_tokens=first + 4)
-    assert speculator.choose_k() == speculator.choose_k() == (0, 1)  # plain steps first, for the yardstick
-    speculator.record(0, 100e-6)
-    assert speculator.choose_k() == (0, 1)  # the first may have built a binding: one more
-    speculator.record(0, 100e-6)
+    schedule = Schedule(most)
+    assert schedule.choose_k() == schedule.choose_k() == (0, 1)  # plain steps first, for the yardstick
+    schedule.record(0, 100e-6)
+    assert schedule.choose_k() == (0, 1)  # the first may have built a binding: one more
+    schedule.record(0, 100e-6)
+    return schedule
+
+
+def test_k_grows_while_every_guess_is_kept_shrinks_after_a_miss_and_stays_within_its_bounds():
+    """Step times as measured on the default model: a plain step ~100 us, verifying k guesses ~130 + 10k us."""
+    most = 12
+    schedule = timed_schedule(most)
     step_time = dict(seconds=lambda k: 130e-6 + 10e-6 * k)
-    assert verify_steps(speculator, 4, kept=lambda k: k, **step_time) == [first, first + 2, first + 4, first + 4]
-    assert verify_steps(speculator, 3, kept=lambda k: 0, **step_time) == [first + 4, first + 3, first + 2]
-    assert speculator.choose_k() == (first + 1, 1)  # each miss emitted one token in 2x a plain step's time, but
-    # the recent steps together still beat plain steps (41 tokens in 1.5 ms, from 6 guesses)
+    kept_all = verify_steps(schedule, 8, kept=lambda k: k, **step_time)
+    assert all(later > earlier for earlier, later in zip(kept_all, kept_all[1:]) if earlier < most)  # grows
+    assert kept_all[-1] == most and max(kept_all) == most  # up to the most, never past it
+    missed = verify_steps(schedule, 4, kept=lambda k: 0, **step_time)
+    assert all(later < earlier for earlier, later in zip(missed, missed[1:]))  # shrinks after each miss
+    for _ in range(2 * most):  # and never below one guess
+        schedule.settle([[1] * schedule.k], [0], 1e-6)
+    assert schedule.k == 1
 
 
 def test_a_draft_that_does_not_pay_gives_way_to_plain_stretches_and_is_tried_again_less_often():
-    from minigpt.speculative import DECIDE_EVERY, FIRST_GUESSES, FIRST_PROBE, PLAIN_STRETCH, PROBE_STEPS
+    from minigpt.speculative import PLAIN_STRETCH
 
-    speculator = Speculator(WrongDraft(), max_tokens=8)
-    speculator.record(0, 100e-6), speculator.record(0, 100e-6)
-    missing = dict(kept=lambda k: 0, seconds=lambda k: 130e-6)  # one token for 1.3 plain steps' time
-    assert verify_steps(speculator, DECIDE_EVERY, **missing) == [FIRST_GUESSES - step for step in range(DECIDE_EVERY)]
-    stretches = 0
-    for probe in range(3):  # each probe one guess a step for PROBE_STEPS steps, after twice as many stretches
-        while (choice := speculator.choose_k()) == (0, PLAIN_STRETCH):
+    schedule = timed_schedule(8)
+    stretches, gaps = 0, []  # plain stretches before each probe (a probe guesses one token at a time)
+    while len(gaps) < 3:
+        k, plain = schedule.choose_k()
+        if k == 0:
+            assert plain == PLAIN_STRETCH
             stretches += 1
-        assert choice == (1, 1) and stretches == FIRST_PROBE * (2 ** (probe + 1) - 1)
-        speculator.settle(SettledRows(), [10], [[1]], [0], 130e-6)
-        verify_steps(speculator, PROBE_STEPS - 1, **missing)
+            continue
+        if stretches:
+            assert k == 1
+            gaps.append(stretches)
+            stretches = 0
+        schedule.settle([[1] * k], [0], 130e-6)  # one token for 1.3 plain steps' time
+    assert gaps[0] >= 1 and gaps[1] > gaps[0] and gaps[2] > gaps[1]
     # A probe whose guesses are kept (two tokens for 1.3 plain steps' time) goes on guessing, k growing.
-    assert speculator.choose_k() == (0, PLAIN_STRETCH)
-    while speculator.choose_k() == (0, PLAIN_STRETCH):
+    while schedule.choose_k() != (1, 1):
         pass
-    speculator.settle(SettledRows(), [10], [[1]], [1], 130e-6)
-    assert verify_steps(speculator, 6, kept=lambda k: k, seconds=lambda k: 130e-6) == [3, 5, 7, 8, 8, 8]
+    schedule.settle([[1]], [1], 130e-6)
+    ks = verify_steps(schedule, 6, kept=lambda k: k, seconds=lambda k: 130e-6)
+    assert ks == sorted(ks) and ks[-1] == 8 and ks[0] < 8
 
 
 def test_guesses_that_stop_themselves_may_run_to_the_most_a_step_verifies(make_engine):
@@ -238,7 +245,7 @@ def test_a_row_that_has_all_its_tokens_leaves_the_batch(make_engine, engine_name
 def test_a_draft_with_nothing_to_guess_decodes_plainly(make_engine):
     """Asking costs time too: a draft that has nothing to say is judged as one that does not pay, and is asked
     again only now and then."""
-    class Silent:
+    class Silent(RowByRow):
         name = "silent"
         asked = 0
 
@@ -267,7 +274,7 @@ def test_the_ngram_table_predicts_its_own_text():
 def test_model_picks_are_the_models_own_greedy_next_characters_window_by_window(tiny_loaded):
     import torch
 
-    from minigpt.train import model_picks
+    from minigpt.draft_table import model_picks
 
     model = tiny_loaded.model
     text = np.random.default_rng(3).integers(0, 20, size=3 * BLOCK + 5)

@@ -23,7 +23,6 @@ import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from minigpt.config import DRAFT_TOKENS
 from minigpt.decoding import Engine
 from minigpt.errors import MiniGPTError
 from minigpt.serve.connections import guarded_protocol
@@ -46,7 +45,7 @@ class CompletionsAPI:
                  limits: Limits, api_key: str | None):
         self.scheduler, self.metrics, self.tokenizer = scheduler, metrics, tokenizer
         self.model_id, self.limits, self.api_key = model_id, limits, api_key
-        self.block_size = scheduler.rows.block
+        self.block_size = scheduler.rows.engine.block_size
         self.created = int(time.time())
         # Unique per server start and request; uuid4 cost 30 µs of the event loop a request.
         self.completion_ids = (f"cmpl-{uuid.uuid4().hex[:16]}{number:08x}" for number in itertools.count())
@@ -326,15 +325,15 @@ class EventStream:
 
 
 def create_app(engine: Engine, tokenizer: CharTokenizer, *, model_id: str, limits: Limits | None = None,
-               api_key: str | None = None, draft=None, draft_tokens: int = DRAFT_TOKENS):
-    """The Starlette app; its lifespan starts and stops the scheduler. `draft` (a `minigpt.drafts` draft)
-    turns on speculative decoding with up to `draft_tokens` guesses a step."""
+               api_key: str | None = None, step=None):
+    """The Starlette app; its lifespan starts and stops the scheduler. `step` (a `minigpt.decoding.Step`;
+    `minigpt.speculative.make_step` speculates) finds each step's tokens."""
     from starlette.applications import Starlette
     from starlette.routing import Route
 
     limits = limits or Limits()
     metrics = Metrics()
-    scheduler = Scheduler(engine, tokenizer, limits.max_batch, limits.max_queue, metrics, draft, draft_tokens)
+    scheduler = Scheduler(engine, tokenizer, limits.max_batch, limits.max_queue, metrics, step)
     api = CompletionsAPI(scheduler, metrics, tokenizer, model_id=model_id, limits=limits, api_key=api_key)
 
     @asynccontextmanager
@@ -362,15 +361,14 @@ def create_app(engine: Engine, tokenizer: CharTokenizer, *, model_id: str, limit
 
 
 def serve(engine: Engine, tokenizer: CharTokenizer, *, model_id: str, host: str = "127.0.0.1", port: int = 8000,
-          limits: Limits | None = None, api_key: str | None = None, shutdown_timeout: float = 10.0, draft=None,
-          draft_tokens: int = DRAFT_TOKENS) -> None:
+          limits: Limits | None = None, api_key: str | None = None, shutdown_timeout: float = 10.0,
+          step=None) -> None:
     """Serve until SIGTERM or Ctrl-C: then stop accepting, let requests in flight finish within
     `shutdown_timeout` seconds, cancel the rest, and return."""
     import uvicorn
 
     limits = limits or Limits()
-    app = create_app(engine, tokenizer, model_id=model_id, limits=limits, api_key=api_key, draft=draft,
-                     draft_tokens=draft_tokens)
+    app = create_app(engine, tokenizer, model_id=model_id, limits=limits, api_key=api_key, step=step)
     protocol = guarded_protocol(limits.read_timeout, MAX_HEAD_BYTES, limits.max_connections,
                                 app.state.metrics.answered)
     # No access log: a line per request costs more than a decode step at these sizes.

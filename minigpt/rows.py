@@ -1,0 +1,145 @@
+"""The sequences in an engine's batch, one per row, and what happens past the block size.
+
+`Rows` is the one place that knows which sequence sits in which row and how
+many tokens of it the engine's cache holds. Sequences join (`add`) and leave
+(`remove`) between steps; a step writes new tokens (`decode`, `extend`) and
+may take some back (`roll_back`). Continuous batching is this and nothing
+more: `minigpt generate` and the server's scheduler both drive it.
+
+Past the block size: learned positions stop at block_size, and a cache of
+keys computed at positions 0..block_size-1 cannot slide (every key would
+need its position changed). So when a row's context is full, that row alone
+restarts from its most recent `restart_length` tokens: all but the newest
+are prefilled into the row, and the newest joins the next step like any
+other row's. One prefill of half a block every half block, instead of a
+full recompute every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from minigpt.errors import MiniGPTError
+
+
+def restart_length(block_size: int) -> int:
+    """How many of its newest tokens a full row keeps when it restarts (every cache that restarts uses it)."""
+    return max(1, block_size // 2)
+
+
+def prefill(engine, ids: np.ndarray, first_row: int = 0) -> np.ndarray:
+    """Start rows first_row .. first_row+n-1 afresh from (n, T) ids; return their (n, V) next-token logits."""
+    return engine.extend(ids, np.zeros(len(ids), dtype=np.int64), first_row)[:, -1]
+
+
+class Rows:
+    """The rows of an engine's batch, packed into rows 0 .. count-1 (see the module's docstring)."""
+
+    def __init__(self, engine, capacity: int):
+        self.engine, self.capacity = engine, capacity
+        self._block = engine.block_size
+        self._sequences: list = []  # the driver's record of the sequence in each row
+        self._lengths = np.zeros(capacity, dtype=np.int64)  # tokens in each row's cache
+        self._tokens = np.zeros((capacity, self._block), dtype=np.int64)  # and which they are
+        engine.start(capacity)
+
+    @property
+    def count(self) -> int:
+        return len(self._sequences)
+
+    @property
+    def sequences(self) -> tuple:
+        return tuple(self._sequences)
+
+    def lengths(self) -> list[int]:
+        return self._lengths[:self.count].tolist()
+
+    def room(self) -> int:
+        """How many more positions every row can take before one is full."""
+        return self._block - max(self.lengths(), default=0)
+
+    def add(self, prompts: Sequence[Sequence[int]], sequences: Sequence | None = None) -> np.ndarray:
+        """Prefill prompts into the next free rows (a long prompt is read through its last block); return
+        their (n, V) next-token logits."""
+        if self.count + len(prompts) > self.capacity:
+            raise MiniGPTError(f"{self.count} rows are in use; {len(prompts)} more exceed the capacity of "
+                               f"{self.capacity}")
+        first = self.count
+        windows = [np.asarray(prompt, dtype=np.int64)[-self._block:] for prompt in prompts]
+        lengths = np.array([len(window) for window in windows])
+        logits = []
+        for start, count in runs_of_equal(lengths):  # rows of one length prefill together
+            rows = slice(first + start, first + start + count)
+            self._tokens[rows, :lengths[start]] = np.stack(windows[start:start + count])
+            logits.append(prefill(self.engine, self._tokens[rows, :lengths[start]], rows.start))
+        self._lengths[first:first + len(prompts)] = lengths
+        self._sequences += list(sequences) if sequences is not None else [None] * len(prompts)
+        return np.concatenate(logits)
+
+    def remove(self, rows: Iterable[int], carry: np.ndarray | None = None) -> np.ndarray | None:
+        """Free these rows; the last rows move into the gaps, so rows stay packed (any row index may change).
+        `carry`, one entry per row (the tokens about to be written, say), moves the same way and comes back
+        cut to the rows that are left."""
+        for row in sorted(rows, reverse=True):  # from the end: the last row is then never one being freed
+            last = self.count - 1
+            if row != last:
+                self.engine.move_row(last, row, int(self._lengths[last]))
+                self._lengths[row], self._tokens[row] = self._lengths[last], self._tokens[last]
+                self._sequences[row] = self._sequences[last]
+                if carry is not None:
+                    carry[row] = carry[last]
+            self._sequences.pop()
+        return None if carry is None else carry[:self.count]
+
+    def decode(self, ids: np.ndarray) -> np.ndarray:
+        """Append (count,) ids, one to each row (full rows restart first); return the (count, V) logits."""
+        if self.room() == 0:
+            self.make_room()
+        return self.extend(ids[:, None])[:, 0]
+
+    def extend(self, ids: np.ndarray) -> np.ndarray:
+        """Append (count, k) ids to every row, k <= room(); return the (count, k, V) logits."""
+        starts = self.lengths()
+        logits = self.engine.extend(ids, self._lengths[:self.count])
+        new = ids.shape[1]
+        for row, start in enumerate(starts):
+            self._tokens[row, start:start + new] = ids[row]
+        self._lengths[:self.count] = [start + new for start in starts]
+        return logits
+
+    def roll_back(self, lengths: Sequence[int]) -> None:
+        """Keep only the first lengths[i] positions of each row i (the engine overwrites the rest later)."""
+        self._lengths[:self.count] = lengths
+
+    def histories(self, pending: np.ndarray) -> list[np.ndarray]:
+        """Each row's tokens followed by pending[row], the token it writes next (views: valid until the next
+        call that writes)."""
+        lengths = self.lengths()
+        for row, length in enumerate(lengths):
+            self._tokens[row, length] = pending[row]
+        return [self._tokens[row, :length + 1] for row, length in enumerate(lengths)]
+
+    def make_room(self) -> int:
+        """Restart the rows that are full (see the module's docstring); return room()."""
+        full = np.flatnonzero(self._lengths[:self.count] == self._block)
+        keep = restart_length(self._block)
+        # Neighbouring full rows (the samples of one prompt, say) restart in one prefill.
+        for first, count in runs_of_equal(full - np.arange(len(full))):
+            rows = slice(full[first], full[first] + count)
+            kept = self._tokens[rows, self._block - keep + 1:].copy()  # the newest token comes with the step
+            if kept.shape[1]:
+                prefill(self.engine, kept, rows.start)
+            self._tokens[rows, :kept.shape[1]] = kept
+            self._lengths[rows] = kept.shape[1]
+        return self.room()
+
+
+def runs_of_equal(values: np.ndarray) -> Iterator[tuple[int, int]]:
+    """(first, count) of each run of equal neighbouring values."""
+    first = 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[first]:
+            yield first, i - first
+            first = i

@@ -1,0 +1,242 @@
+"""Training a MiniGPT: batches, the step, the learning-rate schedule, evaluation and saving, in one loop.
+
+`minigpt.train` plans a run (every setting checked, the data read, the model
+built or restored) and then calls `train_loop`. The loop here is one plain
+process; what a full run adds around it (several processes, torch.compile,
+Ctrl-C, the metrics log, the draft table saved with the model) comes in
+through a `Run` from `minigpt.train`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from minigpt.checkpoint import save_checkpoint
+from minigpt.config import TrainConfig
+from minigpt.errors import DataError, MiniGPTError
+from minigpt.generation import KVCacheEngine
+from minigpt.model import MiniGPT
+from minigpt.scoring import score
+from minigpt.tokenizer import CharTokenizer
+
+LN2 = math.log(2)
+
+
+def split_ids(corpus, chars: str, name: str, block_size: int) -> np.ndarray:
+    """A split's ids in the vocabulary `chars`, long enough for one window."""
+    ids = corpus.ids(chars, name)
+    if len(ids) < block_size + 1:
+        raise DataError(f"the {name} split has {len(ids)} characters but block_size {block_size} needs at least "
+                        f"{block_size + 1}; use more data or a smaller --block_size")
+    return ids
+
+
+def sample_batch(ids: np.ndarray, batch_size: int, block_size: int, generator: torch.Generator,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows of block_size + 1 tokens (read straight from a memmap): inputs, and the same shifted
+    by one as targets."""
+    starts = torch.randint(len(ids) - block_size, (batch_size,), generator=generator).numpy()
+    windows = torch.from_numpy(ids[starts[:, None] + np.arange(block_size + 1)].astype(np.int64))
+    windows = windows.to(device, non_blocking=True)
+    return windows[:, :-1], windows[:, 1:]
+
+
+def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                  grad_clip: float, device: torch.device) -> float:
+    """One optimizer step on a batch (model may be wrapped: DDP, torch.compile); returns the loss."""
+    with autocast_for(device):
+        _, loss = model(x, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.item()
+
+
+def learning_rate_at(step: int, config: TrainConfig) -> float:
+    """Linear warm-up to learning_rate, then cosine decay to a tenth of it at the last step."""
+    if step < config.warmup:
+        return config.learning_rate * (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    min_lr = config.learning_rate / 10
+    return min_lr + 0.5 * (config.learning_rate - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def make_optimizer(model: MiniGPT, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    # Decay matrices and embeddings only: shrinking biases and LayerNorm gains towards zero only hurts.
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(0.9, 0.99), **fused)
+
+
+def autocast_for(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def estimate_loss(model: MiniGPT, ids: np.ndarray, config: TrainConfig, device: torch.device) -> float:
+    """Mean loss over eval_iters random batches; the same batches at every evaluation."""
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    was_training = model.training
+    model.eval()
+    losses = []
+    for _ in range(config.eval_iters):
+        x, y = sample_batch(ids, config.batch_size, model.config.block_size, generator, device)
+        with autocast_for(device):
+            losses.append(model(x, y)[1].item())
+    model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def evaluate_split(model: MiniGPT, ids: np.ndarray, batch_size: int = 64) -> float:
+    """Mean next-token loss (nats) over a whole split, read in consecutive block_size windows, `batch_size` of
+    them a pass: the scoring the server's `echo` and lm-eval share (`minigpt.scoring`)."""
+    model.eval()
+    engine = KVCacheEngine(model)
+    engine.start(batch_size)
+    return -score(engine, ids, rows=batch_size).total / (len(ids) - 1)
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """A seed for each (process, step): batches and dropout depend on nothing but the step, so resuming
+    at step N draws exactly what an uninterrupted run draws there."""
+    return ((seed * 1_000_003 + rank) * 1_000_000_007 + step) % 2**63
+
+
+class NonFiniteLoss(MiniGPTError):
+    """The loss became inf or NaN; nothing from that step on was saved."""
+
+
+@dataclass
+class TrainingPlan:
+    """A run, checked and loaded (`minigpt.train.plan_training`): nothing about it can fail any more."""
+
+    config: TrainConfig
+    out: Path
+    device: torch.device
+    corpus: object  # a `minigpt.encoded.EncodedCorpus`
+    model: MiniGPT
+    tokenizer: CharTokenizer
+    first_step: int = 1
+    optimizer_state: dict | None = None
+    resume: Path | None = None
+    compile: bool = False
+    notes: list[str] = field(default_factory=list)  # said once before training starts
+
+    def split(self, name: str) -> np.ndarray:
+        return split_ids(self.corpus, "".join(self.tokenizer.chars), name, self.model.config.block_size)
+
+
+@dataclass
+class TrainResult:
+    model: MiniGPT
+    tokenizer: CharTokenizer
+    history: list[dict] = field(default_factory=list)  # one record per step, eval numbers where evaluated
+    tokens_per_s: float = 0.0
+    wall_s: float = 0.0
+
+
+class Run:
+    """What the loop asks of the run around it. This one is a single process that saves the checkpoint;
+    `minigpt.train.FullRun` adds processes, compile, signals, the metrics log and the draft table."""
+
+    rank, world_size, is_main = 0, 1, True
+
+    def __init__(self, plan: TrainingPlan, model: MiniGPT, optimizer: torch.optim.Optimizer):
+        self.plan, self.model, self.optimizer = plan, model, optimizer
+
+    def step_model(self) -> torch.nn.Module:
+        """What the loop steps (a wrapper of the model, or the model)."""
+        return self.model
+
+    def agree(self, flag: bool) -> bool:
+        """Whether any process raised `flag`: every process takes the same decision."""
+        return flag
+
+    def save(self, step: int, final: bool = False) -> None:
+        plan = self.plan
+        save_checkpoint(plan.out, self.model, plan.tokenizer, step=step, data=plan.corpus.source,
+                        optimizer=self.optimizer, train_config=dataclasses.asdict(plan.config))
+
+    def after_step(self, record: dict, saved: bool) -> None:
+        """Called with each step's record; a run may stop here (saving first when the step did not)."""
+
+    def close(self) -> None:
+        """The loop is over (or failed)."""
+
+
+def train_loop(plan: TrainingPlan, make_run=Run, progress: bool = True, on_step=None) -> TrainResult:
+    """Train plan.model to plan.config.steps: a step, a check, an evaluation and a save every eval_interval."""
+    config, device, block = plan.config, plan.device, plan.model.config.block_size
+    train_ids, valid_ids = plan.split("train"), plan.split("valid")
+    model = plan.model.to(device).train()
+    optimizer = make_optimizer(model, config, device)
+    if plan.optimizer_state is not None:
+        optimizer.load_state_dict(plan.optimizer_state)
+    run = make_run(plan, model, optimizer)
+    step_model, result = run.step_model(), TrainResult(model, plan.tokenizer)
+    tokens_per_step = run.world_size * config.batch_size * block
+    steps = range(plan.first_step, config.steps + 1)
+    # disable=None: tqdm draws only on a terminal, so `2> log` gets eval lines and no bar frames.
+    bar = tqdm(steps, disable=None if progress and run.is_main else True, file=sys.stderr, unit="step",
+               dynamic_ncols=True)
+    generator, start = torch.Generator(), time.perf_counter()
+    with contextlib.closing(run), contextlib.closing(bar):
+        for step in bar:
+            lr = learning_rate_at(step - 1, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            generator.manual_seed(seed := step_seed(config.seed, run.rank, step))
+            torch.manual_seed(seed)  # dropout
+            x, y = sample_batch(train_ids, config.batch_size, block, generator, device)
+            loss = training_step(step_model, optimizer, x, y, config.grad_clip, device)
+            check_finite(loss, step, run, config, plan.out)
+            record = {"step": step, "tokens": step * tokens_per_step, "loss": loss, "lr": lr,
+                      "tokens_per_s": (step - plan.first_step + 1) * tokens_per_step / (time.perf_counter() - start)}
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+            saved = run.is_main and (step % config.eval_interval == 0 or step == config.steps)
+            if saved:
+                record.update(evaluate(model, train_ids, valid_ids, config, device, bar, step))
+                run.save(step, final=step == config.steps)
+            result.history.append(record)
+            if on_step is not None:
+                on_step(record)
+            run.after_step(record, saved)
+    result.wall_s = time.perf_counter() - start
+    result.tokens_per_s = len(steps) * tokens_per_step / result.wall_s
+    model.eval()
+    return result
+
+
+def check_finite(loss: float, step: int, run: Run, config: TrainConfig, out: Path) -> None:
+    if run.agree(not math.isfinite(loss)):  # on any process: all stop
+        kept = f"the checkpoint {out} is left as it was" if out.exists() else "nothing was saved"
+        advice = "lower --learning-rate" + (" or --grad-clip" if config.grad_clip else ", or clip the gradient "
+                                                                                  "with --grad-clip 1")
+        raise NonFiniteLoss(f"the loss became {loss} at step {step}; {kept}: {advice} and try again")
+
+
+def evaluate(model: MiniGPT, train_ids: np.ndarray, valid_ids: np.ndarray, config: TrainConfig,
+             device: torch.device, bar, step: int) -> dict:
+    """Train and validation loss on the same fixed batches each time, said in one line."""
+    numbers = {"train_loss": estimate_loss(model, train_ids, config, device),
+               "val_loss": estimate_loss(model, valid_ids, config, device)}
+    numbers["val_bpc"] = numbers["val_loss"] / LN2
+    bar.write(f"step {step}: train loss {numbers['train_loss']:.4f}, val loss {numbers['val_loss']:.4f} nats "
+              f"({numbers['val_bpc']:.3f} bits/char)", file=sys.stderr)
+    return numbers
