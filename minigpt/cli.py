@@ -350,12 +350,13 @@ def _step_for(args: argparse.Namespace, tokenizer, ngram):
 
 def _generate(args: argparse.Namespace) -> None:
     from minigpt.decoding import join_samples, stream_characters
+    from minigpt.fast_sampling import FastSampler
 
     engine, tokenizer, ngram = _engine_for(args)
     step = _step_for(args, tokenizer, ngram)
     steps = stream_characters(engine, tokenizer, args.prompt, args.max_new_tokens, num_samples=args.num_samples,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                              step=step)
+                              step=step, sampler_type=FastSampler)
     start = time.perf_counter()
     if args.num_samples == 1:  # one sample streams as it is produced
         sys.stdout.write(args.prompt)

@@ -67,13 +67,15 @@ class Continuation:
 def pick(logits: np.ndarray, sequences: Sequence[Continuation], draws: np.ndarray | None = None) -> np.ndarray:
     """Each row's token from (rows, V) logits: row i as sequences[i] samples, with draws[i] (by default each
     sequence's next draw). Rows that sample alike are picked as one batch."""
-    if draws is None:
-        draws = np.array([0.0 if seq.stream is None else seq.stream.random() for seq in sequences])
     first = sequences[0].sampler
-    if all(seq.sampler is first for seq in sequences):
+    if len(sequences) == 1 or all(sequence.sampler is first for sequence in sequences):
         groups = [(slice(None), first)]
+        if first.greedy:
+            return logits.argmax(axis=-1)
     else:
-        groups = rows_alike([seq.sampler for seq in sequences])
+        groups = rows_alike([sequence.sampler for sequence in sequences])
+    if draws is None:
+        draws = np.array([0.0 if sequence.stream is None else sequence.stream.random() for sequence in sequences])
     ids = np.zeros(len(logits), dtype=np.int64)
     for rows, sampler in groups:
         try:
@@ -119,19 +121,24 @@ def _generate(engine: Engine, prompts: Sequence[Sequence[int]], max_new_tokens: 
                  for prompt, stream in zip(prompts, streams)]
     rows = Rows(engine, len(prompts))
     pending = pick(rows.add(prompts, sequences), sequences)
-    for sequence, token in zip(sequences, pending.tolist()):
-        sequence.tokens.append(token)
     found = [sequence.tokens for sequence in sequences]
-    for position in range(max_new_tokens):
-        while any(len(tokens) <= position for tokens in found):
-            done = [row for row, sequence in enumerate(rows.sequences) if sequence.done]
-            if done:  # a row with all its tokens leaves: running on, it would only slow the others
-                pending = rows.remove(done, carry=pending)
-            emitted, _ = step(rows, pending)
-            for sequence, new in zip(rows.sequences, emitted):
-                sequence.tokens += new
-            pending = np.array([new[-1] for new in emitted], dtype=np.int64)
-        yield np.array([tokens[position] for tokens in found], dtype=np.int64)
+    for tokens, token in zip(found, pending.tolist()):
+        tokens.append(token)
+    given = 0  # positions handed out: each is yielded once every sequence has found it
+    while True:
+        ready = min(max_new_tokens, *map(len, found))
+        for position in range(given, ready):
+            yield np.array([tokens[position] for tokens in found])
+        if ready == max_new_tokens:
+            return
+        given = ready
+        if max(map(len, found)) >= max_new_tokens:  # a row with all its tokens leaves: running on, it would
+            done = [row for row, sequence in enumerate(rows.sequences) if sequence.done]  # only slow the others
+            pending = rows.remove(done, carry=pending)
+        emitted, _ = step(rows, pending)
+        for sequence, new in zip(rows.sequences, emitted):
+            sequence.tokens += new
+        pending = np.array([new[-1] for new in emitted])
 
 
 def generate_tokens(engine: Engine, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler,
@@ -175,11 +182,11 @@ def prompt_ids(tokenizer: CharTokenizer, prompt: str) -> list[int]:
 
 def stream_characters(engine: Engine, tokenizer: CharTokenizer, prompt: str, max_new_tokens: int, *,
                       num_samples: int = 1, temperature: float = 1.0, top_k: int | None = None,
-                      top_p: float | None = None, seed: int | None = None,
-                      step: Step | None = None) -> Iterator[list[str]]:
+                      top_p: float | None = None, seed: int | None = None, step: Step | None = None,
+                      sampler_type: type[Sampler] = Sampler) -> Iterator[list[str]]:
     """Yield, at each step, the next character of each of `num_samples` samples (bad arguments raise here,
     before the first step is asked for)."""
-    sampler = Sampler(temperature, top_k, top_p, seed)
+    sampler = sampler_type(temperature, top_k, top_p, seed)
     ids = prompt_ids(tokenizer, prompt)
     check_lengths(max_new_tokens, num_samples)
     steps = generate_tokens(engine, ids, max_new_tokens, sampler, num_samples, step)

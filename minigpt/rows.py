@@ -43,6 +43,7 @@ class Rows:
         self._sequences: list = []  # the driver's record of the sequence in each row
         self._lengths = np.zeros(capacity, dtype=np.int64)  # tokens in each row's cache
         self._tokens = np.zeros((capacity, self._block), dtype=np.int64)  # and which they are
+        self._row_numbers = np.arange(capacity)
         engine.start(capacity)
 
     @property
@@ -95,9 +96,14 @@ class Rows:
 
     def decode(self, ids: np.ndarray) -> np.ndarray:
         """Append (count,) ids, one to each row (full rows restart first); return the (count, V) logits."""
-        if self.room() == 0:
+        count = len(self._sequences)
+        if max(self._lengths[:count].tolist()) == self._block:
             self.make_room()
-        return self.extend(ids[:, None])[:, 0]
+        lengths = self._lengths[:count]
+        logits = self.engine.extend(ids[:, None], lengths)
+        self._tokens[self._row_numbers[:count], lengths] = ids
+        lengths += 1
+        return logits[:, 0]
 
     def extend(self, ids: np.ndarray) -> np.ndarray:
         """Append (count, k) ids to every row, k <= room(); return the (count, k, V) logits."""

@@ -54,19 +54,19 @@ class Sampler:
 
     def weights(self, logits: np.ndarray) -> np.ndarray:
         """(B, V) probabilities up to a factor, at this temperature, zero for tokens top-k and top-p leave out."""
-        scaled = logits.astype(np.float64) / self.temperature
+        scaled = np.divide(logits, self.temperature, dtype=np.float64)
         if self.top_k is not None and self.top_k < scaled.shape[-1]:
-            kth_largest = np.sort(scaled, axis=-1)[:, -self.top_k, None]
+            kth_largest = np.partition(scaled, -self.top_k, axis=-1)[:, -self.top_k, None]
             scaled[scaled < kth_largest] = -np.inf
         weights = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
         if self.top_p is not None and self.top_p < 1:
-            ranked = np.argsort(-scaled, axis=-1, kind="stable")  # likeliest first
-            ranked_weights = np.take_along_axis(weights, ranked, axis=-1)
+            rows, ranked = np.arange(len(scaled))[:, None], np.argsort(-scaled, axis=-1, kind="stable")
+            ranked_weights = weights[rows, ranked]  # likeliest first
             ranked_probs = ranked_weights / ranked_weights.sum(axis=-1, keepdims=True)
             # A token is dropped once the tokens ranked above it hold top_p; the likeliest always stays.
             drop = np.cumsum(ranked_probs, axis=-1) - ranked_probs >= self.top_p
             drop[:, 0] = False
-            np.put_along_axis(weights, ranked, np.where(drop, 0.0, ranked_weights), axis=-1)
+            weights[rows, ranked] = np.where(drop, 0.0, ranked_weights)
         return weights
 
     def pick(self, logits: np.ndarray, draws: np.ndarray) -> np.ndarray:

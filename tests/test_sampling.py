@@ -116,3 +116,22 @@ def test_draws_read_ahead_and_given_back_are_drawn_again():
     give_back(streams[0], 3)
     give_back(streams[1], 0)
     assert streams[0].random() == ahead[0, 2] and streams[1].random() == twins[1].random()
+
+
+@pytest.mark.parametrize("options", [dict(temperature=0.8), dict(temperature=1.3, top_k=7),
+                                     dict(temperature=0.7, top_p=0.9), dict(temperature=1.0, top_k=20, top_p=0.5),
+                                     dict(temperature=2.0, top_p=0.0), dict(temperature=0)])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_the_fast_sampler_picks_what_the_plain_one_picks(options, batch):
+    """The speed layer computes the plain sampler's numbers value for value: the same token for every draw,
+    so a seed gives the same text whichever samples."""
+    from minigpt.fast_sampling import FastSampler
+
+    rng = np.random.default_rng(batch)
+    plain, fast = Sampler(**options), FastSampler(**options)
+    for _ in range(200):
+        logits = (rng.normal(size=(batch, 40)) * rng.uniform(0.1, 6)).astype(np.float32)
+        logits[:, rng.integers(0, 40, size=3)] = logits.max()  # ties, ranked as the plain sampler ranks them
+        draws = rng.random(batch)
+        assert plain.greedy or np.array_equal(plain.weights(logits), fast.weights(logits))
+        assert fast.pick(logits, draws).tolist() == plain.pick(logits, draws).tolist()

@@ -374,16 +374,16 @@ def test_an_engine_that_fails_ends_its_requests_with_500_and_later_ones_with_503
 def test_a_request_whose_sampling_fails_fails_alone(onnx_model, wait_for, free_port, monkeypatch):
     """In process: sampling breaks for one request's parameters; it gets a 500, the others go on."""
     from minigpt.export.onnx_engine import OnnxEngine
-    from minigpt.sampling import Sampler
+    from minigpt.fast_sampling import FastSampler
 
-    real = Sampler.pick
+    real = FastSampler.pick
 
     def fragile(self, logits, draws):
         if self.temperature == 1.25:
             raise FloatingPointError("a broken sampler")
         return real(self, logits, draws)
 
-    monkeypatch.setattr(Sampler, "pick", fragile)
+    monkeypatch.setattr(FastSampler, "pick", fragile)
     with in_process(OnnxEngine(onnx_model), free_port(), wait_for) as probe:
         status, body, _ = probe.post({"model": MODEL_ID, "prompt": "a", "max_tokens": 10, "temperature": 1.25})
         assert status == 500 and "sampling failed for this request" in body["error"]["message"], body

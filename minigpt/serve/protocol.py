@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from minigpt.decoding import EMPTY_PROMPT, prompt_ids
 from minigpt.errors import ConfigError, MiniGPTError
+from minigpt.fast_sampling import FastSampler
 from minigpt.sampling import Sampler
 from minigpt.tokenizer import CharTokenizer
 
@@ -193,7 +194,7 @@ def _parse_sampler(body: dict) -> Sampler:
         raise RequestError(f"temperature must be a number from 0 to {MAX_TEMPERATURE} (0 is greedy), as in "
                            f"OpenAI's API; got {json.dumps(temperature)[:40]}", "temperature")
     try:
-        return Sampler(**sampling)
+        return FastSampler(**sampling)
     except ConfigError as exc:  # the CLI's checks and messages, naming the field at fault
         raise RequestError(str(exc), exc.field) from None
 
