@@ -11,7 +11,8 @@ import pytest  # noqa: E402
 
 _RATES = defaultdict(dict)  # group -> {engine: (rate, unit)}
 # What each family of targets is stated against.
-BASELINES = ("ct2-fp32", "kv-cache", "onnx-plain", "torch-sdpa", "sdpa-flash", "clients-1", "eager", "memory")
+BASELINES = ("ct2-fp32", "kv-cache", "onnx-plain", "torch-sdpa", "sdpa-flash", "clients-1", "eager", "memory",
+             "plain")
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ if triton_attention.INTERPRET:
 
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from minigpt.kernels.attention import causal_attention  # noqa: E402
+from minigpt.kernels.backends import causal_attention  # noqa: E402
 
 DEVICE = "cuda"
 

@@ -162,7 +162,8 @@ def test_memory_bandwidth_bound(benchmark, record_throughput, models):
     data = np.ones(128 * 2**20, dtype=np.float32)
     parts = np.array_split(data, os.cpu_count() or 1)
     with ThreadPoolExecutor(len(parts)) as pool:  # numpy releases the GIL while it sums
-        benchmark.pedantic(lambda: sum(pool.map(np.sum, parts)), rounds=5, warmup_rounds=1)
+        total = benchmark.pedantic(lambda: sum(pool.map(np.sum, parts)), rounds=5, warmup_rounds=1)
+    assert total == data.size  # every element was read
     weight_bytes = 4 * sum(p.numel() for p in models("large")[0].parameters())
     if benchmark.stats:
         benchmark.extra_info["GB/s"] = data.nbytes / benchmark.stats["median"] / 1e9

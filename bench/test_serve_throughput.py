@@ -81,8 +81,9 @@ def _healthy(port) -> bool:
         return False
 
 
-async def stream_once(port, body) -> list[float]:
-    """Send one streaming request; return the arrival time of each token's chunk, the send time first."""
+async def stream_once(port, body) -> tuple[list[float], str]:
+    """Send one streaming request; return the arrival time of each token's chunk (the send time first) and
+    the text."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     payload = json.dumps({"model": "model", "stream": True, **body}).encode()
     times = [time.perf_counter()]
@@ -92,17 +93,19 @@ async def stream_once(port, body) -> list[float]:
     assert b" 200 " in status, status + await reader.read()
     # Whole events in whatever arrived: an event carries one or more characters (a speculative step hands out
     # every guess a row accepted at once), each of which arrived then.
-    pending = b""
+    pending, text = b"", ""
     while data := await reader.read(1 << 16):
         now = time.perf_counter()
         *events, pending = (pending + data).split(b"\n\n")
         for event in events:
             start = event.find(b"data: {")
             if start >= 0:
-                times += [now] * len(json.loads(event[start + 6:])["choices"][0]["text"])
+                piece = json.loads(event[start + 6:])["choices"][0]["text"]
+                times += [now] * len(piece)
+                text += piece
     writer.close()
     assert len(times) == 1 + body.get("max_tokens", NEW_TOKENS), "a truncated stream"
-    return times
+    return times, text
 
 
 def run_load(port, requests_per_client: list[list[dict]]) -> dict:
@@ -115,15 +118,19 @@ def run_load(port, requests_per_client: list[list[dict]]) -> dict:
         return await asyncio.gather(*(client(requests) for requests in requests_per_client))
 
     start = time.perf_counter()
-    timings = [times for client_timings in asyncio.run(all_clients()) for times in client_timings]
+    answers = asyncio.run(all_clients())
     wall = time.perf_counter() - start
+    timings = [times for client_answers in answers for times, _ in client_answers]
+    texts = {(body["prompt"], body["seed"], body.get("logprobs")): text  # what each request got, by request
+             for requests, client_answers in zip(requests_per_client, answers)
+             for body, (_, text) in zip(requests, client_answers)}
     first_token = [times[1] - times[0] for times in timings]
     between = np.concatenate([np.diff(times[1:]) for times in timings])
     return {"tokens_per_s": sum(len(times) - 1 for times in timings) / wall, "wall_s": wall,
             "ttft_p50_ms": 1e3 * float(np.percentile(first_token, 50)),
             "ttft_p95_ms": 1e3 * float(np.percentile(first_token, 95)),
             "itl_p50_ms": 1e3 * float(np.percentile(between, 50)),
-            "itl_p95_ms": 1e3 * float(np.percentile(between, 95))}
+            "itl_p95_ms": 1e3 * float(np.percentile(between, 95)), "texts": texts}
 
 
 def requests_for(clients: int, total: int = REQUESTS, **fields) -> list[list[dict]]:
@@ -139,8 +146,11 @@ def test_serving_throughput_and_latency(benchmark, served_model, record_throughp
     load = f"clients-{clients}"
     benchmark.group = "serve default (onnx)"
     with serving(served_model, "--max-batch", str(max(CLIENTS))) as (port, _):
-        run_load(port, requests_for(clients, total=clients))  # warm-up: sessions, bindings, connections
+        warm_up = run_load(port, requests_for(clients, total=clients))  # sessions, bindings, connections
         result = benchmark.pedantic(run_load, args=(port, requests_for(clients)), rounds=1, iterations=1)
+    texts = result.pop("texts")
+    assert len(texts) == REQUESTS and all(len(text) == NEW_TOKENS for text in texts.values())
+    assert all(texts[request] == text for request, text in warm_up["texts"].items())  # a seed's text, any load
     benchmark.extra_info.update(result)
     record_throughput(benchmark, load, REQUESTS * NEW_TOKENS)
     print(f"\n{load}: {result['tokens_per_s']:,.0f} tokens/s; time to first token p50 {result['ttft_p50_ms']:.1f} ms, "
@@ -154,14 +164,17 @@ def test_logprobs_cost_at_32_clients(benchmark, served_model):
     benchmark.group = "serve logprobs"
     with serving(served_model, "--max-batch", "32") as (port, _):
         run_load(port, requests_for(32, total=32, logprobs=5))  # warm-up
-        rates = {"plain": [], "logprobs": []}
+        rates, texts = {"plain": [], "logprobs": []}, {"plain": [], "logprobs": []}
 
         def alternate():
             for _ in range(2):
                 for name, fields in (("plain", {}), ("logprobs", {"logprobs": 5})):
-                    rates[name].append(run_load(port, requests_for(32, **fields))["tokens_per_s"])
+                    result = run_load(port, requests_for(32, **fields))
+                    rates[name].append(result["tokens_per_s"])
+                    texts[name].append(sorted(result["texts"].values()))
 
         benchmark.pedantic(alternate, rounds=1, iterations=1)
+    assert texts["plain"][0] == texts["logprobs"][0] == texts["logprobs"][1]  # scores never change the text
     plain, scored = (float(np.median(rates[name])) for name in ("plain", "logprobs"))
     benchmark.extra_info.update(plain_tokens_per_s=plain, logprobs_tokens_per_s=scored, cost=plain / scored)
     print(f"\n32 clients: {plain:,.0f} tokens/s plain, {scored:,.0f} with logprobs 5: they cost {plain / scored:.2f}x")

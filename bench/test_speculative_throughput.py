@@ -190,19 +190,23 @@ def test_speculation_ceiling(benchmark, record_throughput, request, trained, eng
     _, graph, prompts = trained(config_name)
     count, engine = new_tokens(config_name), OnnxEngine(graph)  # one row: what it starts with
 
-    def calls(guesses: int) -> None:
-        """Every prompt's `count` tokens, k + 1 a call from the prompt's end to the block's, as decoding goes."""
-        tokens = np.zeros((1, guesses + 1), dtype=np.int64)
+    def calls(guesses: int) -> int:
+        """Every prompt's `count` tokens, k + 1 a call from the prompt's end to the block's, as decoding goes;
+        returns how many logits came back."""
+        tokens, written = np.zeros((1, guesses + 1), dtype=np.int64), 0
         for prompt in prompts:
             engine.extend(np.array([prompt]), np.zeros(1, dtype=np.int64))
             for start in range(PROMPT_CHARACTERS, PROMPT_CHARACTERS + count, guesses + 1):
                 width = min(guesses + 1, PROMPT_CHARACTERS + count - start)
-                engine.extend(tokens[:, :width], np.array([start]))
+                written += engine.extend(tokens[:, :width], np.array([start])).shape[1]
+        return written
 
     ct2 = engines("ct2-fp32", config_name)
     runs = {"ct2-fp32": functools.partial(decode, ct2, prompts, count, Sampler(temperature=0), 1)}
     runs |= {f"graph k={guesses}": functools.partial(calls, guesses) for guesses in CEILING_GUESSES}
-    alternating(benchmark, record_throughput, request, runs, len(prompts) * count, rounds=4)
+    results = alternating(benchmark, record_throughput, request, runs, len(prompts) * count, rounds=4)
+    assert np.shape(results["ct2-fp32"]) == (len(prompts), count)  # every column decoded the same amount
+    assert all(results[f"graph k={guesses}"] == len(prompts) * count for guesses in CEILING_GUESSES)
 
 
 def alternating(benchmark, record_throughput, request, runs: dict, amount: int, rounds: int = 8) -> dict:
@@ -292,5 +296,7 @@ def test_speculative_serving(benchmark, record_throughput, request, trained, cli
         runs = {"draft none": functools.partial(run_load, plain_port, load),
                 "draft auto": functools.partial(run_load, draft_port, load)}
         results = alternating(benchmark, record_throughput, request, runs, count * tokens, rounds=8)
+    assert results["draft auto"]["texts"] == results["draft none"]["texts"]  # the draft changes only the speed
+    assert len(results["draft auto"]["texts"]) == count
     print(f"\n{clients} clients: " + ", ".join(f"{name} {result['tokens_per_s']:,.0f} tokens/s (last round)"
                                             for name, result in results.items()))

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from minigpt.config import MOST_DRAFT_TOKENS, GPTConfig
+from minigpt.config import GPTConfig
+from minigpt.settings import MOST_DRAFT_TOKENS
 from minigpt.decoding import check_extend
 from minigpt.devices import check_threads, threads_for
 from minigpt.errors import CheckpointError, MiniGPTError
@@ -87,8 +88,8 @@ class OnnxEngine:
         self.session = self._session(1)
         metadata = self.session.get_modelmeta().custom_metadata_map
         # Threads are chosen by the weights' size, and the file also holds the metadata: a trained model's
-        # draft table is megabytes of it (3.9 MB beside the default model's 1.7 MB of weights, which then ran
-        # batch 1 on two threads at 0.6x the speed of one). The session opened to read it is kept if it fits.
+        # draft table can outweigh its weights, which would pick threads for a model it is not. The session
+        # opened to read it is kept if it fits.
         self.model_bytes -= sum(len(value) for value in metadata.values())
         self.sessions = {count: session for count, session in self.sessions.items() if count == self._threads(1)}
         if "config" not in metadata or "vocab" not in metadata:

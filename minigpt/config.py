@@ -4,107 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from minigpt.devices import check_device_name
-from minigpt.errors import ConfigError
-
-MAX_SEED = 2**63 - 1  # what every random generator used here (torch, numpy) takes
-# The most guesses a speculative step verifies by default: the n-gram table's greedy guesses stop sooner
-# where it is unsure, and other guesses follow a schedule from a few (`minigpt.speculative`). Trained default
-# model, batch 1, in turn: 32 against 12 1.09x (1.40x the large model's); sampled text alike.
-DRAFT_TOKENS = 32
-MOST_DRAFT_TOKENS = 64  # what --draft-tokens accepts
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
-
-
-@dataclass(frozen=True)
-class Bounded:
-    """The numbers a setting takes: `kind` (int or float) from `low` to `high` (None: no bound), or above
-    `above`. The same object checks a dataclass field when it is built and types its command-line flag, so a
-    flag is refused as it is read, in the words `--help` uses."""
-
-    kind: type
-    low: float | None = None
-    high: float | None = None
-    above: float | None = None
-
-    def holds(self, value) -> bool:
-        return (isinstance(value, (int, float) if self.kind is float else int) and not isinstance(value, bool)
-                and math.isfinite(value) and (self.low is None or value >= self.low)
-                and (self.high is None or value <= self.high) and (self.above is None or value > self.above))
-
-    @property
-    def what(self) -> str:
-        number = "an integer" if self.kind is int else "a number"
-        if self.above is not None:
-            return f"{number} above {_shown(self.above)}" + (f" and at most {_shown(self.high)}" if self.high else "")
-        if self.low is not None and self.high is not None:
-            return f"{number} from {_shown(self.low)} to {_shown(self.high)}"
-        return f"{number} of at least {_shown(self.low)}" if self.low is not None else f"{number}, finite"
-
-    def check(self, value, name: str) -> None:
-        if not self.holds(value):
-            raise ConfigError(f"{name} must be {self.what}, got {value!r}", name)
-
-    def __call__(self, text: str):
-        """argparse's `type`: the value of a flag, or ArgumentTypeError in one line."""
-        import argparse
-
-        try:
-            value = self.kind(text)
-        except ValueError:
-            value = text
-        if not self.holds(value):
-            raise argparse.ArgumentTypeError(f"must be {self.what}, got {text!r}")
-        return value
-
-
-def _shown(bound: float) -> str:
-    return "2**63-1" if bound == MAX_SEED else f"{bound:g}"
-
-
-POSITIVE = Bounded(int, low=1)
-COUNT = Bounded(int, low=0)
-SEED = Bounded(int, low=0, high=MAX_SEED)
-
-
-def option(default, help: str, bounds: Bounded | None = None):
-    """A field with the one text that explains it (`--help` and the README's tables both read it) and the
-    numbers it takes."""
-    return field(default=default, metadata={"help": help, "bounds": bounds})
-
-
-def check_bounds(settings) -> None:
-    """Every field of a settings dataclass within its bounds."""
-    for f in dataclasses.fields(settings):
-        if f.metadata.get("bounds") is not None:
-            f.metadata["bounds"].check(getattr(settings, f.name), f.name)
-
-
-def check_seed(seed, name: str = "seed") -> None:
-    SEED.check(seed, name)
-
-
-def _from_json(cls, text: str, what: str):
-    """Rebuild a dataclass from JSON of its fields; unknown or missing fields are a ConfigError."""
-    try:
-        fields = json.loads(text)
-    except (TypeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{what} is not valid JSON ({exc})") from None
-    _require(isinstance(fields, dict), f"{what} must be a JSON object, got {type(fields).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(fields) - known)
-    _require(not unknown, f"{what} has unknown fields {unknown}; expected only {sorted(known)}")
-    try:
-        return cls(**fields)
-    except TypeError as exc:  # a required field is missing
-        raise ConfigError(f"{what} is incomplete ({exc})") from None
+from minigpt.settings import COUNT, POSITIVE, SEED, Bounded, check_bounds, from_json, option, require
 
 
 @dataclass(frozen=True)
@@ -122,7 +25,7 @@ class GPTConfig:
     def __post_init__(self) -> None:
         POSITIVE.check(self.vocab_size, "vocab_size")
         check_bounds(self)
-        _require(self.embed_dim % self.num_heads == 0,
+        require(self.embed_dim % self.num_heads == 0,
                  f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads}); "
                  f"pick num_heads from the divisors of {self.embed_dim}")
 
@@ -145,7 +48,7 @@ class GPTConfig:
     @classmethod
     def from_json(cls, text: str) -> "GPTConfig":
         """Rebuild a config from `to_json` output; unknown or missing fields are a ConfigError."""
-        return _from_json(cls, text, "config")
+        return from_json(cls, text, "config")
 
 
 @dataclass(frozen=True)
@@ -170,4 +73,4 @@ class TrainConfig:
     @classmethod
     def from_json(cls, text: str) -> "TrainConfig":
         """The settings a checkpoint was trained with (its `train_config` metadata)."""
-        return _from_json(cls, text, "train_config")
+        return from_json(cls, text, "train_config")

@@ -20,10 +20,6 @@ import numpy as np
 from minigpt.errors import MiniGPTError
 from minigpt.rows import Rows
 from minigpt.sampling import Sampler, rows_alike
-from minigpt.tokenizer import CharTokenizer
-
-EMPTY_PROMPT = "\n"  # what an empty prompt starts from: the start of a new line
-
 
 class Engine(Protocol):
     """Buffers for a batch of rows, and one forward pass over them. Which sequence sits in which row and how
@@ -99,7 +95,7 @@ class PlainStep:
 
     def __call__(self, rows: Rows, pending: np.ndarray) -> tuple[list[list[int]], np.ndarray]:
         logits = rows.decode(pending)
-        return [[token] for token in pick(logits, rows.sequences).tolist()], logits[:, None]
+        return pick(logits, rows.sequences)[:, None].tolist(), logits[:, None]
 
 
 def generate_rows(engine: Engine, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampler: Sampler,
@@ -126,12 +122,12 @@ def _generate(engine: Engine, prompts: Sequence[Sequence[int]], max_new_tokens: 
         tokens.append(token)
     given = 0  # positions handed out: each is yielded once every sequence has found it
     while True:
-        ready = min(max_new_tokens, *map(len, found))
-        for position in range(given, ready):
-            yield np.array([tokens[position] for tokens in found])
-        if ready == max_new_tokens:
+        ready = min(max_new_tokens, min(map(len, found)))
+        while given < ready:
+            yield np.array([tokens[given] for tokens in found])
+            given += 1
+        if given == max_new_tokens:
             return
-        given = ready
         if max(map(len, found)) >= max_new_tokens:  # a row with all its tokens leaves: running on, it would
             done = [row for row, sequence in enumerate(rows.sequences) if sequence.done]  # only slow the others
             pending = rows.remove(done, carry=pending)
@@ -168,32 +164,3 @@ def check_lengths(max_new_tokens: int, num_samples: int) -> None:
         raise MiniGPTError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if num_samples < 1:
         raise MiniGPTError(f"num_samples must be >= 1, got {num_samples}")
-
-
-def prompt_ids(tokenizer: CharTokenizer, prompt: str) -> list[int]:
-    """Encode a prompt; an empty one starts from a newline."""
-    if not prompt:
-        if EMPTY_PROMPT not in tokenizer.chars:
-            raise MiniGPTError("the prompt is empty and the vocabulary has no newline to start from; "
-                               "give a prompt with --prompt")
-        prompt = EMPTY_PROMPT
-    return tokenizer.encode(prompt)
-
-
-def stream_characters(engine: Engine, tokenizer: CharTokenizer, prompt: str, max_new_tokens: int, *,
-                      num_samples: int = 1, temperature: float = 1.0, top_k: int | None = None,
-                      top_p: float | None = None, seed: int | None = None, step: Step | None = None,
-                      sampler_type: type[Sampler] = Sampler) -> Iterator[list[str]]:
-    """Yield, at each step, the next character of each of `num_samples` samples (bad arguments raise here,
-    before the first step is asked for)."""
-    sampler = sampler_type(temperature, top_k, top_p, seed)
-    ids = prompt_ids(tokenizer, prompt)
-    check_lengths(max_new_tokens, num_samples)
-    steps = generate_tokens(engine, ids, max_new_tokens, sampler, num_samples, step)
-    return ([tokenizer.chars[i] for i in next_ids] for next_ids in steps)
-
-
-def join_samples(prompt: str, steps: Iterator[list[str]], num_samples: int) -> list[str]:
-    """Collect per-step characters into `num_samples` whole texts, each starting with the prompt."""
-    columns = list(steps)
-    return [prompt + "".join(sample) for sample in zip(*columns)] if columns else [prompt] * num_samples

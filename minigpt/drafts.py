@@ -41,7 +41,7 @@ from itertools import accumulate
 
 import numpy as np
 
-from minigpt.config import MOST_DRAFT_TOKENS
+from minigpt.settings import MOST_DRAFT_TOKENS
 from minigpt.errors import CheckpointError
 from minigpt.rows import restart_length
 from minigpt.sampling import rows_alike
@@ -51,7 +51,7 @@ DEFAULT_ORDER = 4  # context characters a guess reads
 MAX_TABLE_CHARACTERS = 5_000_000  # of training text read into the table (its build's memory and time)
 CANDIDATES = 8  # next characters kept per context with their counts
 # A sampling row's guesses use each context's distribution for its sampler's settings, made when first met
-# (~7 us; most contexts are never met in a run) and kept: for this many contexts, for a few settings at once.
+# (most contexts are never met in a run) and kept: for this many contexts, for a few settings at once.
 MADE_DISTRIBUTIONS, RECENT_SETTINGS = 1 << 16, 4
 # A greedy row's guesses go on while the chance that all are right (the product of how often the model picked
 # each in its context) is at least this: a long guess past an unsure one is mostly a wider engine call for

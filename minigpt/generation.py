@@ -1,7 +1,8 @@
-"""Generation with the torch engines: the model recomputed each step, or with its KV-cache.
+"""Generation with the torch engines, and the Python API: `generate(model, tokenizer, prompt)`.
 
-The decoding loop, the rows and the sampler are shared with every engine and
-live in `minigpt.decoding`, `minigpt.rows` and `minigpt.sampling`.
+`RecomputeEngine` is the reference: every call runs the model over each
+row's whole context again; `minigpt.kv_cache.KVCacheEngine` keeps a cache.
+The decoding loop is `minigpt.decoding`'s, shared with every engine.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from minigpt.decoding import check_extend, join_samples, stream_characters
-from minigpt.model import KVCache, MiniGPT
+from minigpt.decoding import check_extend
+from minigpt.kv_cache import KVCacheEngine
+from minigpt.model import MiniGPT
 from minigpt.rows import runs_of_equal
+from minigpt.text import join_samples, stream_characters
 from minigpt.tokenizer import CharTokenizer
 
 
@@ -46,32 +49,6 @@ class RecomputeEngine:
 
     def move_row(self, source: int, target: int, length: int) -> None:
         self.contexts[target] = self.contexts[source][:length]
-
-
-class KVCacheEngine:
-    """Keys and values of earlier positions stay in a static cache: each call computes only the new positions."""
-
-    verifies_rows_together = True
-
-    def __init__(self, model: MiniGPT):
-        self.model = model
-        self.block_size = model.config.block_size
-        self.device = model.tok_emb.weight.device
-        self.cache: KVCache | None = None
-
-    def start(self, batch_size: int) -> None:
-        if self.cache is None or self.cache.batch_size != batch_size:
-            self.cache = self.model.make_cache(batch_size)
-
-    @torch.inference_mode()
-    def extend(self, ids: np.ndarray, start_pos: np.ndarray, first_row: int = 0) -> np.ndarray:
-        check_extend(ids, start_pos, first_row, self.cache.batch_size, self.block_size)
-        logits, _ = self.model(torch.as_tensor(ids, device=self.device), start_pos=start_pos,
-                               cache=self.cache.rows(first_row, len(ids)))
-        return logits.float().cpu().numpy()
-
-    def move_row(self, source: int, target: int, length: int) -> None:
-        self.cache.copy_row(source, target, length)
 
 
 def torch_engine(model: MiniGPT, kv_cache: bool = True) -> KVCacheEngine | RecomputeEngine:

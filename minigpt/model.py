@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from minigpt.config import GPTConfig
 from minigpt.kv_cache import KVCache, LayerCache, Positions
 from minigpt.kernels import causal_attention
-from minigpt.kernels.attention import attention_weights, check_backend
+from minigpt.kernels.attention import attention_weights
+from minigpt.kernels.backends import check_backend
 
 
 def dropout_layer(p: float) -> nn.Module:
@@ -35,7 +36,7 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.embed_dim, 3 * config.embed_dim)
         self.proj = nn.Linear(config.embed_dim, config.embed_dim)
         self.resid_dropout = dropout_layer(config.dropout)
-        self.attention_backend = "auto"  # see minigpt.kernels.causal_attention
+        self.attention_backend = "auto"  # see minigpt.kernels.backends
         self.keep_weights = False  # set by MiniGPT.attention_maps
         self.weights: torch.Tensor | None = None
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from minigpt.config import check_seed
+from minigpt.settings import check_seed
 from minigpt.errors import ConfigError
 
 GREEDY_BELOW = 1e-5  # temperatures under this are greedy

@@ -31,7 +31,7 @@ from typing import Protocol
 
 import numpy as np
 
-from minigpt.config import DRAFT_TOKENS
+from minigpt.settings import DRAFT_TOKENS
 from minigpt.decoding import Continuation, PlainStep, pick
 from minigpt.drafts import ContextDraft, ModelDraft
 from minigpt.errors import MiniGPTError

@@ -24,7 +24,7 @@ from minigpt import distributed
 from minigpt.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, warm_start
 from minigpt.config import GPTConfig, TrainConfig
 from minigpt.data import DataSource, load_corpus, load_recorded_corpus
-from minigpt.decoding import EMPTY_PROMPT
+from minigpt.text import EMPTY_PROMPT
 from minigpt.devices import check_memory, resolve_device
 from minigpt.draft_table import DraftTable
 from minigpt.encoded import EncodedCorpus

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from minigpt.checkpoint import save_checkpoint
 from minigpt.config import TrainConfig
 from minigpt.errors import DataError, MiniGPTError
-from minigpt.generation import KVCacheEngine
+from minigpt.kv_cache import KVCacheEngine
 from minigpt.model import MiniGPT
 from minigpt.scoring import score
 from minigpt.tokenizer import CharTokenizer

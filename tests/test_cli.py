@@ -153,17 +153,18 @@ def flag_help(command):
     """{flag: help text} for every flag `minigpt COMMAND --help` lists (the dashed spellings)."""
     import argparse
 
-    from minigpt.cli import _build_parser
+    from minigpt.flags import build_parser
 
-    commands = next(a for a in _build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return {flag: action.help for action in commands.choices[command]._actions
             if action.help != argparse.SUPPRESS for flag in action.option_strings}
 
 
 def readme_flag_table(command):
-    """{flags: meaning} from the README's table under "### `minigpt COMMAND`"."""
-    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
-    section = readme.split(f"### `minigpt {command}`", 1)[1].split("\n#", 1)[0]
+    """{flags: meaning} from the reference's table under "## `minigpt COMMAND`" (docs/)."""
+    page = {"train": "training.md", "generate": "generating.md"}[command]
+    reference = (Path(__file__).parents[1] / "docs" / page).read_text(encoding="utf-8")
+    section = reference.split(f"## `minigpt {command}`", 1)[1].split("\n#", 1)[0]
     rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in section.splitlines()
             if line.startswith("| `--")]
     return {tuple(re.findall(r"`(--[\w-]+)", flags)): meaning for flags, _, meaning in rows}

@@ -191,8 +191,8 @@ def test_stderr_into_a_file_gets_no_progress_bar(workdir, tiny_flags):
     assert len(text.splitlines()) == 4  # parameters, two evaluations, the summary
 
 
-def test_the_readme_python_example_runs_as_written(tmp_path):
-    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+def test_the_python_pages_examples_run_as_written(tmp_path):
+    readme = (Path(__file__).parents[1] / "docs" / "python.md").read_text(encoding="utf-8")
     blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL)
     training = next(block for block in blocks if "minigpt.train.train(" in block)
     generating = next(block for block in blocks if "load_checkpoint(" in block)

@@ -8,15 +8,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minigpt.cli import _build_parser, main
-from minigpt.config import Bounded
+from minigpt.cli import main
+from minigpt.flags import build_parser
+from minigpt.settings import Bounded
 
 REQUIRED = {"attention": ["--prompt", "the"]}
 
 
 def bounded_flags():
     """(command, flag, bounds) of every flag typed by a Bounded, read from the parser itself."""
-    commands = next(a for a in _build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return [(name, action.option_strings[0], action.type) for name, parser in commands.choices.items()
             for action in parser._actions if isinstance(action.type, Bounded)]
 

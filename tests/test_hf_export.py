@@ -158,15 +158,15 @@ def test_without_transformers_the_flag_names_the_extra(tiny_checkpoint, tmp_path
     assert not (tmp_path / "d").exists()
 
 
-def test_the_readmes_pipeline_example_runs_as_written(tmp_path, tiny_flags, monkeypatch):
-    """The README's Python block that uses `pipeline(...)`, run as it is written beside a `minigpt-hf` of a
+def test_the_huggingface_pages_pipeline_example_runs_as_written(tmp_path, tiny_flags, monkeypatch):
+    """The HuggingFace page's Python block that uses `pipeline(...)`, run as it is written beside a `minigpt-hf` of a
     model with the default block size (the example's 104 positions must fit) and a vocabulary holding "The "."""
     import re
     import subprocess
     import sys
     from pathlib import Path
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme = (Path(__file__).parents[1] / "docs" / "huggingface.md").read_text()
     (example,) = [block for block in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "pipeline(" in block]
     monkeypatch.chdir(tmp_path)
     (tmp_path / "text.txt").write_text(("The fox and the dog.\n" * 200))
@@ -177,3 +177,21 @@ def test_the_readmes_pipeline_example_runs_as_written(tmp_path, tiny_flags, monk
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("The ") and len(result.stdout.rstrip("\n")) == 104
+
+
+def test_transformers_loads_the_export_from_the_repositorys_root(hf_dir):
+    """transformers imports HuggingFace's package `kernels` when it loads a model; a Python started in the
+    repository's root, where the project's `kernels/` folder sits, gets that package and not the folder."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    script = ("import kernels, minigpt.kernels\n"
+              "assert kernels.__file__ != minigpt.kernels.__file__, kernels.__file__\n"
+              "from transformers import pipeline\n"
+              f"out = pipeline('text-generation', model={str(hf_dir)!r})('the ', max_new_tokens=5, do_sample=False)\n"
+              "print(out[0]['generated_text'])")
+    result = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("the ") and len(result.stdout.rstrip("\n")) == 9

@@ -6,7 +6,8 @@ import pytest
 
 from minigpt import load_checkpoint
 from minigpt.cli import main
-from minigpt.decoding import generate_tokens, join_samples, stream_characters
+from minigpt.decoding import generate_tokens
+from minigpt.text import join_samples, stream_characters
 from minigpt.rows import prefill
 from minigpt.export.onnx_engine import OnnxEngine
 from minigpt.generation import KVCacheEngine

@@ -4,9 +4,17 @@
 - `scheduler`: one thread that owns the engine: admission, one step, delivery.
 - `http`: the Starlette routes and uvicorn, with the graceful shutdown.
 
-`stop_strings` matches stop strings a character at a time; `metrics` counts.
+`stop_strings` matches stop strings a character at a time; `metrics` counts; `limits` is what a
+server accepts (its flags).
 """
 
-from minigpt.serve.http import create_app, serve
-
 __all__ = ["create_app", "serve"]
+
+
+def __getattr__(name: str):
+    """create_app and serve, imported when first asked for: `minigpt.serve.limits` needs no web stack."""
+    if name in __all__:
+        from minigpt.serve import http
+
+        return getattr(http, name)
+    raise AttributeError(f"module 'minigpt.serve' has no attribute {name!r}")

@@ -47,7 +47,7 @@ class CompletionsAPI:
         self.model_id, self.limits, self.api_key = model_id, limits, api_key
         self.block_size = scheduler.rows.engine.block_size
         self.created = int(time.time())
-        # Unique per server start and request; uuid4 cost 30 µs of the event loop a request.
+        # Unique per server start and request; one uuid4 a start, not one a request (it costs the event loop).
         self.completion_ids = (f"cmpl-{uuid.uuid4().hex[:16]}{number:08x}" for number in itertools.count())
 
     def fail(self, error: RequestError):

@@ -11,9 +11,10 @@ import json
 import math
 from dataclasses import dataclass
 
-from minigpt.decoding import EMPTY_PROMPT, prompt_ids
+from minigpt.text import EMPTY_PROMPT, prompt_ids
 from minigpt.errors import ConfigError, MiniGPTError
 from minigpt.fast_sampling import FastSampler
+from minigpt.serve.limits import Limits
 from minigpt.sampling import Sampler
 from minigpt.tokenizer import CharTokenizer
 
@@ -57,17 +58,6 @@ class CompletionRequest:
     @property
     def prompt_tokens(self) -> int:
         return sum(len(ids) for ids in self.prompt_ids)
-
-
-@dataclass
-class Limits:
-    """What this server accepts beyond the API's own rules: its command-line flags."""
-
-    max_batch: int = 32  # rows decoded together; n × prompts of one request fit in them
-    max_tokens: int = 4096  # per request
-    max_queue: int = 256  # requests waiting for rows; more get 429
-    max_connections: int = 512  # open at once; more are answered 503 and closed
-    read_timeout: float = 10.0  # seconds for a request's head, and again for its body, to arrive
 
 
 def _typed(body: dict, name: str, kinds: tuple, default, what: str):

@@ -1,0 +1,66 @@
+"""The one entry point for attention, `causal_attention`: our Triton kernels on a GPU, PyTorch's SDPA
+everywhere else (`minigpt.kernels.attention` holds the definition both compute)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from minigpt.errors import MiniGPTError
+from minigpt.kernels.attention import torch_causal_attention
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                     key_lengths: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """`torch_causal_attention`'s answer (its shapes), in q's dtype, computed by `backend`: "torch" (SDPA),
+    "triton" (our fused kernels), or "auto": Triton for CUDA tensors when no gradient is needed and the shape
+    is supported."""
+    if backend == "auto":
+        backend = "triton" if _triton_fits(q, k, v) else "torch"
+    if backend == "torch":
+        return torch_causal_attention(q, k, v, key_lengths)
+    _check_name(backend)
+    return _triton_kernels(q).triton_causal_attention(q, k, v, key_lengths)
+
+
+def check_backend(backend: str, device: torch.device | str) -> None:
+    """Fail early, in one line, when `backend` cannot run on `device`."""
+    _check_name(backend)
+    if backend == "triton":
+        _triton_kernels(torch.empty(0, device=device))
+
+
+def _check_name(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise MiniGPTError(f"attention backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+
+
+def _triton_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    if not q.is_cuda:
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False  # training keeps PyTorch's differentiable attention
+    try:
+        kernels = _triton_kernels(q)
+    except MiniGPTError:
+        return False
+    return kernels.supports(q)
+
+
+def _triton_kernels(q: torch.Tensor):
+    """The Triton module, or a one-line error saying why it cannot run on q's device."""
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise MiniGPTError("the triton attention backend needs a CUDA GPU; on CPU it runs only under "
+                           "TRITON_INTERPRET=1 set before start (slow, for testing): use --attention torch")
+    try:
+        from minigpt.kernels import triton_attention
+    except ImportError as exc:
+        raise MiniGPTError(f"the triton attention backend needs the triton package ({exc}); "
+                           "pip install 'minigpt[gpu]', or use --attention torch") from None
+    if not q.is_cuda and not triton_attention.INTERPRET:
+        raise MiniGPTError("Triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run "
+                           "on CPU; set it before starting Python, or use --attention torch")
+    return triton_attention

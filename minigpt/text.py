@@ -1,0 +1,41 @@
+"""Text in, text out: a prompt to ids, and the characters of each step back (numpy only, as the loop)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from minigpt.decoding import Engine, Step, check_lengths, generate_tokens
+from minigpt.errors import MiniGPTError
+from minigpt.sampling import Sampler
+from minigpt.tokenizer import CharTokenizer
+
+EMPTY_PROMPT = "\n"  # what an empty prompt starts from: the start of a new line
+
+
+def prompt_ids(tokenizer: CharTokenizer, prompt: str) -> list[int]:
+    """Encode a prompt; an empty one starts from a newline."""
+    if not prompt:
+        if EMPTY_PROMPT not in tokenizer.chars:
+            raise MiniGPTError("the prompt is empty and the vocabulary has no newline to start from; "
+                               "give a prompt with --prompt")
+        prompt = EMPTY_PROMPT
+    return tokenizer.encode(prompt)
+
+
+def stream_characters(engine: Engine, tokenizer: CharTokenizer, prompt: str, max_new_tokens: int, *,
+                      num_samples: int = 1, temperature: float = 1.0, top_k: int | None = None,
+                      top_p: float | None = None, seed: int | None = None, step: Step | None = None,
+                      sampler_type: type[Sampler] = Sampler) -> Iterator[list[str]]:
+    """Yield, at each step, the next character of each of `num_samples` samples (bad arguments raise here,
+    before the first step is asked for)."""
+    sampler = sampler_type(temperature, top_k, top_p, seed)
+    ids = prompt_ids(tokenizer, prompt)
+    check_lengths(max_new_tokens, num_samples)
+    steps = generate_tokens(engine, ids, max_new_tokens, sampler, num_samples, step)
+    return ([tokenizer.chars[i] for i in next_ids] for next_ids in steps)
+
+
+def join_samples(prompt: str, steps: Iterator[list[str]], num_samples: int) -> list[str]:
+    """Collect per-step characters into `num_samples` whole texts, each starting with the prompt."""
+    columns = list(steps)
+    return [prompt + "".join(sample) for sample in zip(*columns)] if columns else [prompt] * num_samples
