@@ -29,6 +29,14 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **{**kwargs, "allow_abbrev": False})  # a typo is an error with a suggestion
 
     def error(self, message: str):  # argparse prints usage too; keep it to one line
+        import difflib
+        import re
+
+        wrong = re.match(r"argument [^:]+: invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+        if wrong:  # a misspelt command or choice: name the closest one
+            choices = re.findall(r"'([^']*)'", wrong.group(2))
+            close = difflib.get_close_matches(wrong.group(1), choices, n=1)
+            message += f"; did you mean {close[0]}?" if close else ""
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 

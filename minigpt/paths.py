@@ -8,6 +8,7 @@ command that takes it. Torch-free, so the onnx engine can use it too.
 from __future__ import annotations
 
 import os
+import re
 import struct
 import tempfile
 from pathlib import Path
@@ -91,6 +92,15 @@ def check_output_folder(path: str | os.PathLike, flag: str = "--out") -> None:
 def _check_folder_writable(folder: Path) -> None:
     if not folder.is_dir() or not os.access(folder, os.W_OK):
         raise MiniGPTError(f"cannot write to {folder}; choose a folder that exists and is writable")
+
+
+def temporaries_of(path: str | os.PathLike) -> list[Path]:
+    """The temporary files `atomic_write_bytes` makes beside `path` (`.NAME.` eight random characters `.tmp`,
+    as `tempfile.mkstemp` names them): a writer killed before its rename leaves one behind."""
+    path = Path(path)
+    prefix = f".{path.name}."
+    return [found for found in path.parent.iterdir() if found.name.startswith(prefix) and
+            re.fullmatch(r"[a-z0-9_]{8}\.tmp", found.name[len(prefix):]) and found.is_file()]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -32,17 +32,34 @@ def pyplot():
     return plt
 
 
+MARK = "minigpt"  # what a picture of ours says made it: PNG's Software text, SVG's creator
+
+
 def check_output(path: str | os.PathLike, *, force: bool = True, inputs=()) -> Path:
-    """A picture's path: .png or .svg, writable; an existing picture replaced only with force, never one of
-    `inputs` ((flag, path) pairs) or a file that is not a picture."""
+    """A picture's path: .png or .svg, writable; a picture minigpt drew is replaced (drawing again after more
+    training is the point), any other picture only with force, never one of `inputs` ((flag, path) pairs) or
+    a file that is not a picture."""
     from minigpt.paths import check_output_file, check_replaceable
 
     path = Path(path)
     if path.suffix.lower() not in FORMATS:
         raise MiniGPTError(f"--out {path} must end in .png or .svg")
     check_output_file(path)
-    check_replaceable(path, writes="picture", force=force, inputs=inputs)
+    check_replaceable(path, writes="picture", force=force or drawn_by_minigpt(path), inputs=inputs)
     return path
+
+
+def drawn_by_minigpt(path: Path) -> bool:
+    """Whether the picture at `path` carries our mark (read from its first 64 KiB: PNG text chunks come before
+    the image data, SVG metadata before the drawing)."""
+    try:
+        with path.open("rb") as file:
+            head = file.read(1 << 16)
+    except OSError:
+        return False
+    if path.suffix.lower() == ".png":
+        return b"tEXtSoftware\x00" + MARK.encode() in head
+    return f"<dc:title>{MARK}</dc:title>".encode() in head
 
 
 def run_labels(paths: list[str]) -> list[str]:
@@ -60,7 +77,8 @@ def save(figure, path: str | os.PathLike) -> Path:
     import io
 
     buffer = io.BytesIO()
-    figure.savefig(buffer, format=path.suffix[1:].lower(), dpi=100)
+    kind = path.suffix[1:].lower()
+    figure.savefig(buffer, format=kind, dpi=100, metadata={"Software" if kind == "png" else "Creator": MARK})
     atomic_write_bytes(path, buffer.getvalue())
     pyplot().close(figure)
     return path

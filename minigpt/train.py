@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -89,6 +90,7 @@ def plan_training(out: str | Path, *, data: EncodedCorpus | DataSource | str | N
     else:
         corpus = load_corpus(data, cache_dir, text_column)
     if resumed is not None:
+        check_same_data(corpus.source, DataSource.recorded(resumed.metadata), resume, data)
         return TrainingPlan(config, out, device, corpus, resumed.model, resumed.tokenizer, resumed.step + 1,
                             resumed.optimizer_state(), resume, compile, notes)
     tokenizer = CharTokenizer(corpus.chars)
@@ -126,6 +128,17 @@ def train(corpus: EncodedCorpus | DataSource | str | None, config: TrainConfig, 
     return run_training(plan, progress=progress, on_step=on_step)
 
 
+def check_same_data(given: DataSource, recorded: DataSource, resume: Path, data) -> None:
+    """--resume continues a run on its own data (found again where it was, or moved: the same bytes); other
+    data is a new run from the weights, which --init-from starts."""
+    same = given.kind == recorded.kind and (given.name == recorded.name or given.kind == "path" and given.size
+                                            == recorded.size) and given.config == recorded.config
+    if not same:
+        raise MiniGPTError(f"--resume continues {resume} on the data it was trained on ({recorded}), not {given}; "
+                           f"to train its weights on other data, start a new run from them: minigpt train "
+                           f"--init-from {resume} --data {data} --out NEW.safetensors")
+
+
 def run_training(plan: TrainingPlan, *, progress: bool = True,
                  on_step: Callable[[dict], None] | None = None) -> TrainResult:
     """Train to plan.config.steps; under torchrun every process runs this and they stop together."""
@@ -138,7 +151,8 @@ def run_training(plan: TrainingPlan, *, progress: bool = True,
         if group.is_main:
             say_start(plan, len(plan.split("train")), group)
         with StopSignals() as signals:
-            result = train_loop(plan, lambda *args: FullRun(*args, group=group, signals=signals), progress, on_step)
+            result = train_loop(plan, lambda *args: FullRun(*args, group=group, signals=signals, progress=progress),
+                                progress, on_step)
     except (TrainingInterrupted, NonFiniteLoss):  # every process stops at the same step
         distributed.leave(group)
         raise
@@ -156,9 +170,10 @@ class FullRun(Run):
     """The loop's run under `minigpt train`: rank 0 alone logs and saves, with the draft table."""
 
     def __init__(self, plan: TrainingPlan, model: MiniGPT, optimizer, *, group: distributed.ProcessGroup,
-                 signals: StopSignals):
+                 signals: StopSignals, progress: bool = True):
         super().__init__(plan, model, optimizer)
         self.group, self.signals = group, signals
+        self.lines = ProgressLines(plan.config.steps, progress and group.is_main and not sys.stderr.isatty())
         self.rank, self.world_size, self.is_main = group.rank, group.world_size, group.is_main
         self.table = DraftTable(plan)
         self.log = metrics_path_for(plan.out).open("a" if plan.resume is not None else "w") if self.is_main \
@@ -182,6 +197,7 @@ class FullRun(Run):
         if self.log is not None:
             self.log.write(json.dumps(record) + "\n")
             self.log.flush()  # a log read while training runs (or after a crash) is whole up to its last line
+        self.lines(record)
         if self.agree(self.signals.received is not None):
             if not saved:
                 self.save(record["step"])
@@ -190,6 +206,26 @@ class FullRun(Run):
     def close(self) -> None:
         if self.log is not None:
             self.log.close()
+
+
+PROGRESS_EVERY = 30.0  # seconds between plain progress lines where no bar is drawn
+
+
+class ProgressLines:
+    """Off a terminal (`minigpt train 2> log`) no bar is drawn: a plain line every PROGRESS_EVERY seconds says
+    what the bar would (step, loss, tokens/s, time left)."""
+
+    def __init__(self, steps: int, enabled: bool):
+        self.steps, self.enabled, self.last = steps, enabled, time.monotonic()
+
+    def __call__(self, record: dict) -> None:
+        now = time.monotonic()
+        if not self.enabled or now - self.last < PROGRESS_EVERY or record["step"] == self.steps:
+            return
+        self.last = now
+        left = (self.steps - record["step"]) * record["tokens"] / record["step"] / record["tokens_per_s"]
+        print(f"minigpt: step {record['step']}/{self.steps}: loss {record['loss']:.4f}, "
+              f"{record['tokens_per_s']:,.0f} tokens/s, {left:,.0f} s left", file=sys.stderr, flush=True)
 
 
 def wrap_for_training(model: MiniGPT, group: distributed.ProcessGroup, device: torch.device,

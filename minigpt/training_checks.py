@@ -18,7 +18,7 @@ import torch
 from minigpt.checkpoint import Checkpoint, read_metadata
 from minigpt.config import TrainConfig
 from minigpt.errors import CheckpointError, MiniGPTError
-from minigpt.paths import check_output_file, check_replaceable, same_path
+from minigpt.paths import check_output_file, check_replaceable, same_path, temporaries_of
 
 
 def check_compiler(device: torch.device) -> None:
@@ -97,7 +97,8 @@ def check_out_path(out: Path, *, force: bool, resume: Path | None, inputs=()) ->
 class OutputLock:
     """One writer per checkpoint: an exclusive lock on a file beside it (.NAME.lock, holding the writer's
     process id), taken before training and removed after. The kernel drops the lock when the process ends,
-    however it ends, so a lock left by a killed run is recognised as stale and taken over."""
+    however it ends, so a lock left by a killed run is recognised as stale and taken over, and the temporary
+    files its killed saves left beside the checkpoint are removed."""
 
     def __init__(self, out: Path):
         self.path = out.with_name(f".{out.name}.lock")
@@ -119,6 +120,8 @@ class OutputLock:
         self.file.truncate()
         self.file.write(f"{os.getpid()}\n")
         self.file.flush()
+        for stale in temporaries_of(out):  # a save of a killed writer; only the lock's holder writes here
+            stale.unlink(missing_ok=True)
 
     def release(self) -> None:
         if not self.file.closed:

@@ -15,6 +15,13 @@ import pytest  # noqa: E402
 from tiny import TINY_MODEL, TINY_TEXT  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def own_working_directory(tmp_path_factory, monkeypatch):
+    """Every test runs in an empty folder of its own: none reads or writes the directory pytest started in
+    (a `minigpt plot` run there leaves curves.png, a quick start minigpt.safetensors)."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     """GPTConfig fields of the tiny model every fast test trains."""
@@ -167,8 +174,9 @@ def wait_for():
 
 
 @pytest.fixture
-def cli_without():
-    """Run `minigpt` with argv in a fresh Python where importing `package` fails, as on a machine without it."""
+def cli_without(tmp_path_factory):
+    """Run `minigpt` with argv in a fresh Python where importing `package` fails, as on a machine without it,
+    in a folder of its own (a test never depends on what lies in the working directory)."""
     import subprocess
     import sys
     import textwrap
@@ -191,6 +199,7 @@ def cli_without():
             assert not any(blocked(name) for name in sys.modules), {package!r} + " was imported"
             sys.exit(code)
         """)
-        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              cwd=tmp_path_factory.mktemp("cwd"))
 
     return run

@@ -188,7 +188,23 @@ def test_stderr_into_a_file_gets_no_progress_bar(workdir, tiny_flags):
     assert "\r" not in text and "it/s" not in text and "step/s" not in text
     assert [line for line in text.splitlines() if line.startswith("step ")] == [
         line for line in text.splitlines() if re.fullmatch(r"step (20|40): train loss .* bits/char\)", line)]
-    assert len(text.splitlines()) == 4  # parameters, two evaluations, the summary
+    progress = [line for line in text.splitlines() if re.fullmatch(r"minigpt: step \d+/40: loss .* s left", line)]
+    assert len(text.splitlines()) - len(progress) == 4  # parameters, two evaluations, the summary
+
+
+def test_off_a_terminal_a_plain_progress_line_comes_every_interval(workdir, tiny_flags, monkeypatch, capsys):
+    """Silent for minutes between evaluations is a run that looks hung: off a terminal (pytest's captured
+    stderr is one) a line says where the run is, every PROGRESS_EVERY seconds (here every step)."""
+    import minigpt.train
+    from minigpt.cli import main
+
+    monkeypatch.setattr(minigpt.train, "PROGRESS_EVERY", 0.0)
+    monkeypatch.chdir(workdir)
+    assert main(["train", "--data", "input.txt", "--out", "p.safetensors", "--steps", "6", "--eval-interval", "6",
+                 *tiny_flags()]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("minigpt: step ")]
+    assert [int(re.match(r"minigpt: step (\d+)/6: loss [\d.]+, [\d,]+ tokens/s, [\d,]+ s left", line).group(1))
+            for line in lines] == [1, 2, 3, 4, 5]  # the last step has its own summary
 
 
 def test_the_python_pages_examples_run_as_written(tmp_path):

@@ -79,3 +79,9 @@ def test_an_out_of_range_value_is_one_line_and_writes_nothing(data, tmp_path, ca
 ])
 def test_the_cases_the_issue_names(argv, fragment, cli_error):
     cli_error(argv, fragment)
+
+
+def test_a_misspelt_command_or_choice_gets_the_closest_one(cli_error):
+    cli_error(["genrate"], "invalid choice: 'genrate'", "did you mean generate?")
+    cli_error(["generate", "--engine", "onx"], "did you mean onnx?")
+    cli_error(["generate", "--max-new-token", "5"], "did you mean --max-new-tokens?")  # no abbreviations

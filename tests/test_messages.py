@@ -77,3 +77,13 @@ def test_the_torch_engine_picks_its_threads_as_the_onnx_engine_does(tiny_checkpo
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_resume_on_other_data_names_init_from(tmp_path, tiny_checkpoint, process_error):
+    """--resume continues a run on its own data; new text is a new run from the weights: the refusal names the
+    command that starts it."""
+    (tmp_path / "new.txt").write_text("the cat and the hat. " * 200)
+    process_error(minigpt("train", "--resume", tiny_checkpoint, "--data", "new.txt", "--steps", "100000",
+                          "--out", "more.safetensors", cwd=tmp_path),
+                  "--resume continues", f"minigpt train --init-from {tiny_checkpoint} --data new.txt")
+    assert not (tmp_path / "more.safetensors").exists()

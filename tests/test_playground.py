@@ -71,9 +71,12 @@ def generate(page, **fields):
 
 def test_the_page_writes_what_minigpt_generate_writes_and_explains_a_character(checkpoint_server, tiny_checkpoint,
                                                                               page):
+    missing = []
+    page.on("response", lambda response: response.status >= 400 and missing.append(response.url))
     page.goto(f"http://127.0.0.1:{checkpoint_server.port}/")
     generate(page, prompt="the ", temperature=0.8, top_p=0.95, seed=3, max_tokens=40)
     assert not page.is_visible("#error")
+    assert not missing, missing  # the page asks for nothing the server lacks (its icon included)
     printed = generate_cli(tiny_checkpoint, "--prompt", "the ", "--max-new-tokens", 40, "--temperature", 0.8,
                            "--top-p", 0.95, "--seed", 3)
     assert page.text_content("#text") + "\n" == printed
@@ -173,5 +176,8 @@ def test_the_page_is_served_offline_from_the_package(checkpoint_server):
         assert status == 200 and response.getheader("content-type").startswith(kind) and "http://" not in text
     js = checkpoint_server.get("/playground.js")[1]
     assert len(js.splitlines()) < 400
+    status, icon, response = checkpoint_server.get("/favicon.svg")  # the page's icon: no 404 on every load
+    assert status == 200 and response.getheader("content-type") == "image/svg+xml" and "<svg" in icon
+    assert 'rel="icon" href="/favicon.svg"' in html
     _, text, _ = checkpoint_server.request("POST", "/v1/attention", {"model": "tiny", "prompt": "THE"})
     assert "never saw" in json.loads(text)["error"]["message"]

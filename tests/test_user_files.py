@@ -69,6 +69,26 @@ def test_force_replaces_what_the_command_writes(folder):
     assert (folder / "picture.png").stat().st_size > 1000
 
 
+def test_a_picture_minigpt_drew_is_drawn_again_without_force(folder):
+    """`minigpt plot; minigpt plot` after more training: the picture minigpt wrote (its mark in the PNG's or
+    SVG's metadata) is replaced, as matplotlib users expect; a picture of anyone else's still needs --force."""
+    (folder / "run.metrics.jsonl").write_text("".join(f'{{"step": {step}, "loss": {3 - step / 10}, "lr": 0.001}}\n'
+                                                      for step in range(1, 6)))
+    for out in ("curves.png", "curves.svg"):
+        assert minigpt("plot", "--metrics", "run.metrics.jsonl", "--out", out, cwd=folder).returncode == 0
+        first = (folder / out).read_bytes()
+        with (folder / "run.metrics.jsonl").open("a") as log:
+            log.write('{"step": 6, "loss": 2.0, "lr": 0.001}\n')
+        again = minigpt("plot", "--metrics", "run.metrics.jsonl", "--out", out, cwd=folder)
+        assert again.returncode == 0, again.stderr
+        assert (folder / out).read_bytes() != first
+    for _ in range(2):
+        result = minigpt("attention", "--checkpoint", "model.safetensors", "--prompt", "the", "--out", "a.png",
+                         cwd=folder)
+        assert result.returncode == 0, result.stderr
+    assert minigpt("plot", "--metrics", "run.metrics.jsonl", "--out", "picture.png", cwd=folder).returncode == 2
+
+
 def test_a_second_training_into_one_checkpoint_is_refused(folder, tiny_flags, process_error, wait_for):
     flags = tiny_flags(steps=100_000, eval_interval=100_000, quiet=True)
     first = minigpt("train", "--data", "corpus.txt", "--out", "run.safetensors", *flags, cwd=folder, wait=False)
@@ -85,11 +105,17 @@ def test_a_second_training_into_one_checkpoint_is_refused(folder, tiny_flags, pr
 
 
 def test_a_lock_left_by_a_killed_run_is_taken_over(folder, tiny_flags):
+    """...and the temporaries its killed saves left are removed (what else lies beside them is not)."""
     (folder / ".run.safetensors.lock").write_text("999999999\n")  # no process holds it
+    stale = [folder / ".run.safetensors.k2x_9a0b.tmp", folder / ".run.safetensors.00v2665m.tmp"]
+    others = [folder / ".other.safetensors.k2x_9a0b.tmp", folder / ".run.safetensors.notes.tmp"]
+    for path in stale + others:
+        path.write_bytes(b"\0" * 1000)
     result = minigpt("train", "--data", "corpus.txt", "--out", "run.safetensors", *tiny_flags(steps=2),
                      cwd=folder)
     assert result.returncode == 0, result.stderr
     assert not (folder / ".run.safetensors.lock").exists()
+    assert not any(path.exists() for path in stale) and all(path.exists() for path in others)
 
 
 def test_runs_from_two_folders_are_two_lines(tmp_path):

@@ -242,7 +242,7 @@ def last_attention(model, ids: list[int]) -> list:
 
 PLAYGROUND = Path(__file__).parent / "playground"  # shipped in the package: nothing is fetched from elsewhere
 PAGE_TYPES = {"html": "text/html; charset=utf-8", "js": "text/javascript; charset=utf-8",
-              "css": "text/css; charset=utf-8"}
+              "css": "text/css; charset=utf-8", "svg": "image/svg+xml"}
 
 
 @functools.cache
@@ -353,6 +353,7 @@ def create_app(engine: Engine, tokenizer: CharTokenizer, *, model_id: str, limit
                             Route("/", api.page, methods=["GET"]),
                             Route("/playground.js", api.page, methods=["GET"]),
                             Route("/playground.css", api.page, methods=["GET"]),
+                            Route("/favicon.svg", api.page, methods=["GET"]),
                             Route("/health", api.health, methods=["GET"]),
                             Route("/metrics", api.prometheus, methods=["GET"])], lifespan=lifespan,
                     exception_handlers={404: api.not_found, 405: api.not_allowed})
