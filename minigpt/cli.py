@@ -21,7 +21,6 @@ def _train(args: argparse.Namespace) -> int:
     from minigpt.config import GPTConfig, TrainConfig
     from minigpt.train import TrainingInterrupted, plan_training, run_training, sample_after_training
 
-    _use_threads(args.threads)
     if args.warmup is not None and args.warmup > (args.steps or TrainConfig.steps):
         raise MiniGPTError(f"--warmup {args.warmup} is longer than the run ({args.steps or TrainConfig.steps} "
                            "steps): the learning rate would never reach its peak; lower --warmup or raise --steps")

@@ -65,6 +65,9 @@ class TrainConfig:
     grad_clip: float = option(1.0, "clip the gradient norm (0 turns it off)", Bounded(float, 0))
     seed: int = option(1337, "same seed, same run on CPU", SEED)
     device: str = option("auto", "auto, cpu or cuda (bf16 autocast on CUDA)")
+    # Sums split over other thread counts round differently: a run resumes on as many threads as it ran on.
+    threads: int | None = option(None, "CPU threads; on a machine busy with other work 1 can be twice as fast; "
+                                 "recorded, so --resume uses as many", POSITIVE, shown="every core")
 
     def __post_init__(self) -> None:
         check_bounds(self)

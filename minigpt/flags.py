@@ -67,9 +67,10 @@ def _dataclass_options(parser: argparse.ArgumentParser, cls, skip=()) -> None:
     for f in dataclasses.fields(cls):
         if f.name in skip or not f.init:
             continue
-        kind = type(f.default)
-        _option(parser, f.name, type=f.metadata.get("bounds") or kind, default=None, metavar=kind.__name__.upper(),
-                help=f"{f.metadata['help']} (default {f.default})")
+        bounds = f.metadata.get("bounds")
+        kind = bounds.kind if bounds is not None else type(f.default)
+        _option(parser, f.name, type=bounds or kind, default=None, metavar=kind.__name__.upper(),
+                help=f"{f.metadata['help']} (default {f.metadata.get('shown') or f.default})")
 
 
 def given(args: argparse.Namespace, cls, skip=()) -> dict:
@@ -136,8 +137,6 @@ def _add_train(commands) -> None:
     _dataclass_options(model_group, GPTConfig, skip=("vocab_size",))
     train_group = train.add_argument_group("training")
     _dataclass_options(train_group, TrainConfig)
-    _shared(train, "threads",
-            help="CPU threads; on a machine busy with other work 1 can be twice as fast (default every core)")
     _option(train, "resume", default=None, metavar="CKPT",
             help="continue a checkpoint written by minigpt train: model, optimizer, step and training settings "
                  "come back; training flags given with it override them")

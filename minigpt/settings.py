@@ -73,16 +73,16 @@ COUNT = Bounded(int, low=0)
 SEED = Bounded(int, low=0, high=MAX_SEED)
 
 
-def option(default, help: str, bounds: Bounded | None = None):
-    """A field with the one text that explains it (`--help` and the README's tables both read it) and the
-    numbers it takes."""
-    return field(default=default, metadata={"help": help, "bounds": bounds})
+def option(default, help: str, bounds: Bounded | None = None, shown: str | None = None):
+    """A field with the one text that explains it (`--help` and the reference's tables both read it), the
+    numbers it takes, and how `--help` shows its default (`shown`, where None stands for a choice made later)."""
+    return field(default=default, metadata={"help": help, "bounds": bounds, "shown": shown})
 
 
 def check_bounds(settings) -> None:
     """Every field of a settings dataclass within its bounds."""
     for f in dataclasses.fields(settings):
-        if f.metadata.get("bounds") is not None:
+        if f.metadata.get("bounds") is not None and not (f.default is None and getattr(settings, f.name) is None):
             f.metadata["bounds"].check(getattr(settings, f.name), f.name)
 
 

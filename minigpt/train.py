@@ -77,6 +77,8 @@ def plan_training(out: str | Path, *, data: EncodedCorpus | DataSource | str | N
             notes += [note] if note else []
         if model_fields:
             notes.append(f"--resume keeps the checkpoint's architecture; ignoring {flag_list(model_fields)}")
+    if config.threads is None:  # what this process runs on, recorded with the run
+        config = dataclasses.replace(config, threads=torch.get_num_threads())
     device = resolve_device(config.device)
     if compile:
         check_compiler(device)
@@ -148,6 +150,7 @@ def run_training(plan: TrainingPlan, *, progress: bool = True,
         lock = OutputLock(plan.out) if group.is_main else None  # one writer per checkpoint
         if group.enabled:
             plan.device = resolve_device(device_name)
+        torch.set_num_threads(plan.config.threads)
         if group.is_main:
             say_start(plan, len(plan.split("train")), group)
         with StopSignals() as signals:
@@ -241,6 +244,8 @@ def say_start(plan: TrainingPlan, train_characters: int, group: distributed.Proc
         print(f"minigpt: {note}", file=sys.stderr)
     print(f"minigpt: {plan.model.num_parameters():,} parameters, vocab {plan.tokenizer.vocab_size}, "
           f"{train_characters:,} training characters from {plan.corpus.source}, on {plan.device}"
+          + (f" ({plan.config.threads} thread{'s' if plan.config.threads > 1 else ''})"
+             if plan.device.type == "cpu" else "")
           + (f" x {group.world_size} processes" if group.enabled else "")
           + (f"; resuming at step {plan.first_step}" if plan.resume is not None else ""), file=sys.stderr)
 

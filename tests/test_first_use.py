@@ -218,3 +218,15 @@ def test_the_python_pages_examples_run_as_written(tmp_path):
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "validation loss" in result.stdout and (tmp_path / "tiny.metrics.jsonl").is_file()
+
+
+def test_a_run_resumes_on_as_many_threads_as_it_ran_on(tmp_path, tiny_text_file, tiny_flags):
+    """Sums split over another thread count round differently, so the thread count is one of the settings a
+    checkpoint records: the printed resume command (no --threads) trains on as many threads as the run did."""
+    flags = ["--data", tiny_text_file, "--eval-interval", "4", *tiny_flags(threads=1)]
+    first = minigpt("train", *flags, "--steps", "4", "--out", "r.safetensors", cwd=tmp_path)
+    assert first.returncode == 0 and "on cpu (1 thread)" in first.stderr, first.stderr
+    assert json.loads(load_checkpoint(tmp_path / "r.safetensors").metadata["train_config"])["threads"] == 1
+    resumed = minigpt("train", "--resume", "r.safetensors", "--steps", "6", cwd=tmp_path)
+    assert resumed.returncode == 0 and "on cpu (1 thread)" in resumed.stderr, resumed.stderr
+    assert "--threads" not in resumed.stderr  # not an override: the recorded setting
