@@ -112,10 +112,10 @@ def _generate(engine: Engine, prompts: Sequence[Sequence[int]], max_new_tokens: 
               step: Step) -> Iterator[np.ndarray]:
     if max_new_tokens == 0:
         return
+    rows = Rows(engine, len(prompts))  # first: a batch that cannot fit is refused before anything is made for it
     streams = sampler.streams(len(prompts))
     sequences = [Continuation(list(prompt), sampler, stream, max_new_tokens)
                  for prompt, stream in zip(prompts, streams)]
-    rows = Rows(engine, len(prompts))
     pending = pick(rows.add(prompts, sequences), sequences)
     found = [sequence.tokens for sequence in sequences]
     for tokens, token in zip(found, pending.tolist()):

@@ -188,3 +188,19 @@ def test_a_save_that_cannot_finish_keeps_the_old_checkpoint(folder, tiny_flags):
                                                       "or choose another --out")
     assert (folder / "model.safetensors").read_bytes() == before
     assert not [path for path in folder.iterdir() if path.name.endswith(".tmp")]
+
+
+def test_a_batch_that_cannot_fit_is_refused_at_once_in_process(tiny_loaded):
+    """Nothing is made for each row of a batch (its random streams, its records) before the cache that must
+    hold them all is known to fit: millions of rows are refused in a moment, not after minutes of work."""
+    import time
+
+    from minigpt import MiniGPTError
+    from minigpt.decoding import generate_rows
+    from minigpt.kv_cache import KVCacheEngine
+    from minigpt.sampling import Sampler
+
+    started = time.monotonic()
+    with pytest.raises(MiniGPTError, match="rows needs"):
+        next(generate_rows(KVCacheEngine(tiny_loaded.model), [[1]] * 20_000_000, 5, Sampler(seed=1)))
+    assert time.monotonic() - started < 10
