@@ -21,6 +21,7 @@ from minigpt.errors import MiniGPTError
 from minigpt.rows import Rows
 from minigpt.sampling import Sampler, rows_alike
 
+
 class Engine(Protocol):
     """Buffers for a batch of rows, and one forward pass over them. Which sequence sits in which row and how
     long it is lives in `Rows`; every call says where its tokens go, so rolling a row back is calling the next

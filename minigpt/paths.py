@@ -94,13 +94,21 @@ def _check_folder_writable(folder: Path) -> None:
         raise MiniGPTError(f"cannot write to {folder}; choose a folder that exists and is writable")
 
 
+TEMPORARY_SUFFIX = ".tmp"
+
+
+def temporary_prefix(path: Path) -> str:
+    """How the temporary files of `atomic_write_bytes` for `path` begin: `.NAME.`."""
+    return f".{path.name}."
+
+
 def temporaries_of(path: str | os.PathLike) -> list[Path]:
-    """The temporary files `atomic_write_bytes` makes beside `path` (`.NAME.` eight random characters `.tmp`,
-    as `tempfile.mkstemp` names them): a writer killed before its rename leaves one behind."""
+    """The temporary files `atomic_write_bytes` makes beside `path` (the prefix, eight random characters as
+    `tempfile.mkstemp` makes them, the suffix): a writer killed before its rename leaves one behind."""
     path = Path(path)
-    prefix = f".{path.name}."
+    prefix, pattern = temporary_prefix(path), r"[a-z0-9_]{8}" + re.escape(TEMPORARY_SUFFIX)
     return [found for found in path.parent.iterdir() if found.name.startswith(prefix) and
-            re.fullmatch(r"[a-z0-9_]{8}\.tmp", found.name[len(prefix):]) and found.is_file()]
+            re.fullmatch(pattern, found.name[len(prefix):]) and found.is_file()]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -111,7 +119,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """
     path = Path(path)
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=temporary_prefix(path), suffix=TEMPORARY_SUFFIX, dir=path.parent)
     except OSError as exc:
         raise MiniGPTError(f"cannot write to {path.parent}: {exc.strerror}; "
                            "choose a folder that exists and is writable") from None

@@ -96,9 +96,9 @@ class Rows:
 
     def decode(self, ids: np.ndarray) -> np.ndarray:
         """Append (count,) ids, one to each row (full rows restart first); return the (count, V) logits."""
-        count = len(self._sequences)
-        if max(self._lengths[:count].tolist()) == self._block:
+        if self.room() == 0:
             self.make_room()
+        count = len(self._sequences)
         lengths = self._lengths[:count]
         logits = self.engine.extend(ids[:, None], lengths)
         self._tokens[self._row_numbers[:count], lengths] = ids

@@ -91,7 +91,10 @@ class SpeculativeStep:
     def __call__(self, rows: Rows, pending: np.ndarray) -> tuple[list[list[int]], np.ndarray]:
         if not self.pays(rows):
             return self.plain(rows, pending)
-        schedule = self.schedules.setdefault(rows.count.bit_length(), Schedule(self.max_tokens))
+        size = rows.count.bit_length()
+        schedule = self.schedules.get(size)
+        if schedule is None:  # made once a size, not (as setdefault's argument would be) every step
+            schedule = self.schedules[size] = Schedule(self.max_tokens)
         if not schedule.plain_left:
             k, plain = schedule.choose_k()
             found = self._verify(rows, pending, k, schedule) if k else None

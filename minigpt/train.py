@@ -22,7 +22,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from minigpt import distributed
-from minigpt.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, warm_start
+from minigpt.checkpoint import Checkpoint, load_checkpoint, warm_start
 from minigpt.config import GPTConfig, TrainConfig
 from minigpt.data import DataSource, load_corpus, load_recorded_corpus
 from minigpt.text import EMPTY_PROMPT
@@ -190,10 +190,10 @@ class FullRun(Run):
 
     def save(self, step: int, final: bool = False) -> None:
         if self.is_main:
-            plan = self.plan
-            save_checkpoint(plan.out, self.model, plan.tokenizer, step=step, data=plan.corpus.source,
-                            draft=self.table.at_save(self.model, final), optimizer=self.optimizer,
-                            train_config=dataclasses.asdict(plan.config))
+            super().save(step, final)
+
+    def draft(self, final: bool):
+        return self.table.at_save(self.model, final)
 
     def after_step(self, record: dict, saved: bool) -> None:
         """Log the step; stop every process together after a signal, saved."""

@@ -171,7 +171,11 @@ class Run:
     def save(self, step: int, final: bool = False) -> None:
         plan = self.plan
         save_checkpoint(plan.out, self.model, plan.tokenizer, step=step, data=plan.corpus.source,
-                        optimizer=self.optimizer, train_config=dataclasses.asdict(plan.config))
+                        draft=self.draft(final), optimizer=self.optimizer, train_config=dataclasses.asdict(plan.config))
+
+    def draft(self, final: bool):
+        """What speculative decoding will guess from, saved with the model: none here."""
+        return None
 
     def after_step(self, record: dict, saved: bool) -> None:
         """Called with each step's record; a run may stop here (saving first when the step did not)."""
