@@ -20,7 +20,7 @@ import numpy as np
 
 from minigpt.config import GPTConfig
 from minigpt.settings import MOST_DRAFT_TOKENS
-from minigpt.decoding import check_extend
+from minigpt.engine_checks import check_extend
 from minigpt.devices import check_threads, threads_for
 from minigpt.errors import CheckpointError, MiniGPTError
 from minigpt.export.onnx_graph import (INPUT_IDS, LOGITS, POSITION_IDS, QUERY_LENGTHS, SEQLENS_K, TOTAL_LENGTH,

@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+
 def torch_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            key_lengths: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q kᵀ / √D) v with query i of row b seeing keys 0 .. i + (Tk_b - Tq), through SDPA.
@@ -39,20 +40,13 @@ def torch_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def attention_weights(q: torch.Tensor, k: torch.Tensor, key_lengths: torch.Tensor | None = None) -> torch.Tensor:
     """The definition: softmax(q kᵀ / √D) under the causal mask, (B, H, Tq, Tk), each row summing to 1.
 
-    The kernels compute the same without ever holding the whole matrix; this
-    writes it out, for the reference below and for pictures of what the model
-    attends to (`MiniGPT.attention_maps`).
+    The kernels compute the same without ever holding the whole matrix; this writes it out, for the float64
+    reference they are tested against and for pictures of what the model attends to (`minigpt.attention_maps`).
     """
     tq, tk = q.shape[-2], k.shape[-2]
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     visible = causal_mask(tq, tk, q.device) if key_lengths is None else ragged_causal_mask(tq, tk, key_lengths)
     return scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
-
-
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        key_lengths: torch.Tensor | None = None) -> torch.Tensor:
-    """The definition, in float64: what every kernel is tested against."""
-    return attention_weights(q.double(), k.double(), key_lengths) @ v.double()
 
 
 def causal_mask(tq: int, tk: int, device: torch.device | str | None = None) -> torch.Tensor:

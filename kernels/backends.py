@@ -8,7 +8,7 @@ import os
 import torch
 
 from minigpt.errors import MiniGPTError
-from minigpt.kernels.attention import torch_causal_attention
+from minigpt.kernels.attention import attention_weights, torch_causal_attention
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -64,3 +64,9 @@ def _triton_kernels(q: torch.Tensor):
         raise MiniGPTError("Triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run "
                            "on CPU; set it before starting Python, or use --attention torch")
     return triton_attention
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        key_lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """The definition, in float64: what every kernel is tested against."""
+    return attention_weights(q.double(), k.double(), key_lengths) @ v.double()

@@ -16,7 +16,7 @@ running maximum and sum ("online softmax"), in fp32 whatever the input dtype.
 Inputs are read through their strides, so k and v may be views into a
 preallocated cache. In a ragged batch (RAGGED) each row reads its own key
 count from `key_lengths`, so rows at different lengths share one launch.
-`reference_attention` in `attention.py` is the float64 definition both
+`reference_attention` in `backends.py` is the float64 definition both
 kernels are tested against.
 
 Triton reads TRITON_INTERPRET when a kernel is defined, that is when this

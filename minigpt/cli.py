@@ -236,13 +236,13 @@ def _evaluate(args: argparse.Namespace) -> None:
     from minigpt.data import load_corpus, load_recorded_corpus
     from minigpt.text import EMPTY_PROMPT
     from minigpt.devices import resolve_device
-    from minigpt.training import evaluate_split, split_ids
+    from minigpt.generation import evaluate_split
 
     _use_threads(args.threads)
     checkpoint = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
     corpus = (load_corpus(args.data, args.cache_dir) if args.data
               else load_recorded_corpus(checkpoint.metadata, args.cache_dir))
-    ids = split_ids(corpus, "".join(checkpoint.tokenizer.chars), args.split, 1)
+    ids = corpus.ids("".join(checkpoint.tokenizer.chars), args.split)
     if EMPTY_PROMPT in checkpoint.tokenizer:  # every character scored, the first after a newline, as a text begins
         ids = np.concatenate([[checkpoint.tokenizer.id_of(EMPTY_PROMPT)], ids])
     loss = evaluate_split(checkpoint.model, ids, args.batch_size)

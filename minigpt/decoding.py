@@ -1,12 +1,11 @@
 """The decoding loop every engine shares, in numpy alone (no torch import).
 
 An engine runs one kind of call, `extend`: write k token ids into rows of a
-batch at positions the caller gives (gpt-fast's `input_pos`), and return the
+batch at positions the caller gives (gpt-fast's `input_pos`) and return the
 logits of every new position. A prefill is an extend at position 0, a decode
-step an extend of one token at each row's length. `Rows` keeps which
-sequence is in which row; a `Step` turns the rows' next tokens into the ones
-after them; `generate_rows` drives the two. Engines can only differ in the
-logits they compute, so they agree token for token.
+step one token at each row's length. `Rows` keeps which sequence is in which
+row, a `Step` finds the tokens after the rows' pending ones, `generate_rows`
+drives the two. Engines differ only in the logits, so they agree token for token.
 """
 
 from __future__ import annotations
@@ -17,21 +16,20 @@ from typing import Protocol
 
 import numpy as np
 
+from minigpt.engine_checks import check_lengths
 from minigpt.errors import MiniGPTError
 from minigpt.rows import Rows
 from minigpt.sampling import Sampler, rows_alike
 
 
 class Engine(Protocol):
-    """Buffers for a batch of rows, and one forward pass over them. Which sequence sits in which row and how
-    long it is lives in `Rows`; every call says where its tokens go, so rolling a row back is calling the next
-    `extend` at a shorter length (what lies past it is overwritten)."""
+    """Buffers for a batch of rows and one forward pass over them. Every call says where its tokens go, so
+    rolling a row back is calling the next `extend` at a shorter length."""
 
     block_size: int
     verifies_rows_together: bool  # whether one extend may write several tokens to each of several rows
 
-    def start(self, batch_size: int) -> None:
-        """Make room for `batch_size` rows."""
+    def start(self, batch_size: int) -> None: ...
 
     def extend(self, ids: np.ndarray, start_pos: np.ndarray, first_row: int = 0) -> np.ndarray:
         """Write (n, k) ids into rows first_row .. first_row+n-1, row i at positions start_pos[i] ..
@@ -43,8 +41,7 @@ class Engine(Protocol):
 
 @dataclass(eq=False)
 class Continuation:
-    """One sequence being generated: its prompt, how it samples, and the tokens found so far (the last of
-    them is not yet in the cache: the next step writes it)."""
+    """One sequence being generated: its prompt, how it samples, its tokens so far (the last not yet cached)."""
 
     prompt: list[int]
     sampler: Sampler
@@ -56,14 +53,13 @@ class Continuation:
     def done(self) -> bool:
         return len(self.tokens) >= self.max_new_tokens
 
-    def fail(self, error: Exception) -> None:
-        """Its sampler failed; a server ends this sequence's request alone, a plain caller gets the error."""
+    def fail(self, error: Exception) -> None:  # a server ends this sequence's request alone
         raise error
 
 
 def pick(logits: np.ndarray, sequences: Sequence[Continuation], draws: np.ndarray | None = None) -> np.ndarray:
-    """Each row's token from (rows, V) logits: row i as sequences[i] samples, with draws[i] (by default each
-    sequence's next draw). Rows that sample alike are picked as one batch."""
+    """Each row's token from (rows, V) logits, row i as sequences[i] samples with draws[i] (by default its next
+    draw); rows that sample alike are picked together."""
     first = sequences[0].sampler
     if len(sequences) == 1 or all(sequence.sampler is first for sequence in sequences):
         groups = [(slice(None), first)]
@@ -96,13 +92,13 @@ class PlainStep:
 
     def __call__(self, rows: Rows, pending: np.ndarray) -> tuple[list[list[int]], np.ndarray]:
         logits = rows.decode(pending)
-        return pick(logits, rows.sequences)[:, None].tolist(), logits[:, None]
+        return [[token] for token in pick(logits[:, 0], rows.sequences).tolist()], logits
 
 
 def generate_rows(engine: Engine, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampler: Sampler,
                   step: Step | None = None) -> Iterator[np.ndarray]:
-    """Yield the (rows,) ids of each new position for a batch of prompts of any lengths (one row each). Any
-    step (`minigpt.speculative` finds several tokens at once) gives the same ids."""
+    """Yield the (rows,) ids of each new position for prompts of any lengths, one row each; any step (the
+    speculative one finds several tokens at once) gives the same ids."""
     check_lengths(max_new_tokens, len(prompts))
     if any(len(prompt) == 0 for prompt in prompts):
         raise MiniGPTError("every prompt needs at least one token")
@@ -142,26 +138,3 @@ def generate_tokens(engine: Engine, prompt_ids: list[int], max_new_tokens: int, 
                     num_samples: int = 1, step: Step | None = None) -> Iterator[np.ndarray]:
     """Yield the (num_samples,) ids chosen at each step, all samples decoded as one batch."""
     return generate_rows(engine, [prompt_ids] * num_samples, max_new_tokens, sampler, step)
-
-
-def check_extend(ids: np.ndarray, start_pos: np.ndarray, first_row: int, batch_size: int,
-                 block_size: int) -> int:
-    """The checks every engine's `extend` makes; returns the end of the longest row after the call."""
-    rows, length = ids.shape
-    if not 0 <= first_row <= first_row + rows <= batch_size:
-        raise MiniGPTError(f"rows {first_row}..{first_row + rows - 1} are outside the batch of {batch_size} "
-                           "rows; call start() with a larger batch")
-    if len(start_pos) != rows:
-        raise MiniGPTError(f"{rows} rows of ids need {rows} start positions, got {len(start_pos)}")
-    end = max(start_pos.tolist(), default=0) + length
-    if end > block_size:
-        raise MiniGPTError(f"positions up to {end} exceed block_size {block_size}; "
-                           "keep the last block_size tokens")
-    return end
-
-
-def check_lengths(max_new_tokens: int, num_samples: int) -> None:
-    if max_new_tokens < 0:
-        raise MiniGPTError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if num_samples < 1:
-        raise MiniGPTError(f"num_samples must be >= 1, got {num_samples}")

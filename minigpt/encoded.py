@@ -58,10 +58,14 @@ class EncodedCorpus:
                             f"use a split it has, or data with a {name} split")
         return self.splits[name]
 
-    def ids(self, chars: str, name: str) -> np.ndarray:
-        """Split `name` in the ids of vocabulary `chars` (a checkpoint's): the cached array itself when the
-        vocabularies agree, else remapped; a character `chars` lacks is an error naming it."""
+    def ids(self, chars: str, name: str, block_size: int = 1) -> np.ndarray:
+        """Split `name` in the ids of vocabulary `chars` (a checkpoint's), long enough for one window of
+        block_size: the cached array itself when the vocabularies agree, else remapped; a character `chars`
+        lacks is an error naming it."""
         ids = self.split(name)
+        if len(ids) < block_size + 1:
+            raise DataError(f"the {name} split has {len(ids)} characters but block_size {block_size} needs at "
+                            f"least {block_size + 1}; use more data or a smaller --block_size")
         if chars == self.chars:
             return ids
         index = {c: i for i, c in enumerate(chars)}

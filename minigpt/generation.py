@@ -12,10 +12,11 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from minigpt.decoding import check_extend
+from minigpt.engine_checks import check_extend
 from minigpt.kv_cache import KVCacheEngine
 from minigpt.model import MiniGPT
 from minigpt.rows import runs_of_equal
+from minigpt.scoring import score
 from minigpt.text import join_samples, stream_characters
 from minigpt.tokenizer import CharTokenizer
 
@@ -85,3 +86,12 @@ def generate(model: MiniGPT, tokenizer: CharTokenizer, prompt: str, max_new_toke
     """
     return generate_samples(model, tokenizer, prompt, max_new_tokens, temperature=temperature, top_k=top_k,
                             top_p=top_p, seed=seed, kv_cache=kv_cache)[0]
+
+
+def evaluate_split(model: MiniGPT, ids: np.ndarray, batch_size: int = 64) -> float:
+    """Mean next-token loss (nats) over a whole split, read in consecutive block_size windows, `batch_size` of
+    them a pass: the scoring the server's `echo` and lm-eval share (`minigpt.scoring`)."""
+    model.eval()
+    engine = KVCacheEngine(model)
+    engine.start(batch_size)
+    return -score(engine, ids, rows=batch_size).total / (len(ids) - 1)

@@ -1,14 +1,12 @@
 """The KV-cache: every layer's keys and values, preallocated, written at positions the caller gives.
 
 Decoding one token needs the keys and values of every earlier position;
-recomputing them each step would cost a pass over the whole context. The
-cache keeps them in a static buffer (gpt-fast's design): each forward pass
-writes its new positions' keys and values in place and attention reads a
-view of the filled prefix, so a decode step allocates nothing and copies
-one token. The cache is only buffers: which positions of a row are valid is
-the caller's to know (`minigpt.decoding.Rows`) and to pass as `Positions`,
-so rows may sit at different lengths (a ragged batch), and rolling a row
-back is writing at an earlier position next time.
+recomputing them would cost a pass over the whole context. The cache keeps
+them in a static buffer (gpt-fast's design): a forward pass writes its new
+positions in place and attention reads a view of the filled prefix, so a
+decode step allocates nothing. The cache is only buffers: which positions of
+a row are valid is the caller's to know (`minigpt.rows.Rows`) and to pass,
+so rows may sit at different lengths (a ragged batch).
 """
 
 from __future__ import annotations
@@ -20,18 +18,13 @@ import torch
 import torch.nn as nn
 
 from minigpt.config import GPTConfig
-from minigpt.decoding import check_extend
+from minigpt.engine_checks import check_extend
 from minigpt.devices import check_memory
 
 
 class Positions:
-    """Where one forward pass's T new tokens sit: row b's at start_pos[b] .. start_pos[b] + T - 1.
-
-    When every row starts at the same position (training, a prefill, rows
-    that started together) the cache writes are one slice copy and attention
-    needs no mask; otherwise each row writes at its own positions and
-    attention is told each row's length.
-    """
+    """Where one forward pass's T new tokens sit: row b's at start_pos[b] .. start_pos[b] + T - 1. Rows that
+    share a start write one slice and need no mask; ragged rows write at their own positions."""
 
     def __init__(self, seq: int, start_pos: np.ndarray | None = None, device: torch.device | None = None):
         self.seq = seq
@@ -54,11 +47,7 @@ class Positions:
 
 
 class LayerCache:
-    """One layer's keys and values for a batch of rows: kv is (2, B, H, block_size, D), a view of KVCache.kv.
-
-    Keys and values sit side by side, so one copy stores both; attention reads
-    a view of the filled prefix, so a decode step copies only the new token.
-    """
+    """One layer's keys and values side by side, (2, B, H, block_size, D): one copy stores both."""
 
     def __init__(self, kv: torch.Tensor):
         self.kv = kv
@@ -75,12 +64,7 @@ class LayerCache:
 
 
 class KVCache:
-    """Every layer's keys and values for a batch of rows, preallocated for block_size positions.
-
-    kv is (layers, 2, batch, heads, block_size, head_dim). The cache is only
-    buffers: how many positions of a row are valid is for the caller to know
-    and to pass as positions (a ragged batch has rows at different lengths).
-    """
+    """Every layer's keys and values for a batch of rows: kv is (layers, 2, batch, heads, block_size, head_dim)."""
 
     def __init__(self, kv: torch.Tensor):
         self.kv = kv
@@ -91,8 +75,7 @@ class KVCache:
         shape = (config.num_layers, 2, batch_size, config.num_heads, config.block_size, config.head_dim)
         check_memory(math.prod(shape) * dtype.itemsize, f"a KV-cache of {batch_size:,} rows", "lower --num-samples "
                      "(or serve's --max-batch)", device)
-        return cls(torch.zeros((config.num_layers, 2, batch_size, config.num_heads, config.block_size,
-                                config.head_dim), dtype=dtype, device=device))
+        return cls(torch.zeros(shape, dtype=dtype, device=device))
 
     @property
     def batch_size(self) -> int:

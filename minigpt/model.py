@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from minigpt.config import GPTConfig
 from minigpt.kv_cache import KVCache, LayerCache, Positions
 from minigpt.kernels import causal_attention
-from minigpt.kernels.attention import attention_weights
 from minigpt.kernels.backends import check_backend
 
 
@@ -37,24 +36,19 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.embed_dim, config.embed_dim)
         self.resid_dropout = dropout_layer(config.dropout)
         self.attention_backend = "auto"  # see minigpt.kernels.backends
-        self.keep_weights = False  # set by MiniGPT.attention_maps
-        self.weights: torch.Tensor | None = None
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, E) -> (3, B, H, T, D) queries, keys and values: each head attends in its own subspace."""
+        batch, seq, embed = x.shape
+        return self.qkv(x).view(batch, seq, 3, self.num_heads, embed // self.num_heads).permute(2, 0, 3, 1, 4)
 
     def forward(self, x: torch.Tensor, where: Positions, cache: LayerCache | None = None) -> torch.Tensor:
-        batch, seq, embed = x.shape
-        # (B, T, 3E) -> (3, B, H, T, D): each head attends in its own subspace.
-        qkv = self.qkv(x).view(batch, seq, 3, self.num_heads, embed // self.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = self.heads(x)
         q, kv = qkv[0], qkv[1:]
         if cache is not None:  # attend to every earlier position, not only this call's
             kv = cache.update(kv, where)
-        k, v = kv
-        key_lengths = where.key_lengths
-        if self.keep_weights:  # attention written out, so the weights that made y can be shown
-            self.weights = attention_weights(q, k, key_lengths)
-            y = self.weights @ v
-        else:
-            y = causal_attention(q, k, v, key_lengths=key_lengths, backend=self.attention_backend)
-        y = y.transpose(1, 2).reshape(batch, seq, embed)  # heads side by side again
+        y = causal_attention(q, *kv, key_lengths=where.key_lengths, backend=self.attention_backend)
+        y = y.transpose(1, 2).reshape(x.shape)  # heads side by side again
         return self.resid_dropout(self.proj(y))
 
 
@@ -124,20 +118,6 @@ class MiniGPT(nn.Module):
         for block in self.blocks:
             block.attn.attention_backend = backend
         return self
-
-    @torch.no_grad()
-    def attention_maps(self, idx: torch.Tensor) -> torch.Tensor:
-        """Every layer's attention weights for (B, T) ids: (layers, B, heads, T, T), row i of a map the
-        distribution query i spreads over positions 0 .. i. The forward pass is this model's own, with each
-        layer's attention written out (`minigpt.kernels.attention_weights`) instead of fused."""
-        for block in self.blocks:
-            block.attn.keep_weights = True
-        try:
-            self(idx)
-            return torch.stack([block.attn.weights for block in self.blocks])
-        finally:
-            for block in self.blocks:
-                block.attn.keep_weights, block.attn.weights = False, None
 
     def make_cache(self, batch_size: int) -> KVCache:
         """An empty KVCache for `batch_size` rows, in the model's dtype and on its device."""

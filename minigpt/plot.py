@@ -202,6 +202,8 @@ def attention_of(model, tokenizer, prompt: str, *, layer: int | None = None, hea
     across layers, or one map when both are given."""
     import torch
 
+    from minigpt.attention_maps import attention_maps
+
     if not prompt:
         raise MiniGPTError("the prompt is empty: give a few characters with --prompt")
     config = model.config
@@ -215,7 +217,7 @@ def attention_of(model, tokenizer, prompt: str, *, layer: int | None = None, hea
         note = f"the prompt's last {keep} of {len(ids)} characters"
         ids, prompt = ids[-keep:], prompt[-keep:]
     device = next(model.parameters()).device
-    maps = model.attention_maps(torch.tensor([ids], device=device))[:, 0].float().cpu().numpy()  # (L, H, T, T)
+    maps = attention_maps(model, torch.tensor([ids], device=device))[:, 0].float().cpu().numpy()  # (L, H, T, T)
     layers = [layer] if layer is not None else list(range(config.num_layers))
     heads = [head] if head is not None else list(range(config.num_heads))
     weights = [[maps[row][column] for column in heads] for row in layers]

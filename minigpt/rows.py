@@ -1,18 +1,14 @@
 """The sequences in an engine's batch, one per row, and what happens past the block size.
 
 `Rows` is the one place that knows which sequence sits in which row and how
-many tokens of it the engine's cache holds. Sequences join (`add`) and leave
-(`remove`) between steps; a step writes new tokens (`decode`, `extend`) and
-may take some back (`roll_back`). Continuous batching is this and nothing
-more: `minigpt generate` and the server's scheduler both drive it.
+many of its tokens the engine's cache holds. Sequences join (`add`) and
+leave (`remove`) between steps; a step writes tokens (`extend`) and may take
+some back (`roll_back`). Continuous batching is this and nothing more.
 
-Past the block size: learned positions stop at block_size, and a cache of
-keys computed at positions 0..block_size-1 cannot slide (every key would
-need its position changed). So when a row's context is full, that row alone
-restarts from its most recent `restart_length` tokens: all but the newest
-are prefilled into the row, and the newest joins the next step like any
-other row's. One prefill of half a block every half block, instead of a
-full recompute every step.
+Past the block size: a cache of keys computed at positions 0..block_size-1
+cannot slide (every key would need its position changed). So a full row
+alone restarts from its newest `restart_length` tokens: one prefill of half
+a block every half block, instead of a full recompute every step.
 """
 
 from __future__ import annotations
@@ -44,6 +40,9 @@ class Rows:
         self._lengths = np.zeros(capacity, dtype=np.int64)  # tokens in each row's cache
         self._tokens = np.zeros((capacity, self._block), dtype=np.int64)  # and which they are
         self._row_numbers = np.arange(capacity)
+        # At least the longest row's length, as a plain int: a decode step then checks for a full row without
+        # a numpy call (numpy calls between two graph calls run on a cold cache).
+        self._longest = 0
         engine.start(capacity)
 
     @property
@@ -62,8 +61,7 @@ class Rows:
         return self._block - max(self.lengths(), default=0)
 
     def add(self, prompts: Sequence[Sequence[int]], sequences: Sequence | None = None) -> np.ndarray:
-        """Prefill prompts into the next free rows (a long prompt is read through its last block); return
-        their (n, V) next-token logits."""
+        """Prefill prompts (each through its last block) into the next free rows; return their (n, V) logits."""
         if self.count + len(prompts) > self.capacity:
             raise MiniGPTError(f"{self.count} rows are in use; {len(prompts)} more exceed the capacity of "
                                f"{self.capacity}")
@@ -76,13 +74,13 @@ class Rows:
             self._tokens[rows, :lengths[start]] = np.stack(windows[start:start + count])
             logits.append(prefill(self.engine, self._tokens[rows, :lengths[start]], rows.start))
         self._lengths[first:first + len(prompts)] = lengths
+        self._longest = max(self._longest, *lengths.tolist())
         self._sequences += list(sequences) if sequences is not None else [None] * len(prompts)
         return np.concatenate(logits)
 
     def remove(self, rows: Iterable[int], carry: np.ndarray | None = None) -> np.ndarray | None:
-        """Free these rows; the last rows move into the gaps, so rows stay packed (any row index may change).
-        `carry`, one entry per row (the tokens about to be written, say), moves the same way and comes back
-        cut to the rows that are left."""
+        """Free these rows, moving the last rows into the gaps (any row index may change). `carry`, one entry a
+        row, moves the same way and comes back cut to the rows that are left."""
         for row in sorted(rows, reverse=True):  # from the end: the last row is then never one being freed
             last = self.count - 1
             if row != last:
@@ -95,36 +93,34 @@ class Rows:
         return None if carry is None else carry[:self.count]
 
     def decode(self, ids: np.ndarray) -> np.ndarray:
-        """Append (count,) ids, one to each row (full rows restart first); return the (count, V) logits."""
-        if self.room() == 0:
+        """Append (count,) ids, one to each row (full rows restart first); return the (count, 1, V) logits."""
+        if self._longest >= self._block:
             self.make_room()
-        count = len(self._sequences)
-        lengths = self._lengths[:count]
+        lengths = self._lengths[:self.count]
         logits = self.engine.extend(ids[:, None], lengths)
-        self._tokens[self._row_numbers[:count], lengths] = ids
+        self._tokens[self._row_numbers[:self.count], lengths] = ids
         lengths += 1
-        return logits[:, 0]
+        self._longest += 1
+        return logits
 
     def extend(self, ids: np.ndarray) -> np.ndarray:
         """Append (count, k) ids to every row, k <= room(); return the (count, k, V) logits."""
-        starts = self.lengths()
-        logits = self.engine.extend(ids, self._lengths[:self.count])
-        new = ids.shape[1]
-        for row, start in enumerate(starts):
-            self._tokens[row, start:start + new] = ids[row]
-        self._lengths[:self.count] = [start + new for start in starts]
+        lengths = self._lengths[:self.count]
+        logits = self.engine.extend(ids, lengths)
+        self._tokens[self._row_numbers[:self.count, None], lengths[:, None] + np.arange(ids.shape[1])] = ids
+        lengths += ids.shape[1]
+        self._longest += ids.shape[1]
         return logits
 
     def roll_back(self, lengths: Sequence[int]) -> None:
         """Keep only the first lengths[i] positions of each row i (the engine overwrites the rest later)."""
         self._lengths[:self.count] = lengths
+        self._longest = max(lengths, default=0)
 
     def histories(self, pending: np.ndarray) -> list[np.ndarray]:
-        """Each row's tokens followed by pending[row], the token it writes next (views: valid until the next
-        call that writes)."""
+        """Each row's tokens, then pending[row] (the one it writes next): views, valid until the next write."""
         lengths = self.lengths()
-        for row, length in enumerate(lengths):
-            self._tokens[row, length] = pending[row]
+        self._tokens[self._row_numbers[:self.count], lengths] = pending
         return [self._tokens[row, :length + 1] for row, length in enumerate(lengths)]
 
     def make_room(self) -> int:
@@ -139,6 +135,7 @@ class Rows:
                 prefill(self.engine, kept, rows.start)
             self._tokens[rows, :kept.shape[1]] = kept
             self._lengths[rows] = kept.shape[1]
+        self._longest = self._block - self.room()
         return self.room()
 
 

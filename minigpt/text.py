@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from minigpt.decoding import Engine, Step, check_lengths, generate_tokens
+from minigpt.decoding import Engine, Step, generate_tokens
+from minigpt.engine_checks import check_lengths
 from minigpt.errors import MiniGPTError
 from minigpt.sampling import Sampler
 from minigpt.tokenizer import CharTokenizer

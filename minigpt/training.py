@@ -1,10 +1,9 @@
 """Training a MiniGPT: batches, the step, the learning-rate schedule, evaluation and saving, in one loop.
 
-`minigpt.train` plans a run (every setting checked, the data read, the model
-built or restored) and then calls `train_loop`. The loop here is one plain
-process; what a full run adds around it (several processes, torch.compile,
-Ctrl-C, the metrics log, the draft table saved with the model) comes in
-through a `Run` from `minigpt.train`.
+`minigpt.train` plans a run (settings checked, data read, model built or
+restored) and calls `train_loop`; what a full run adds around this one plain
+process (several processes, torch.compile, Ctrl-C, the metrics log, the draft
+table) comes in through its `Run`.
 """
 
 from __future__ import annotations
@@ -23,22 +22,11 @@ from tqdm.auto import tqdm
 
 from minigpt.checkpoint import save_checkpoint
 from minigpt.config import TrainConfig
-from minigpt.errors import DataError, MiniGPTError
-from minigpt.kv_cache import KVCacheEngine
+from minigpt.errors import MiniGPTError
 from minigpt.model import MiniGPT
-from minigpt.scoring import score
 from minigpt.tokenizer import CharTokenizer
 
 LN2 = math.log(2)
-
-
-def split_ids(corpus, chars: str, name: str, block_size: int) -> np.ndarray:
-    """A split's ids in the vocabulary `chars`, long enough for one window."""
-    ids = corpus.ids(chars, name)
-    if len(ids) < block_size + 1:
-        raise DataError(f"the {name} split has {len(ids)} characters but block_size {block_size} needs at least "
-                        f"{block_size + 1}; use more data or a smaller --block_size")
-    return ids
 
 
 def sample_batch(ids: np.ndarray, batch_size: int, block_size: int, generator: torch.Generator,
@@ -103,15 +91,6 @@ def estimate_loss(model: MiniGPT, ids: np.ndarray, config: TrainConfig, device: 
     return sum(losses) / len(losses)
 
 
-def evaluate_split(model: MiniGPT, ids: np.ndarray, batch_size: int = 64) -> float:
-    """Mean next-token loss (nats) over a whole split, read in consecutive block_size windows, `batch_size` of
-    them a pass: the scoring the server's `echo` and lm-eval share (`minigpt.scoring`)."""
-    model.eval()
-    engine = KVCacheEngine(model)
-    engine.start(batch_size)
-    return -score(engine, ids, rows=batch_size).total / (len(ids) - 1)
-
-
 def step_seed(seed: int, rank: int, step: int) -> int:
     """A seed for each (process, step): batches and dropout depend on nothing but the step, so resuming
     at step N draws exactly what an uninterrupted run draws there."""
@@ -139,7 +118,7 @@ class TrainingPlan:
     notes: list[str] = field(default_factory=list)  # said once before training starts
 
     def split(self, name: str) -> np.ndarray:
-        return split_ids(self.corpus, "".join(self.tokenizer.chars), name, self.model.config.block_size)
+        return self.corpus.ids("".join(self.tokenizer.chars), name, self.model.config.block_size)
 
 
 @dataclass
@@ -152,20 +131,17 @@ class TrainResult:
 
 
 class Run:
-    """What the loop asks of the run around it. This one is a single process that saves the checkpoint;
-    `minigpt.train.FullRun` adds processes, compile, signals, the metrics log and the draft table."""
+    """What the loop asks of the run around it: here one process that saves the checkpoint."""
 
     rank, world_size, is_main = 0, 1, True
 
     def __init__(self, plan: TrainingPlan, model: MiniGPT, optimizer: torch.optim.Optimizer):
         self.plan, self.model, self.optimizer = plan, model, optimizer
 
-    def step_model(self) -> torch.nn.Module:
-        """What the loop steps (a wrapper of the model, or the model)."""
+    def step_model(self) -> torch.nn.Module:  # what the loop steps: the model, or a wrapper of it
         return self.model
 
-    def agree(self, flag: bool) -> bool:
-        """Whether any process raised `flag`: every process takes the same decision."""
+    def agree(self, flag: bool) -> bool:  # whether any process raised `flag`: all decide alike
         return flag
 
     def save(self, step: int, final: bool = False) -> None:
@@ -173,15 +149,14 @@ class Run:
         save_checkpoint(plan.out, self.model, plan.tokenizer, step=step, data=plan.corpus.source,
                         draft=self.draft(final), optimizer=self.optimizer, train_config=dataclasses.asdict(plan.config))
 
-    def draft(self, final: bool):
-        """What speculative decoding will guess from, saved with the model: none here."""
+    def draft(self, final: bool):  # what speculative decoding will guess from, saved with the model
         return None
 
     def after_step(self, record: dict, saved: bool) -> None:
-        """Called with each step's record; a run may stop here (saving first when the step did not)."""
+        """Each step's record; a run may stop here (saving first when the step did not)."""
 
-    def close(self) -> None:
-        """The loop is over (or failed)."""
+    def close(self) -> None:  # the loop is over, or failed
+        pass
 
 
 def train_loop(plan: TrainingPlan, make_run=Run, progress: bool = True, on_step=None) -> TrainResult:

@@ -71,7 +71,7 @@ def test_same_seed_same_text_and_greedy_is_repeatable(tiny_checkpoint, capsys):
 def test_eval_counts_every_character_of_the_split(tiny_checkpoint, tiny_text_file, capsys):
     """Every character, the first scored after a newline (as a text begins): the loss is the split's own."""
     from minigpt import load_checkpoint
-    from minigpt.training import evaluate_split
+    from minigpt.generation import evaluate_split
 
     code, out, _ = run(capsys, "eval", "--checkpoint", str(tiny_checkpoint), "--data", str(tiny_text_file))
     assert code == 0

@@ -155,12 +155,14 @@ def test_the_api_key_protects_the_pages_calls(tiny_onnx, free_port, browser):
 def test_attention_is_the_models_own_for_the_last_position_of_the_last_block(checkpoint_server, tiny_loaded):
     import torch
 
+    from minigpt.attention_maps import attention_maps
+
     text = "the quick brown fox jumps"  # 25 characters: the model reads the last 16
     _, body, _ = checkpoint_server.request("POST", "/v1/attention", {"model": "tiny", "prompt": text})
     body = json.loads(body)
     ids = tiny_loaded.tokenizer.encode(text)[-16:]
     with torch.no_grad():
-        maps = tiny_loaded.model.attention_maps(torch.tensor([ids]))[:, 0, :, -1].numpy()
+        maps = attention_maps(tiny_loaded.model, torch.tensor([ids]))[:, 0, :, -1].numpy()
     assert body["tokens"] == list(text[-16:])
     np.testing.assert_allclose(np.array(body["weights"]), maps, atol=1e-6)
     status, text, _ = checkpoint_server.request("POST", "/v1/attention", {"model": "tiny", "prompt": ["a", "b"]})

@@ -11,6 +11,7 @@ pytest.importorskip("matplotlib", reason="pictures need the plot extra: pip inst
 import matplotlib.image  # noqa: E402
 
 from minigpt import load_checkpoint  # noqa: E402
+from minigpt.attention_maps import attention_maps  # noqa: E402
 from minigpt.plot import attention_of, read_metrics, training_curves  # noqa: E402
 
 
@@ -83,19 +84,25 @@ def test_unwritable_or_unknown_outputs(metrics, tmp_path, cli_error):
 def test_attention_weights_are_the_models_own(tiny_checkpoint):
     model = load_checkpoint(tiny_checkpoint).model
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3]])
-    maps = model.attention_maps(ids)  # (layers, batch, heads, T, T)
+    maps = attention_maps(model, ids)  # (layers, batch, heads, T, T)
     config = model.config
     assert maps.shape == (config.num_layers, 1, config.num_heads, 10, 10)
     assert torch.allclose(maps.sum(-1), torch.ones(()), atol=1e-6)  # each row a distribution
     assert torch.all(torch.triu(maps, diagonal=1) == 0)  # nothing from the future
     assert torch.all(maps[..., 0, 0] == 1)  # the first character can only look at itself
-    # The pass that kept the weights is the model's forward: the same logits as the fused kernels give.
-    for block in model.blocks:
-        block.attn.keep_weights = True
-    kept, _ = model(ids)
-    for block in model.blocks:
-        block.attn.keep_weights = False
-    assert torch.allclose(kept, model(ids)[0], atol=1e-5)
+    # The weights are the ones that made each layer's output in the model's own (fused) forward pass.
+    seen = []
+    hooks = [block.attn.register_forward_hook(lambda layer, inputs, output: seen.append((layer, inputs[0], output)))
+             for block in model.blocks]
+    with torch.no_grad():
+        model(ids)
+    for hook in hooks:
+        hook.remove()
+    for weights, (layer, x, output) in zip(maps, seen):
+        values = layer.heads(x)[2]
+        written_out = layer.proj((weights @ values).transpose(1, 2).reshape(x.shape))
+        assert torch.allclose(written_out, output, atol=1e-5)
+    assert len(seen) == config.num_layers
 
 
 def test_attention_pictures(tiny_checkpoint, tmp_path, capsys):

@@ -143,7 +143,7 @@ def test_sequences_joining_and_leaving_a_running_batch_each_decode_as_if_alone(m
                 produced[sequence].append(int(ids[row]))
             done = [row for row, sequence in enumerate(rows.sequences) if len(produced[sequence]) == plan[sequence][2]]
             ids = rows.remove(done, carry=ids)  # the last rows move into the gaps, and their ids with them
-            logits = rows.decode(ids).copy() if rows.count else logits[:0]
+            logits = rows.decode(ids)[:, 0].copy() if rows.count else logits[:0]
         joining = [s for s in waiting if plan[s][1] <= step][:rows.capacity - rows.count]
         for sequence in joining:
             new = rows.add([sequences[sequence]], [sequence])

@@ -18,7 +18,7 @@ from minigpt import MiniGPTError  # noqa: E402
 from minigpt.cli import main  # noqa: E402
 from minigpt.kernels import causal_attention  # noqa: E402
 from minigpt.kernels import triton_attention  # noqa: E402
-from minigpt.kernels.attention import reference_attention  # noqa: E402
+from minigpt.kernels.backends import reference_attention  # noqa: E402
 
 assert triton_attention.INTERPRET, "tests/conftest.py sets TRITON_INTERPRET=1 before the kernels are imported"
 

@@ -19,7 +19,7 @@ def eval_bits(loaded, text) -> float:
     """`minigpt eval`'s bits per character of a text: every character scored, the first after a newline."""
     import numpy as np
 
-    from minigpt.training import evaluate_split
+    from minigpt.generation import evaluate_split
 
     return evaluate_split(loaded.model, np.array(loaded.tokenizer.encode("\n" + text))) / math.log(2)
 

@@ -174,7 +174,7 @@ class CompletionsAPI:
             self.check_key(request)
             ids = parse_prompt(await read_json(request, self.limits.read_timeout), self.tokenizer, self.model_id)
             model = getattr(self.scheduler.rows.engine, "model", None)
-            if not hasattr(model, "attention_maps"):
+            if not hasattr(model, "blocks"):  # an .onnx graph: no PyTorch model
                 raise RequestError("attention weights need the PyTorch engine: serve a .safetensors checkpoint "
                                    "(an .onnx graph fuses attention and keeps no weights)", status=501,
                                    code="attention_unavailable")
@@ -235,8 +235,10 @@ def last_attention(model, ids: list[int]) -> list:
     """(layers, heads, T) weights of the last of `ids` over all of them, as nested lists."""
     import torch
 
+    from minigpt.attention_maps import attention_maps
+
     with torch.inference_mode():
-        maps = model.attention_maps(torch.tensor([ids], device=next(model.parameters()).device))
+        maps = attention_maps(model, torch.tensor([ids], device=next(model.parameters()).device))
     return maps[:, 0, :, -1].double().cpu().numpy().round(6).tolist()
 
 
