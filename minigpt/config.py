@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass
 
 from minigpt.devices import check_device_name
-from minigpt.settings import COUNT, POSITIVE, SEED, Bounded, check_bounds, from_json, option, require
+from minigpt.settings import COUNT, POSITIVE, SEED, Bounded, JsonFields, check_bounds, option, require
 
 
 @dataclass(frozen=True)
-class GPTConfig:
+class GPTConfig(JsonFields):
     """Everything that fixes the model's architecture (and so its tensors' shapes)."""
 
+    json_name = "config"
     vocab_size: int  # decided by the corpus, never a flag
     block_size: int = option(128, "context length in characters", POSITIVE)
     embed_dim: int = option(128, "width of the residual stream", POSITIVE)
@@ -33,28 +32,12 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
 
-    @property
-    def parameters(self) -> int:
-        """How many numbers the model holds (the head is tied to the token embedding): known before a byte of
-        it is allocated."""
-        width, hidden = self.embed_dim, self.mlp_ratio * self.embed_dim
-        block = 4 * width + (3 * width * width + 3 * width) + (width * width + width) + 2 * width * hidden \
-            + hidden + width  # two LayerNorms, attention in and out, the MLP
-        return (self.vocab_size + self.block_size) * width + self.num_layers * block + 2 * width
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "GPTConfig":
-        """Rebuild a config from `to_json` output; unknown or missing fields are a ConfigError."""
-        return from_json(cls, text, "config")
-
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(JsonFields):
     """How to train: optimisation, schedule, evaluation and where to run."""
 
+    json_name = "train_config"
     batch_size: int = option(32, "sequences per step", POSITIVE)
     learning_rate: float = option(3e-4, "peak learning rate (AdamW)", Bounded(float, above=0))
     steps: int = option(200, "optimizer steps in all (with --resume: the total to reach)", POSITIVE)
@@ -72,8 +55,3 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_bounds(self)
         check_device_name(self.device)
-
-    @classmethod
-    def from_json(cls, text: str) -> "TrainConfig":
-        """The settings a checkpoint was trained with (its `train_config` metadata)."""
-        return from_json(cls, text, "train_config")

@@ -32,11 +32,11 @@ class Engine(Protocol):
     def start(self, batch_size: int) -> None: ...
 
     def extend(self, ids: np.ndarray, start_pos: np.ndarray, first_row: int = 0) -> np.ndarray:
-        """Write (n, k) ids into rows first_row .. first_row+n-1, row i at positions start_pos[i] ..
-        start_pos[i]+k-1; return the (n, k, V) logits of every new position, valid until the next call."""
+        """Write (n, k) ids into rows first_row .. first_row+n-1, row i at positions start_pos[i] onwards;
+        return the (n, k, V) logits of every new position, valid until the next call."""
 
     def move_row(self, source: int, target: int, length: int) -> None:
-        """Make row `target` hold the first `length` positions of row `source` (as `Rows.remove` needs)."""
+        """Make row `target` hold the first `length` positions of row `source`."""
 
 
 @dataclass(eq=False)
@@ -62,9 +62,9 @@ def pick(logits: np.ndarray, sequences: Sequence[Continuation], draws: np.ndarra
     draw); rows that sample alike are picked together."""
     first = sequences[0].sampler
     if len(sequences) == 1 or all(sequence.sampler is first for sequence in sequences):
-        groups = [(slice(None), first)]
         if first.greedy:
             return logits.argmax(axis=-1)
+        groups = [(slice(None), first)]
     else:
         groups = rows_alike([sequence.sampler for sequence in sequences])
     if draws is None:
@@ -82,13 +82,19 @@ def pick(logits: np.ndarray, sequences: Sequence[Continuation], draws: np.ndarra
 class Step(Protocol):
     """One step of decoding: write each row's pending token, find the tokens after it."""
 
+    def rows(self, engine: Engine, capacity: int) -> Rows:
+        """The rows this step writes to."""
+
     def __call__(self, rows: Rows, pending: np.ndarray) -> tuple[list[list[int]], np.ndarray]:
-        """Each row's new tokens (one or more; the last is its new pending token) and the (rows, width, V)
-        logits that row i's j-th new token was picked from, at [i, j]."""
+        """Each row's new tokens (the last is its new pending token) and the (rows, width, V) logits that row
+        i's j-th new token was picked from, at [i, j]."""
 
 
 class PlainStep:
     """One extend, one pick: a token a row."""
+
+    def rows(self, engine: Engine, capacity: int) -> Rows:
+        return Rows(engine, capacity)
 
     def __call__(self, rows: Rows, pending: np.ndarray) -> tuple[list[list[int]], np.ndarray]:
         logits = rows.decode(pending)
@@ -102,35 +108,32 @@ def generate_rows(engine: Engine, prompts: Sequence[Sequence[int]], max_new_toke
     check_lengths(max_new_tokens, len(prompts))
     if any(len(prompt) == 0 for prompt in prompts):
         raise MiniGPTError("every prompt needs at least one token")
-    return _generate(engine, prompts, max_new_tokens, sampler, step or PlainStep())
+    step = step or PlainStep()
+    rows = step.rows(engine, len(prompts))  # first: a batch that cannot fit is refused before anything is made
+    return _generate(rows, prompts, max_new_tokens, sampler, step)
 
 
-def _generate(engine: Engine, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampler: Sampler,
+def _generate(rows: Rows, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampler: Sampler,
               step: Step) -> Iterator[np.ndarray]:
     if max_new_tokens == 0:
         return
-    rows = Rows(engine, len(prompts))  # first: a batch that cannot fit is refused before anything is made for it
-    streams = sampler.streams(len(prompts))
     sequences = [Continuation(list(prompt), sampler, stream, max_new_tokens)
-                 for prompt, stream in zip(prompts, streams)]
+                 for prompt, stream in zip(prompts, sampler.streams(len(prompts)))]
     pending = pick(rows.add(prompts, sequences), sequences)
-    found = [sequence.tokens for sequence in sequences]
-    for tokens, token in zip(found, pending.tolist()):
-        tokens.append(token)
+    emitted = [[token] for token in pending.tolist()]
     given = 0  # positions handed out: each is yielded once every sequence has found it
     while True:
-        ready = min(max_new_tokens, min(map(len, found)))
-        while given < ready:
-            yield np.array([tokens[given] for tokens in found])
-            given += 1
-        if given == max_new_tokens:
-            return
-        if max(map(len, found)) >= max_new_tokens:  # a row with all its tokens leaves: running on, it would
-            done = [row for row, sequence in enumerate(rows.sequences) if sequence.done]  # only slow the others
-            pending = rows.remove(done, carry=pending)
-        emitted, _ = step(rows, pending)
         for sequence, new in zip(rows.sequences, emitted):
             sequence.tokens += new
+        found = [len(sequence.tokens) for sequence in sequences]
+        for given in range(given, min(max_new_tokens, *found)):
+            yield np.array([sequence.tokens[given] for sequence in sequences])
+        given = min(max_new_tokens, *found)
+        if given == max_new_tokens:
+            return
+        if max(found) >= max_new_tokens:  # a row with all its tokens leaves: running on, it would only slow the rest
+            pending = rows.remove([row for row, sequence in enumerate(rows.sequences) if sequence.done], pending)
+        emitted, _ = step(rows, pending)
         pending = np.array([new[-1] for new in emitted])
 
 

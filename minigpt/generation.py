@@ -1,8 +1,9 @@
-"""Generation with the torch engines, and the Python API: `generate(model, tokenizer, prompt)`.
+"""The torch engines, and the Python API: `generate(model, tokenizer, prompt)`.
 
-`RecomputeEngine` is the reference: every call runs the model over each
-row's whole context again; `minigpt.kv_cache.KVCacheEngine` keeps a cache.
-The decoding loop is `minigpt.decoding`'s, shared with every engine.
+`KVCacheEngine` runs the model against a `minigpt.kv_cache.KVCache`, so a
+call computes only its new positions; `RecomputeEngine` is the reference that
+runs the model over each row's whole context again. The decoding loop is
+`minigpt.decoding`'s, shared with every engine.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 
 from minigpt.engine_checks import check_extend
-from minigpt.kv_cache import KVCacheEngine
+from minigpt.kv_cache import KVCache
 from minigpt.model import MiniGPT
 from minigpt.rows import runs_of_equal
 from minigpt.scoring import score
@@ -21,19 +22,40 @@ from minigpt.text import join_samples, stream_characters
 from minigpt.tokenizer import CharTokenizer
 
 
-class RecomputeEngine:
-    """The reference: every call runs the model over each row's whole context again."""
+class TorchEngine:
+    """What the torch engines share: the model, run where its weights are."""
 
     verifies_rows_together = True
 
     def __init__(self, model: MiniGPT):
-        self.model = model
-        self.block_size = model.config.block_size
-        self.device = model.tok_emb.weight.device
-        self.contexts: list[np.ndarray] = []  # each row's tokens: the only "cache" this engine has
+        self.model, self.block_size, self.device = model, model.config.block_size, model.tok_emb.weight.device
+
+
+class KVCacheEngine(TorchEngine):
+    """Keys and values of earlier positions stay in a static cache: each call computes only the new positions."""
+
+    cache: KVCache | None = None
 
     def start(self, batch_size: int) -> None:
-        self.contexts = [np.zeros(0, dtype=np.int64)] * batch_size
+        if self.cache is None or self.cache.batch_size != batch_size:
+            self.cache = self.model.make_cache(batch_size)
+
+    @torch.inference_mode()
+    def extend(self, ids: np.ndarray, start_pos: np.ndarray, first_row: int = 0) -> np.ndarray:
+        check_extend(ids, start_pos, first_row, self.cache.batch_size, self.block_size)
+        logits, _ = self.model(torch.as_tensor(ids, device=self.device), start_pos=start_pos,
+                               cache=self.cache.rows(first_row, len(ids)))
+        return logits.float().cpu().numpy()
+
+    def move_row(self, source: int, target: int, length: int) -> None:
+        self.cache.copy_row(source, target, length)
+
+
+class RecomputeEngine(TorchEngine):
+    """The reference: every call runs the model over each row's whole context again."""
+
+    def start(self, batch_size: int) -> None:
+        self.contexts = [np.zeros(0, dtype=np.int64)] * batch_size  # each row's tokens: its only "cache"
 
     @torch.inference_mode()
     def extend(self, ids: np.ndarray, start_pos: np.ndarray, first_row: int = 0) -> np.ndarray:

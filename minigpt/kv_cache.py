@@ -18,7 +18,6 @@ import torch
 import torch.nn as nn
 
 from minigpt.config import GPTConfig
-from minigpt.engine_checks import check_extend
 from minigpt.devices import check_memory
 
 
@@ -90,29 +89,3 @@ class KVCache:
     def copy_row(self, source: int, target: int, length: int) -> None:
         """Row target's first `length` positions become row source's."""
         self.kv[:, :, target, :, :length] = self.kv[:, :, source, :, :length]
-
-
-class KVCacheEngine:
-    """Keys and values of earlier positions stay in a static cache: each call computes only the new positions."""
-
-    verifies_rows_together = True
-
-    def __init__(self, model):  # a minigpt.model.MiniGPT
-        self.model = model
-        self.block_size = model.config.block_size
-        self.device = model.tok_emb.weight.device
-        self.cache: KVCache | None = None
-
-    def start(self, batch_size: int) -> None:
-        if self.cache is None or self.cache.batch_size != batch_size:
-            self.cache = self.model.make_cache(batch_size)
-
-    @torch.inference_mode()
-    def extend(self, ids: np.ndarray, start_pos: np.ndarray, first_row: int = 0) -> np.ndarray:
-        check_extend(ids, start_pos, first_row, self.cache.batch_size, self.block_size)
-        logits, _ = self.model(torch.as_tensor(ids, device=self.device), start_pos=start_pos,
-                               cache=self.cache.rows(first_row, len(ids)))
-        return logits.float().cpu().numpy()
-
-    def move_row(self, source: int, target: int, length: int) -> None:
-        self.cache.copy_row(source, target, length)

@@ -21,8 +21,7 @@ from minigpt.kernels.backends import check_backend
 
 
 def dropout_layer(p: float) -> nn.Module:
-    # nn.Dropout(0) still dispatches an op on every call, a tenth of a decode
-    # step at these sizes; Identity costs only the call.
+    # nn.Dropout(0) still dispatches an op every call, a tenth of a decode step at these sizes.
     return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
@@ -119,21 +118,16 @@ class MiniGPT(nn.Module):
             block.attn.attention_backend = backend
         return self
 
-    def make_cache(self, batch_size: int) -> KVCache:
-        """An empty KVCache for `batch_size` rows, in the model's dtype and on its device."""
+    def make_cache(self, batch_size: int) -> KVCache:  # in the model's dtype and on its device
         weight = self.tok_emb.weight
         return KVCache.empty(self.config, batch_size, weight.dtype, weight.device)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 start_pos: np.ndarray | None = None, cache: KVCache | None = None):
-        """idx: (B, T) token ids. Returns (logits (B, T, V), loss or None).
+        """(B, T) ids -> (logits (B, T, V), the mean next-token cross-entropy in nats with targets, else None).
 
-        Row b's ids sit at positions start_pos[b] .. start_pos[b] + T - 1
-        (all at 0 when start_pos is None). With a cache (from `make_cache`)
-        they attend to the keys and values it holds at that row's earlier
-        positions, and theirs are written there: a prefill passes start 0 and
-        the prompt, a decode step one token per row at each row's length.
-        With targets (B, T), the loss is the mean next-token cross-entropy in nats.
+        Row b's ids sit at positions start_pos[b] onwards (0 without it); with a cache (`make_cache`) they
+        attend to the keys and values it holds at the row's earlier positions, and theirs are written there.
         """
         where = Positions(idx.shape[1], start_pos, idx.device)
         if where.end > self.config.block_size:

@@ -1,9 +1,9 @@
 """The sequences in an engine's batch, one per row, and what happens past the block size.
 
 `Rows` is the one place that knows which sequence sits in which row and how
-many of its tokens the engine's cache holds. Sequences join (`add`) and
-leave (`remove`) between steps; a step writes tokens (`extend`) and may take
-some back (`roll_back`). Continuous batching is this and nothing more.
+many of its tokens the engine's cache holds. Sequences join (`add`) and leave
+(`remove`) between steps, and each step writes one token to every row
+(`decode`): continuous batching is this and nothing more.
 
 Past the block size: a cache of keys computed at positions 0..block_size-1
 cannot slide (every key would need its position changed). So a full row
@@ -31,7 +31,7 @@ def prefill(engine, ids: np.ndarray, first_row: int = 0) -> np.ndarray:
 
 
 class Rows:
-    """The rows of an engine's batch, packed into rows 0 .. count-1 (see the module's docstring)."""
+    """The rows of an engine's batch (an `Engine` of `minigpt.decoding`), packed into rows 0 .. count-1."""
 
     def __init__(self, engine, capacity: int):
         self.engine, self.capacity = engine, capacity
@@ -96,32 +96,14 @@ class Rows:
         """Append (count,) ids, one to each row (full rows restart first); return the (count, 1, V) logits."""
         if self._longest >= self._block:
             self.make_room()
-        lengths = self._lengths[:self.count]
-        logits = self.engine.extend(ids[:, None], lengths)
-        self._tokens[self._row_numbers[:self.count], lengths] = ids
-        lengths += 1
+        logits = self.engine.extend(ids[:, None], self._lengths[:self.count])
+        # Element by element: numpy's array calls, right after a graph call, run on a cold cache.
+        starts = self._lengths[:self.count].tolist()
+        for row, (start, token) in enumerate(zip(starts, ids.tolist())):
+            self._tokens[row, start] = token
+        self._lengths[:self.count] = [start + 1 for start in starts]
         self._longest += 1
         return logits
-
-    def extend(self, ids: np.ndarray) -> np.ndarray:
-        """Append (count, k) ids to every row, k <= room(); return the (count, k, V) logits."""
-        lengths = self._lengths[:self.count]
-        logits = self.engine.extend(ids, lengths)
-        self._tokens[self._row_numbers[:self.count, None], lengths[:, None] + np.arange(ids.shape[1])] = ids
-        lengths += ids.shape[1]
-        self._longest += ids.shape[1]
-        return logits
-
-    def roll_back(self, lengths: Sequence[int]) -> None:
-        """Keep only the first lengths[i] positions of each row i (the engine overwrites the rest later)."""
-        self._lengths[:self.count] = lengths
-        self._longest = max(lengths, default=0)
-
-    def histories(self, pending: np.ndarray) -> list[np.ndarray]:
-        """Each row's tokens, then pending[row] (the one it writes next): views, valid until the next write."""
-        lengths = self.lengths()
-        self._tokens[self._row_numbers[:self.count], lengths] = pending
-        return [self._tokens[row, :length + 1] for row, length in enumerate(lengths)]
 
     def make_room(self) -> int:
         """Restart the rows that are full (see the module's docstring); return room()."""

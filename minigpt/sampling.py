@@ -8,26 +8,24 @@ N, and the server gives a request the same text under any load.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from minigpt.settings import check_seed
 from minigpt.errors import ConfigError
+from minigpt.settings import check_seed
 
-GREEDY_BELOW = 1e-5  # temperatures under this are greedy
+GREEDY_BELOW = 1e-5  # as vLLM: below it sampling is greedy in all but name, and 5e-324 overflows a division
 
 
 @dataclass
 class Sampler:
-    """temperature 0 (or under 1e-5) is greedy; top_k keeps the k likeliest tokens; top_p the smallest set
-    holding p of the mass."""
+    """temperature 0 is greedy; top_k keeps the k likeliest tokens; top_p the smallest set holding p of the mass."""
 
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
     seed: int | None = None
-    _streams: list = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
@@ -42,12 +40,10 @@ class Sampler:
 
     @property
     def greedy(self) -> bool:
-        # As vLLM: below 1e-5 sampling is greedy in all but name, and dividing logits by 5e-324 overflows.
         return self.temperature < GREEDY_BELOW
 
     def streams(self, count: int) -> list[np.random.Generator | None]:
-        """The random streams of rows 0 .. count-1: row i's depends on the seed and i alone (None when greedy:
-        it draws nothing)."""
+        """Rows 0 .. count-1's random streams, row i's from the seed and i alone (None when greedy)."""
         if self.greedy:
             return [None] * count
         return [np.random.default_rng(child) for child in np.random.SeedSequence(self.seed).spawn(count)]
@@ -69,7 +65,7 @@ class Sampler:
             weights[rows, ranked] = np.where(drop, 0.0, ranked_weights)
         return weights
 
-    def pick(self, logits: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    def pick(self, logits: np.ndarray, draws: np.ndarray | None) -> np.ndarray:
         """Inverse-CDF sampling: row i's token for its uniform draw draws[i] (argmax when greedy); (B,) int64."""
         if self.greedy:
             return logits.argmax(axis=-1).astype(np.int64, copy=False)
@@ -77,20 +73,9 @@ class Sampler:
         cumulative = np.cumsum(self.weights(logits), axis=-1)
         return (cumulative < (draws * cumulative[:, -1])[:, None]).sum(axis=-1)
 
-    def __call__(self, logits: np.ndarray, streams: list | None = None) -> np.ndarray:
-        """One token per row of (B, V) logits, row i drawing from streams[i] (by default this sampler's own)."""
-        if self.greedy:
-            return self.pick(logits, None)
-        if streams is None:
-            if len(self._streams) != len(logits):
-                self._streams = self.streams(len(logits))
-            streams = self._streams
-        return self.pick(logits, np.array([stream.random() for stream in streams]))
-
 
 def rows_alike(samplers: list[Sampler]) -> list[tuple[list[int], Sampler]]:
-    """The rows grouped by how they sample (temperature, top-k, top-p), each group with one of its samplers:
-    a group is picked as one batch, each row still with its own draw."""
+    """The rows grouped by how they sample, each group with one of its samplers (picked as one batch)."""
     groups: dict[tuple, list[int]] = {}
     for row, sampler in enumerate(samplers):
         groups.setdefault((sampler.temperature, sampler.top_k, sampler.top_p), []).append(row)

@@ -1,11 +1,9 @@
 """Scoring text: the log-probability the model gives each of its tokens (numpy alone, any engine).
 
 `minigpt eval`, the server's `echo` + `logprobs` and lm-eval through the
-server all read a text the same way: in consecutive windows of block_size
-tokens, each window's first token predicted from that token alone. The
-window is how `minigpt eval` has always read a split, so a text's total
-log-likelihood is one number whichever of them asks. An engine's `extend`
-already returns every new position's logits, so a window is one call.
+server read a text the same way, in consecutive windows of block_size tokens
+(each window's first token predicted from that token alone), so a text's
+log-likelihood is one number whichever asks. A window is one `extend` call.
 """
 
 from __future__ import annotations
@@ -34,8 +32,7 @@ class TokenScores:
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """The model's own log-probabilities (temperature 1), in float64 over the last axis."""
-    shifted = np.asarray(logits, dtype=np.float64)
-    shifted = shifted - shifted.max(axis=-1, keepdims=True)
+    shifted = np.asarray(logits, dtype=np.float64) - np.max(logits, axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 

@@ -90,6 +90,19 @@ def check_seed(seed, name: str = "seed") -> None:
     SEED.check(seed, name)
 
 
+class JsonFields:
+    """A settings dataclass written as JSON of its fields (a checkpoint's metadata) and read back, checked."""
+
+    json_name = "settings"  # how a message names it
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str):
+        return from_json(cls, text, cls.json_name)
+
+
 def from_json(cls, text: str, what: str):
     """Rebuild a dataclass from JSON of its fields; unknown or missing fields are a ConfigError."""
     try:

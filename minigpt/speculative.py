@@ -79,6 +79,30 @@ def make_step(choice: str, ngram, max_tokens: int = DRAFT_TOKENS, draft_engine=N
     return SpeculativeStep(draft, max_tokens)
 
 
+class VerifiedRows(Rows):
+    """Rows that take a draft's guesses (`extend`) and give the wrong ones back (`roll_back`)."""
+
+    def extend(self, ids: np.ndarray) -> np.ndarray:
+        """Append (count, k) ids to every row, k <= room(); return the (count, k, V) logits."""
+        lengths = self._lengths[:self.count]
+        logits = self.engine.extend(ids, lengths)
+        self._tokens[self._row_numbers[:self.count, None], lengths[:, None] + np.arange(ids.shape[1])] = ids
+        lengths += ids.shape[1]
+        self._longest += ids.shape[1]
+        return logits
+
+    def roll_back(self, lengths: list[int]) -> None:
+        """Keep only the first lengths[i] positions of each row i (the engine overwrites the rest later)."""
+        self._lengths[:self.count] = lengths
+        self._longest = max(lengths, default=0)
+
+    def histories(self, pending: np.ndarray) -> list[np.ndarray]:
+        """Each row's tokens, then pending[row] (the one it writes next): views, valid until the next write."""
+        lengths = self.lengths()
+        self._tokens[self._row_numbers[:self.count], lengths] = pending
+        return [self._tokens[row, :length + 1] for row, length in enumerate(lengths)]
+
+
 class SpeculativeStep:
     """A `Step` that verifies a draft's guesses, up to `max_tokens` a step; counts what it did."""
 
@@ -88,7 +112,10 @@ class SpeculativeStep:
         self.schedules: dict[int, Schedule] = {}  # by batch size (powers of two): step costs differ with it
         self.steps, self.tokens, self.plain_steps = 0, 0.0, 0  # verify steps, tokens a row emitted in them
 
-    def __call__(self, rows: Rows, pending: np.ndarray) -> tuple[list[list[int]], np.ndarray]:
+    def rows(self, engine, capacity: int) -> VerifiedRows:
+        return VerifiedRows(engine, capacity)
+
+    def __call__(self, rows: VerifiedRows, pending: np.ndarray) -> tuple[list[list[int]], np.ndarray]:
         if not self.pays(rows):
             return self.plain(rows, pending)
         size = rows.count.bit_length()
@@ -111,7 +138,7 @@ class SpeculativeStep:
         schedule.record(0, time.perf_counter() - started)  # the yardstick guessing is weighed against
         return found
 
-    def pays(self, rows: Rows) -> bool:
+    def pays(self, rows: VerifiedRows) -> bool:
         """Whether guessing can pay: for a row alone; in a batch, whose rows all pay for the widest guess, only
         for guesses that stop themselves, on an engine that verifies a batch in one call."""
         if rows.count == 1:
@@ -119,7 +146,7 @@ class SpeculativeStep:
         return rows.engine.verifies_rows_together and any(self.draft.stops_itself(sequence.sampler)
                                                           for sequence in rows.sequences)
 
-    def _verify(self, rows: Rows, pending: np.ndarray, k: int,
+    def _verify(self, rows: VerifiedRows, pending: np.ndarray, k: int,
                 schedule: Schedule) -> tuple[list[list[int]], np.ndarray] | None:
         """Write each row's pending token and its guesses in one extend and keep the right ones; None when there
         is nothing to guess (or no room for it): a plain step then."""

@@ -42,9 +42,8 @@ class CharTokenizer:
         except KeyError:
             unknown = sorted(set(text) - self._index.keys())
             shown = ", ".join(repr(c) for c in unknown[:20]) + (" ..." if len(unknown) > 20 else "")
-            raise UnknownCharactersError(
-                f"text has {len(unknown)} character(s) the model never saw: {shown}; "
-                "remove them or train on data that contains them") from None
+            raise UnknownCharactersError(f"text has {len(unknown)} character(s) the model never saw: {shown}; "
+                                         "remove them or train on data that contains them") from None
 
     def decode(self, ids: Sequence[int]) -> str:
         return "".join(self.chars[i] for i in ids)

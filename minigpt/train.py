@@ -26,7 +26,7 @@ from minigpt.checkpoint import Checkpoint, load_checkpoint, warm_start
 from minigpt.config import GPTConfig, TrainConfig
 from minigpt.data import DataSource, load_corpus, load_recorded_corpus
 from minigpt.text import EMPTY_PROMPT
-from minigpt.devices import check_memory, resolve_device
+from minigpt.devices import resolve_device
 from minigpt.draft_table import DraftTable
 from minigpt.encoded import EncodedCorpus
 from minigpt.errors import MiniGPTError
@@ -34,8 +34,9 @@ from minigpt.generation import generate
 from minigpt.model import MiniGPT
 from minigpt.tokenizer import CharTokenizer
 from minigpt.training import NonFiniteLoss, Run, TrainingPlan, TrainResult, train_loop
-from minigpt.training_checks import (OutputLock, StopSignals, TrainingInterrupted, check_compiler, check_one_start,
-                                     check_out_path, check_resumable, flag_list, metrics_path_for, resumed_settings)
+from minigpt.training_checks import (OutputLock, StopSignals, TrainingInterrupted, check_compiler, check_model_fits,
+                                     check_one_start, check_out_path, check_resumable, flag_list, metrics_path_for,
+                                     resumed_settings)
 
 
 def _input_paths(data, init_from, cache_dir) -> list[tuple[str, Path]]:
@@ -97,9 +98,7 @@ def plan_training(out: str | Path, *, data: EncodedCorpus | DataSource | str | N
                             resumed.optimizer_state(), resume, compile, notes)
     tokenizer = CharTokenizer(corpus.chars)
     architecture = GPTConfig(tokenizer.vocab_size, **model_fields)
-    check_memory(16 * architecture.parameters, f"training a model of {architecture.parameters:,} parameters "
-                 "(weights, gradients and AdamW's two moments, 4 bytes each)", "lower --embed-dim or --num-layers",
-                 device)
+    check_model_fits(architecture, device)
     torch.manual_seed(config.seed)
     model = MiniGPT(architecture)
     if init_from is not None:

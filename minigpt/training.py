@@ -31,8 +31,7 @@ LN2 = math.log(2)
 
 def sample_batch(ids: np.ndarray, batch_size: int, block_size: int, generator: torch.Generator,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random windows of block_size + 1 tokens (read straight from a memmap): inputs, and the same shifted
-    by one as targets."""
+    """Random windows of block_size + 1 tokens (from a memmap): the inputs, and the targets one further on."""
     starts = torch.randint(len(ids) - block_size, (batch_size,), generator=generator).numpy()
     windows = torch.from_numpy(ids[starts[:, None] + np.arange(block_size + 1)].astype(np.int64))
     windows = windows.to(device, non_blocking=True)
@@ -92,8 +91,7 @@ def estimate_loss(model: MiniGPT, ids: np.ndarray, config: TrainConfig, device: 
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
-    """A seed for each (process, step): batches and dropout depend on nothing but the step, so resuming
-    at step N draws exactly what an uninterrupted run draws there."""
+    """A seed for each (process, step): resuming at step N draws what an uninterrupted run draws there."""
     return ((seed * 1_000_003 + rank) * 1_000_000_007 + step) % 2**63
 
 

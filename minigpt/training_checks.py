@@ -16,9 +16,25 @@ from pathlib import Path
 import torch
 
 from minigpt.checkpoint import Checkpoint, read_metadata
-from minigpt.config import TrainConfig
+from minigpt.config import GPTConfig, TrainConfig
+from minigpt.devices import check_memory
 from minigpt.errors import CheckpointError, MiniGPTError
 from minigpt.paths import check_output_file, check_replaceable, same_path, temporaries_of
+
+
+def parameter_count(config: GPTConfig) -> int:
+    """How many numbers a model of `config` holds (the head is tied to the token embedding), known before a byte
+    of it is allocated."""
+    width, hidden = config.embed_dim, config.mlp_ratio * config.embed_dim
+    block = 4 * width + (3 * width * width + 3 * width) + (width * width + width) + 2 * width * hidden \
+        + hidden + width  # two LayerNorms, attention in and out, the MLP
+    return (config.vocab_size + config.block_size) * width + config.num_layers * block + 2 * width
+
+
+def check_model_fits(config: GPTConfig, device: torch.device) -> None:
+    parameters = parameter_count(config)
+    check_memory(16 * parameters, f"training a model of {parameters:,} parameters (weights, gradients and AdamW's "
+                 "two moments, 4 bytes each)", "lower --embed-dim or --num-layers", device)
 
 
 def check_compiler(device: torch.device) -> None:

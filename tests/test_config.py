@@ -37,3 +37,13 @@ def test_json_round_trip_and_unknown_fields():
         GPTConfig.from_json('{"vocab_size": 5, "n_embd": 3}')
     with pytest.raises(ConfigError, match="incomplete"):
         GPTConfig.from_json('{"block_size": 5}')
+
+
+@pytest.mark.parametrize("fields", [dict(vocab_size=65), dict(vocab_size=100, num_layers=3, embed_dim=96, num_heads=3,
+                                                               mlp_ratio=2, block_size=40)])
+def test_the_parameter_count_known_before_building_is_the_models(fields):
+    from minigpt.model import MiniGPT
+    from minigpt.training_checks import parameter_count
+
+    config = GPTConfig(**fields)
+    assert parameter_count(config) == MiniGPT(config).num_parameters()

@@ -12,36 +12,42 @@ def random_logits(seed, batch=4, vocab=30):
     return np.random.default_rng(seed).normal(size=(batch, vocab)) * 3
 
 
+def drawing(sampler, rows):
+    """logits -> each row's token, row i drawing from its own stream, as generation does."""
+    streams = sampler.streams(rows)
+    return lambda logits: sampler.pick(logits, None if sampler.greedy else np.array([s.random() for s in streams]))
+
+
 @pytest.mark.parametrize("temperature", [5e-324, 1e-300, 9e-6])
 def test_a_vanishing_temperature_is_greedy_not_nan(temperature):
     """Dividing logits by 5e-324 overflows to inf, and inf - inf is NaN: such temperatures sample greedily."""
     logits = np.random.default_rng(0).normal(size=(4, 30)) * 3
     with np.errstate(all="raise"):
-        assert np.array_equal(Sampler(temperature=temperature, seed=1)(logits), logits.argmax(-1))
+        assert np.array_equal(drawing(Sampler(temperature=temperature, seed=1), len(logits))(logits), logits.argmax(-1))
 
 
 def test_top_p_0_keeps_the_likeliest_token_alone():
     logits = np.random.default_rng(0).normal(size=(4, 30))
-    assert np.array_equal(Sampler(temperature=1.5, top_p=0, seed=2)(logits), logits.argmax(-1))
+    assert np.array_equal(drawing(Sampler(temperature=1.5, top_p=0, seed=2), len(logits))(logits), logits.argmax(-1))
 
 
 def test_temperature_zero_is_argmax():
     logits = random_logits(0)
-    assert np.array_equal(Sampler(temperature=0)(logits), logits.argmax(-1))
+    assert np.array_equal(drawing(Sampler(temperature=0), len(logits))(logits), logits.argmax(-1))
 
 
 def test_same_seed_same_tokens_and_other_seed_differs():
     logits = random_logits(1, batch=64)
-    first = Sampler(seed=7)(logits)
-    assert np.array_equal(first, Sampler(seed=7)(logits))
-    assert not np.array_equal(first, Sampler(seed=8)(logits))
+    first = drawing(Sampler(seed=7), len(logits))(logits)
+    assert np.array_equal(first, drawing(Sampler(seed=7), len(logits))(logits))
+    assert not np.array_equal(first, drawing(Sampler(seed=8), len(logits))(logits))
 
 
 @pytest.mark.parametrize("seed", range(5))
 def test_top_k_never_picks_a_filtered_token(seed):
     logits = random_logits(seed, batch=8)
     allowed = np.argsort(-logits, axis=-1)[:, :3]
-    sampler = Sampler(temperature=2.0, top_k=3, seed=seed)
+    sampler = drawing(Sampler(temperature=2.0, top_k=3, seed=seed), len(logits))
     for _ in range(50):
         picked = sampler(logits)
         assert all(picked[row] in allowed[row] for row in range(len(picked)))
@@ -53,7 +59,7 @@ def test_top_p_never_picks_outside_the_nucleus(seed):
     top_p = 0.6
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
-    sampler = Sampler(temperature=1.0, top_p=top_p, seed=seed)
+    sampler = drawing(Sampler(temperature=1.0, top_p=top_p, seed=seed), len(logits))
     for _ in range(50):
         picked = sampler(logits)
         for row, token in enumerate(picked):
@@ -97,7 +103,7 @@ def test_every_row_of_a_batch_is_picked_as_written_out_by_hand(top_k, top_p):
 
 def test_sampling_follows_the_distribution():
     logits = np.log(np.array([[0.7, 0.2, 0.1]]))
-    sampler = Sampler(seed=0)
+    sampler = drawing(Sampler(seed=0), 1)
     counts = np.bincount([sampler(logits)[0] for _ in range(4000)], minlength=3) / 4000
     assert np.allclose(counts, [0.7, 0.2, 0.1], atol=0.03)
 

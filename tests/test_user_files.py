@@ -197,7 +197,7 @@ def test_a_batch_that_cannot_fit_is_refused_at_once_in_process(tiny_loaded):
 
     from minigpt import MiniGPTError
     from minigpt.decoding import generate_rows
-    from minigpt.kv_cache import KVCacheEngine
+    from minigpt.generation import KVCacheEngine
     from minigpt.sampling import Sampler
 
     started = time.monotonic()

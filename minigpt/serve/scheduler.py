@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from minigpt.decoding import Continuation, Engine, PlainStep, Step, pick
-from minigpt.rows import Rows
 from minigpt.scoring import log_softmax, score, top_tokens
 from minigpt.serve.protocol import CompletionRequest, RequestError, Scores
 from minigpt.serve.stop_strings import StopMatcher
@@ -129,7 +128,7 @@ class Scheduler:
         self.tokenizer, self.max_batch, self.max_queue, self.observer = tokenizer, max_batch, max_queue, observer
         self.step = step or PlainStep()
         self.vocabulary = np.array(tokenizer.chars, dtype=object)  # ids to characters, many at once
-        self.rows = Rows(engine, max_batch)  # rows.sequences[i]: the Choice in row i
+        self.rows = self.step.rows(engine, max_batch)  # rows.sequences[i]: the Choice in row i
         self.waiting: deque[Job] = deque()
         self.calls: deque[tuple] = deque()  # (fn, future): work on the engine's model from outside, between steps
         self.wake = threading.Condition()
