@@ -171,32 +171,6 @@ def test_memory_bandwidth_bound(benchmark, record_throughput, models):
     record_throughput(benchmark, "bandwidth bound", data.nbytes / weight_bytes)
 
 
-def test_decoding_loop_overhead(benchmark):
-    """The loop and sampler alone, over an engine that returns fixed logits: time per step at batch 1."""
-
-    class FixedLogits:
-        block_size = 1024
-
-        def __init__(self):
-            self.logits = np.random.default_rng(0).standard_normal((1, 65)).astype(np.float32)
-
-        def start(self, batch_size):
-            pass
-
-        def extend(self, ids, start_pos, first_row=0):
-            return self.logits[:, None]
-
-    engine, steps = FixedLogits(), 1000
-    benchmark.group = "decoding loop"
-
-    def run():
-        return sum(1 for _ in generate_tokens(engine, PROMPT, steps, Sampler(temperature=0)))
-
-    assert benchmark.pedantic(run, rounds=9, warmup_rounds=1) == steps
-    if benchmark.stats:
-        benchmark.extra_info["us per step"] = benchmark.stats["median"] / steps * 1e6
-
-
 def test_decode_step_cost_grows_far_slower_than_the_context(benchmark, engines):
     """onnxruntime decode step at context 1,000 against context 100 (batch 1, long config): with the cache a
     step computes one position and only its attention reads the longer past, so 10x the context costs far
