@@ -92,9 +92,10 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike = "minigpt-h
             weights = {name: tensor.detach().cpu().contiguous()
                        for name, tensor in gpt2_state_dict(model.state_dict()).items()}
             hf_model.load_state_dict(weights, strict=False)  # strict=False: the tied head and attention masks
+            # No max_length: transformers warns when a caller's max_new_tokens meets one (the pipeline's usual
+            # call); the block still bounds prompt and new tokens together (`model_max_length`).
             hf_model.generation_config = transformers.GenerationConfig(
-                bos_token_id=None, eos_token_id=None, pad_token_id=None, do_sample=True, temperature=0.8,
-                max_length=model.config.block_size)
+                bos_token_id=None, eos_token_id=None, pad_token_id=None, do_sample=True, temperature=0.8)
             hf_model.save_pretrained(staging)
         (staging / "tokenizer.json").write_text(tokenizer_json(tokenizer), encoding="utf-8")
         (staging / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(model.config.block_size)),

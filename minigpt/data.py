@@ -121,34 +121,39 @@ def _load_path(source: DataSource, cache: str | os.PathLike | None) -> EncodedCo
     path = Path(source.name)
     if path.is_dir():
         files = split_files(path)
+        valid_fraction = None if "valid" in files or "test" in files else VALID_FRACTION
     elif not path.exists():
         raise DataError(f"data file not found: {path}; pass an existing file or folder with --data")
     elif not path.is_file():
         raise DataError(f"{path} is not a regular file (a pipe or a device is read twice when encoded); "
                         "save it to a file first")
     else:
-        files = {"train": path}
+        files, valid_fraction = {"train": path}, VALID_FRACTION
     # Recorded absolute, with its size: `eval` or `--resume` from another folder reads this very data, or says
     # why it cannot.
-    size = sum(file.stat().st_size for file in files.values())
+    size = sum(file.stat().st_size for group in files.values() for file in (group if isinstance(group, list)
+                                                                            else [group]))
     if source.size is not None and source.size != size:
         raise DataError(f"{path} has changed since the model was trained on it ({source.size:,} bytes then, "
                         f"{size:,} now); pass it with --data to use it as it is now")
     located = DataSource("path", str(path.resolve()), size=size)
-    return encode_files(located, files, valid_fraction=None if path.is_dir() else VALID_FRACTION, cache=cache)
+    return encode_files(located, files, valid_fraction=valid_fraction, cache=cache)
 
 
-def split_files(folder: Path) -> dict[str, Path]:
-    """The split files of a data folder, by the first naming pattern it uses."""
+def split_files(folder: Path) -> dict[str, Path | list[Path]]:
+    """The split files of a data folder, by the first naming pattern it uses; without any, its .txt files in
+    name order as one text (the caller takes its end for validation, as of a single file)."""
     for pattern in SPLIT_FILE_PATTERNS:
         files = {split: folder / pattern.format(split) for split in SPLITS}
         present = {split: file for split, file in files.items() if file.is_file()}
         if present:
             return present
+    texts = sorted(file for file in folder.glob("*.txt") if file.is_file() and not file.name.startswith("."))
+    if texts:
+        return {"train": texts}
     expected = ", ".join(p.format("{train,valid,test}") for p in SPLIT_FILE_PATTERNS)
-    if not folder.exists():
-        raise DataError(f"data folder not found: {folder}")
-    raise DataError(f"{folder} holds no split files; expected one of: {expected}")
+    raise DataError(f"{folder} holds no split files and no .txt files; expected one of: {expected}, or .txt files "
+                    "to read as one text")
 
 
 def _load_hf(source: DataSource, cache: str | os.PathLike | None) -> EncodedCorpus:

@@ -3,8 +3,10 @@
 The table (`minigpt.drafts.NGramDraft`) is what speculative decoding guesses
 from. Until the last step it counts the training text itself (made once, at
 the first save); the last save counts what the finished model says after each
-character of the first DISTILLED_CHARACTERS of that text (`model_picks`),
-since a guess is right when it is what the model will say.
+character of the start of that text (`model_picks`), since a guess is right
+when it is what the model will say. Reading costs forward passes, so a run
+reads at most a share of what it trained on: a short experiment's end stays
+short, and a real run reads DISTILLED_CHARACTERS.
 """
 
 from __future__ import annotations
@@ -22,20 +24,24 @@ class DraftTable:
     def __init__(self, plan):
         self.plan, self.draft = plan, None
 
-    def at_save(self, model: MiniGPT, final: bool) -> NGramDraft:
+    def at_save(self, model: MiniGPT, final: bool, trained_tokens: int) -> NGramDraft:
+        """The table to save with the model after `trained_tokens` tokens of training."""
         plan, vocab_size = self.plan, self.plan.tokenizer.vocab_size
         if final:
-            ids = plan.split("train")[:DISTILLED_CHARACTERS]
+            read = max(MIN_DISTILLED, min(DISTILLED_CHARACTERS, trained_tokens // DISTILLED_SHARE))
+            ids = plan.split("train")[:read]
             picks, likely, chances = model_picks(model, ids, plan.device)
             self.draft = NGramDraft.build(ids[:len(picks)], vocab_size, picks=picks, likely=(likely, chances))
         elif self.draft is None:
-            self.draft = NGramDraft.build(plan.split("train"), vocab_size)
+            self.draft = NGramDraft.build(plan.split("train")[:DISTILLED_CHARACTERS], vocab_size)
         return self.draft
 
 
-# How much of the training text the finished model reads for its table (the end of a run pays for it; what
-# other amounts guessed is in bench/README.md, "Speculative decoding").
+# How much of the training text the finished model reads for its table, at most (what other amounts guessed is
+# in bench/README.md, "Speculative decoding"), at least, and at most what share of the tokens the run trained on.
 DISTILLED_CHARACTERS = 200_000
+MIN_DISTILLED = 4_096
+DISTILLED_SHARE = 4
 PICK_WINDOWS = 64  # block-long windows a forward pass of `model_picks` reads
 
 

@@ -101,13 +101,28 @@ def ids_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint8 if vocab_size <= 256 else np.uint16 if vocab_size <= 65536 else np.int32)
 
 
-def encode_files(source, files: dict[str, Path], *, valid_fraction: float | None = None,
+def encode_files(source, files: dict[str, Path | list[Path]], *, valid_fraction: float | None = None,
                  cache: str | os.PathLike | None = None) -> EncodedCorpus:
-    """Files (one per split; or one file whose last `valid_fraction` is the valid split) through the cache."""
-    streams = {name: (lambda path=path: text_chunks(path)) for name, path in files.items()}
-    empty = {name: f"{path} is empty; give it some text to learn from" for name, path in files.items()}
-    return encode_streams(source, streams, {name: _file_key(path) for name, path in files.items()},
-                          valid_fraction=valid_fraction, cache=cache, empty=empty)
+    """Files through the cache: one a split, or several read as one text (each file on lines of its own), or one
+    whose last `valid_fraction` is the valid split."""
+    streams = {name: (lambda paths=paths: joined_chunks(paths if isinstance(paths, list) else [paths]))
+               for name, paths in files.items()}
+    empty = {name: f"{paths[0].parent if isinstance(paths, list) else paths} is empty; give it some text to learn "
+                   "from" for name, paths in files.items()}
+    keys = {name: [_file_key(path) for path in paths] if isinstance(paths, list) else _file_key(paths)
+            for name, paths in files.items()}
+    return encode_streams(source, streams, keys, valid_fraction=valid_fraction, cache=cache, empty=empty)
+
+
+def joined_chunks(paths: list[Path]) -> Iterator[str]:
+    """Files one after another as one text, a newline between two when the first does not end with one."""
+    for number, path in enumerate(paths):
+        last = ""
+        for chunk in text_chunks(path):
+            last = chunk[-1:] or last
+            yield chunk
+        if last not in ("", "\n") and number < len(paths) - 1:
+            yield "\n"
 
 
 def encode_streams(source, streams: dict[str, Callable[[], Iterator[str]]], keys: dict, *,

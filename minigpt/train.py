@@ -191,8 +191,9 @@ class FullRun(Run):
         if self.is_main:
             super().save(step, final)
 
-    def draft(self, final: bool):
-        return self.table.at_save(self.model, final)
+    def draft(self, step: int, final: bool):
+        tokens_per_step = self.world_size * self.plan.config.batch_size * self.model.config.block_size
+        return self.table.at_save(self.model, final, step * tokens_per_step)  # the whole run's, resumed or not
 
     def after_step(self, record: dict, saved: bool) -> None:
         """Log the step; stop every process together after a signal, saved."""

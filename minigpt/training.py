@@ -145,9 +145,10 @@ class Run:
     def save(self, step: int, final: bool = False) -> None:
         plan = self.plan
         save_checkpoint(plan.out, self.model, plan.tokenizer, step=step, data=plan.corpus.source,
-                        draft=self.draft(final), optimizer=self.optimizer, train_config=dataclasses.asdict(plan.config))
+                        optimizer=self.optimizer, draft=self.draft(step, final),
+                        train_config=dataclasses.asdict(plan.config))
 
-    def draft(self, final: bool):  # what speculative decoding will guess from, saved with the model
+    def draft(self, step: int, final: bool):  # what speculative decoding will guess from, saved with the model
         return None
 
     def after_step(self, record: dict, saved: bool) -> None:

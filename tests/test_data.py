@@ -26,8 +26,22 @@ def test_folder_of_split_files(tmp_path, pattern):
 
 def test_folder_without_split_files_names_what_it_expects(tmp_path):
     (tmp_path / "notes.md").write_text("hi")
-    with pytest.raises(DataError, match="wiki.{train,valid,test}.raw"):
+    with pytest.raises(DataError, match=r"no \.txt files.*wiki.{train,valid,test}.raw"):
         load_corpus(tmp_path)
+
+
+def test_a_folder_of_text_files_is_one_text_whose_end_validates(tmp_path):
+    """Without split files, a folder's .txt files in name order are one text, each file on lines of its own,
+    and its last tenth is the valid split, as of a single file; other files are left alone."""
+    (tmp_path / "b.txt").write_text("second\n" * 40, encoding="utf-8")
+    (tmp_path / "a.txt").write_text("first", encoding="utf-8")
+    (tmp_path / "notes.md").write_text("not read", encoding="utf-8")
+    corpus = load_corpus(tmp_path)
+    text = "first\n" + "second\n" * 40
+    cut = len(text) - round(len(text) * 0.1)
+    assert (corpus.text("train"), corpus.text("valid")) == (text[:cut], text[cut:])
+    (tmp_path / "a.txt").write_text("FIRST", encoding="utf-8")  # a changed file is read again
+    assert load_corpus(tmp_path).text("train").startswith("FIRST\nsecond")
 
 
 @pytest.mark.parametrize("content,match", [(b"", "is empty"), (b"ok \xff\xfe bad", "not UTF-8.*offset 3")])

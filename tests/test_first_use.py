@@ -178,6 +178,18 @@ def test_each_checkpoint_has_its_own_log(workdir, tiny_flags):
     assert (workdir / "minigpt.metrics.jsonl").read_text() == '{"step": 1, "loss": 3.0}\n'  # not touched
 
 
+def test_a_folder_of_text_files_trains_as_one_text(workdir, tiny_flags):
+    books = workdir / "books"
+    books.mkdir()
+    text = (workdir / "input.txt").read_text(encoding="utf-8")
+    for number, part in enumerate((text[:len(text) // 2], text[len(text) // 2:])):
+        (books / f"part{number}.txt").write_text(part, encoding="utf-8")
+    result = minigpt("train", "--data", "books", "--out", "books.safetensors", "--steps", "2", *tiny_flags(),
+                     cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert f"training characters from {books.resolve()}" in result.stderr
+
+
 def test_stderr_into_a_file_gets_no_progress_bar(workdir, tiny_flags):
     with open(workdir / "log", "w") as log:
         result = subprocess.run([sys.executable, "-m", "minigpt", "train", "--data", "input.txt", "--out",

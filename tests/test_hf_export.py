@@ -177,6 +177,7 @@ def test_the_huggingface_pages_pipeline_example_runs_as_written(tmp_path, tiny_f
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("The ") and len(result.stdout.rstrip("\n")) == 104
+    assert "max_length" not in result.stderr  # the export sets none for max_new_tokens to meet
 
 
 def test_transformers_loads_the_export_from_the_repositorys_root(hf_dir):

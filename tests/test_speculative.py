@@ -1,6 +1,8 @@
 """Speculative decoding changes nothing but the speed: k-token extends equal k decode steps on every engine,
 and speculative text equals plain text for every engine and draft, greedy and sampled, across restarts."""
 
+import random
+
 import numpy as np
 import pytest
 
@@ -448,3 +450,24 @@ def test_the_ngram_tables_sampling_distributions_stay_few(monkeypatch):
         for start in range(40):
             draft.propose(rng.integers(0, 6, size=5), 3, rng.random(3), Sampler(temperature=temperature))
     assert len(draft._distributions) == 2 and all(len(made) <= 3 for made in draft._distributions.values())
+
+
+def test_the_end_of_a_run_reads_a_share_of_what_it_trained_on(tmp_path, monkeypatch):
+    """The finished model reads part of the text for its draft table: a short experiment's end stays short."""
+    import minigpt.draft_table as draft_table
+    from minigpt.config import TrainConfig
+    from minigpt.data import load_corpus
+    from minigpt.train import train
+
+    read, model_picks = [], draft_table.model_picks
+    monkeypatch.setattr(draft_table, "model_picks", lambda model, ids, device: read.append(len(ids)) or
+                        model_picks(model, ids, device))
+    text = tmp_path / "text.txt"
+    text.write_text("".join(random.Random(0).choice("abcdefgh \n") for _ in range(60_000)), encoding="utf-8")
+    for steps in (1, 40):
+        train(load_corpus(text), TrainConfig(batch_size=16, steps=steps, eval_interval=steps, eval_iters=1, warmup=1,
+                                             device="cpu"), tmp_path / f"{steps}.safetensors", progress=False,
+              block_size=64, embed_dim=16, num_heads=2, num_layers=1)
+    tokens_per_step = 16 * 64
+    assert read == [draft_table.MIN_DISTILLED, 40 * tokens_per_step // draft_table.DISTILLED_SHARE]
+    assert read[0] < read[1] <= draft_table.DISTILLED_CHARACTERS
