@@ -16,6 +16,7 @@ from minigpt.errors import MiniGPTError
 LN2 = math.log(2)
 FORMATS = (".png", ".svg")
 MAX_ATTENTION_CHARS = 48  # more characters than this and the labels of a map stop being readable
+LABEL_SPACING = 1.6  # a map's rows, in label heights: room for the labels and the map's own margins
 VISIBLE = {" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"}  # whitespace drawn as something one can see
 BASELINE_ENGINE = "kv-cache"
 
@@ -177,19 +178,21 @@ def attention_figure(weights, text: str, layers: list[int], heads: list[int], no
     plt = pyplot()
     rows, cols = len(layers), len(heads)
     single = rows == cols == 1
-    size = 7.5 if single else 3.0
+    labels = visible(text)
+    font = 10 if single else 9
+    # Each character a label's height and a little more, so that none overlaps its neighbours.
+    size = max(7.5 if single else 3.0, len(labels) * font * LABEL_SPACING / 72)
     figure, axes = plt.subplots(rows, cols, figsize=(size * cols + 1.2, size * rows + 0.8), squeeze=False,
                                 layout="constrained")
-    labels = visible(text)
     for r, layer in enumerate(layers):
         for c, head in enumerate(heads):
             axis = axes[r][c]
             image = axis.imshow(weights[r][c], cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
             axis.set_title(f"layer {layer}, head {head}", fontsize="medium" if single else "small")
             ticks = range(len(labels))
-            axis.set_xticks(ticks, labels if single or r == rows - 1 else [""] * len(labels),
-                            fontsize=8 if single else 6, rotation=90)
-            axis.set_yticks(ticks, labels if single or c == 0 else [""] * len(labels), fontsize=8 if single else 6)
+            axis.set_xticks(ticks, labels if single or r == rows - 1 else [""] * len(labels), fontsize=font,
+                            rotation=90)
+            axis.set_yticks(ticks, labels if single or c == 0 else [""] * len(labels), fontsize=font)
     figure.colorbar(image, ax=axes, shrink=0.8, label="attention weight")
     title = "what each character (row) attends to among the characters up to it (columns)"
     figure.suptitle(title + (f"\n{note}" if note else ""), fontsize="medium")

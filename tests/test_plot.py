@@ -124,6 +124,27 @@ def test_attention_pictures(tiny_checkpoint, tmp_path, capsys):
     assert labels[-5:] == ["d", "o", "g", ".", "␣"]  # the last characters, the space drawn visibly
 
 
+def test_every_label_of_a_grid_of_maps_is_readable():
+    """The 8 maps of the default model (2 layers x 4 heads) with the longest prompt drawn: every character label
+    in a 9-point font, and each with at least its own height of room along its map."""
+    from minigpt.config import GPTConfig
+    from minigpt.model import MiniGPT
+    from minigpt.plot import MAX_ATTENTION_CHARS
+    from minigpt.tokenizer import CharTokenizer
+
+    text = ("the quick brown fox jumps over the lazy dog " * 2)[:MAX_ATTENTION_CHARS]
+    tokenizer = CharTokenizer.from_text(text)
+    figure, _ = attention_of(MiniGPT(GPTConfig(tokenizer.vocab_size)).eval(), tokenizer, text)
+    figure.canvas.draw()
+    maps = [axis for axis in figure.axes if axis.get_title().startswith("layer")]
+    assert len(maps) == 8
+    for axis in maps:
+        labels = [label for label in axis.get_yticklabels() + axis.get_xticklabels() if label.get_text()]
+        assert all(label.get_fontsize() >= 9 for label in labels)
+        height = axis.get_window_extent().height * 72 / figure.dpi  # points
+        assert height / len(text) >= 9, f"{height / len(text):.1f} points a character"
+
+
 @pytest.mark.parametrize("argv,fragment", [
     (["--prompt", "The Quick"], "never saw"),
     (["--prompt", ""], "the prompt is empty"),
