@@ -47,7 +47,7 @@ def _describe(model: str | os.PathLike | bytes) -> str:
 
 
 def default_threads(model_bytes: int, batch_size: int) -> int:
-    return threads_for(batch_size, model_bytes) or ALL_CORES
+    return threads_for(batch_size, model_bytes)
 
 
 def open_session(model: str | os.PathLike | bytes, threads: int = ALL_CORES):

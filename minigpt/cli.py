@@ -235,10 +235,10 @@ def _evaluate(args: argparse.Namespace) -> None:
     from minigpt.checkpoint import load_checkpoint
     from minigpt.data import load_corpus, load_recorded_corpus
     from minigpt.text import EMPTY_PROMPT
-    from minigpt.devices import resolve_device
+    from minigpt.devices import free_cores, resolve_device
     from minigpt.generation import evaluate_split
 
-    _use_threads(args.threads)
+    _use_threads(args.threads or free_cores())
     checkpoint = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
     corpus = (load_corpus(args.data, args.cache_dir) if args.data
               else load_recorded_corpus(checkpoint.metadata, args.cache_dir))

@@ -49,8 +49,8 @@ class TrainConfig(JsonFields):
     seed: int = option(1337, "same seed, same run on CPU", SEED)
     device: str = option("auto", "auto, cpu or cuda (bf16 autocast on CUDA)")
     # Sums split over other thread counts round differently: a run resumes on as many threads as it ran on.
-    threads: int | None = option(None, "CPU threads; on a machine busy with other work 1 can be twice as fast; "
-                                 "recorded, so --resume uses as many", POSITIVE, shown="every core")
+    threads: int | None = option(None, "CPU threads (cores other work keeps busy are left to it); recorded, so "
+                                 "--resume uses as many", POSITIVE, shown="the free cores")
 
     def __post_init__(self) -> None:
         check_bounds(self)

@@ -3,6 +3,11 @@ resolve a device, so the onnxruntime path and the config checks stay torch-free)
 
 from __future__ import annotations
 
+import functools
+import os
+import time
+from pathlib import Path
+
 from minigpt.errors import ConfigError, MiniGPTError
 
 DEVICE_NAMES = "auto, cpu or cuda (cuda:N for one GPU of several)"
@@ -58,8 +63,67 @@ def check_memory(needed: int, what: str, fix: str, device=None) -> None:
 SMALL_MODEL_BYTES = 4_000_000  # below this, one sequence's step is too small to split between cores
 
 
-def threads_for(batch_size: int, model_bytes: int) -> int | None:
+def threads_for(batch_size: int, model_bytes: int) -> int:
     """CPU threads for a forward pass of `batch_size` rows through a model of `model_bytes` of weights: one
     for one row of a small model (splitting a step that small costs more than it saves, and a busy core
-    stalls every step), else None (the library's own choice: every core). Measured in bench/README.md."""
-    return 1 if batch_size == 1 and model_bytes < SMALL_MODEL_BYTES else None
+    stalls every step), else the cores free now. Measured in bench/README.md."""
+    return 1 if batch_size == 1 and model_bytes < SMALL_MODEL_BYTES else free_cores()
+
+
+BUSY_SAMPLE_SECONDS = 0.1  # how long the cores are watched before threads are chosen
+
+
+@functools.lru_cache(maxsize=1)
+def free_cores() -> int:
+    """The cores this process may run on that no other work is keeping busy, when first asked (once a process):
+    a thread on a core that another process also wants waits for it, and every thread of a step waits for
+    the slowest, so threads beyond the free cores make each step several times slower."""
+    cores = usable_cores()
+    return max(1, min(len(cores), int(len(cores) - busy_cores(cores) + 0.5), cpu_quota() or len(cores)))
+
+
+def usable_cores() -> list[int]:
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
+def busy_cores(cores: list[int]) -> float:
+    """How many of `cores` other work kept busy over BUSY_SAMPLE_SECONDS (Linux's /proc/stat), or the load
+    average where that cannot be read."""
+    try:
+        before = _core_times(cores)
+        time.sleep(BUSY_SAMPLE_SECONDS)
+        after = _core_times(cores)
+    except (OSError, ValueError, KeyError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    busy = 0.0
+    for core in cores:
+        (idle_before, total_before), (idle_after, total_after) = before[core], after[core]
+        if total_after > total_before:
+            busy += 1 - (idle_after - idle_before) / (total_after - total_before)
+    return busy
+
+
+def _core_times(cores: list[int]) -> dict[int, tuple[int, int]]:
+    """Each core's (idle, total) time so far: /proc/stat's cpuN lines, idle and iowait counted idle."""
+    times = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit():
+            numbers = [int(field) for field in fields[:8]]
+            times[int(name[3:])] = (numbers[3] + numbers[4], sum(numbers))
+    return {core: times[core] for core in cores}
+
+
+def cpu_quota() -> int | None:
+    """The cores a cgroup's CPU quota allows (cgroup v2's cpu.max, v1's cfs files), or None without one."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        try:
+            quota = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text().strip()
+            period = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    if quota in ("max", "-1"):
+        return None
+    return max(1, int(int(quota) / int(period)))

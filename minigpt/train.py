@@ -26,7 +26,7 @@ from minigpt.checkpoint import Checkpoint, load_checkpoint, warm_start
 from minigpt.config import GPTConfig, TrainConfig
 from minigpt.data import DataSource, load_corpus, load_recorded_corpus
 from minigpt.text import EMPTY_PROMPT
-from minigpt.devices import resolve_device
+from minigpt.devices import free_cores, resolve_device, usable_cores
 from minigpt.draft_table import DraftTable
 from minigpt.encoded import EncodedCorpus
 from minigpt.errors import MiniGPTError
@@ -78,8 +78,8 @@ def plan_training(out: str | Path, *, data: EncodedCorpus | DataSource | str | N
             notes += [note] if note else []
         if model_fields:
             notes.append(f"--resume keeps the checkpoint's architecture; ignoring {flag_list(model_fields)}")
-    if config.threads is None:  # what this process runs on, recorded with the run
-        config = dataclasses.replace(config, threads=torch.get_num_threads())
+    if config.threads is None:  # the cores free now, recorded with the run (a resumed run uses as many)
+        config = dataclasses.replace(config, threads=min(torch.get_num_threads(), free_cores()))
     device = resolve_device(config.device)
     if compile:
         check_compiler(device)
@@ -244,10 +244,15 @@ def say_start(plan: TrainingPlan, train_characters: int, group: distributed.Proc
         print(f"minigpt: {note}", file=sys.stderr)
     print(f"minigpt: {plan.model.num_parameters():,} parameters, vocab {plan.tokenizer.vocab_size}, "
           f"{train_characters:,} training characters from {plan.corpus.source}, on {plan.device}"
-          + (f" ({plan.config.threads} thread{'s' if plan.config.threads > 1 else ''})"
-             if plan.device.type == "cpu" else "")
+          + (f" ({threads_said(plan.config.threads)})" if plan.device.type == "cpu" else "")
           + (f" x {group.world_size} processes" if group.enabled else "")
           + (f"; resuming at step {plan.first_step}" if plan.resume is not None else ""), file=sys.stderr)
+
+
+def threads_said(threads: int) -> str:
+    cores, free = len(usable_cores()), free_cores()
+    busy = f"; {cores - free} of {cores} cores busy with other work" if free < cores else ""
+    return f"{threads} thread{'s' if threads > 1 else ''}{busy}"
 
 
 class _FirstCallNamed(torch.nn.Module):

@@ -5,11 +5,13 @@ letter); none may lose work, print a traceback or leave a half-written file.
 """
 
 import json
+import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -188,6 +190,25 @@ def test_a_folder_of_text_files_trains_as_one_text(workdir, tiny_flags):
                      cwd=workdir)
     assert result.returncode == 0, result.stderr
     assert f"training characters from {books.resolve()}" in result.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two cores: one for a busy process, both for the run")
+def test_training_leaves_a_core_busy_with_other_work_to_it(workdir, tiny_flags):
+    """Threads on a core that another process keeps busy make every step wait for it: by default a run takes
+    the cores that are free when it starts, and says why it took fewer."""
+    first, second = sorted(os.sched_getaffinity(0))[:2]
+    spin = "import time\nend = time.time() + 60\nwhile time.time() < end: pass"  # bounded, killed sooner
+    busy = subprocess.Popen([sys.executable, "-c", spin], preexec_fn=lambda: os.sched_setaffinity(0, {second}))
+    try:
+        time.sleep(0.5)  # running flat out by the time the run looks
+        result = minigpt("train", "--data", "input.txt", "--out", "busy.safetensors", "--steps", "1", *tiny_flags(),
+                         cwd=workdir, preexec_fn=lambda: os.sched_setaffinity(0, {first, second}))
+    finally:
+        busy.kill()
+        busy.wait()
+    assert result.returncode == 0, result.stderr
+    assert "on cpu (1 thread; " in result.stderr and "cores busy with other work)" in result.stderr, result.stderr
 
 
 def test_stderr_into_a_file_gets_no_progress_bar(workdir, tiny_flags):
