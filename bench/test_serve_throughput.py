@@ -258,3 +258,61 @@ def test_memory_over_1000_sequential_requests(benchmark, served_model):
         after = resident_mb(pid)
     benchmark.extra_info.update(rss_before_mb=before, rss_after_mb=after)
     print(f"\nserver RSS: {before:.1f} MB after 50 requests, {after:.1f} MB after 1,000 more")
+
+
+SOAK_REQUESTS, SOAK_CLIENTS, SOAK_SAMPLE = 15_000, 20, 500  # a sample is a whole number of rounds of clients
+
+
+def soak_body(number: int) -> dict:
+    """Request `number` of the soak: a prompt of its own length, and by turn streamed, with logprobs, echoed
+    and scored, two choices, a stop string, sampled or greedy; every tenth streamed one is abandoned."""
+    prompt = "".join(chr(65 + (number * 7 + i) % 26) for i in range(1 + number % 60))
+    kinds = [{"stream": True}, {"logprobs": 3}, {"echo": True, "logprobs": 1, "max_tokens": 0}, {"n": 2},
+             {"stop": ["E"]}, {"temperature": 0}]
+    return {"model": "model", "prompt": prompt, "max_tokens": 16, "temperature": 0.8, "seed": number,
+            **kinds[number % len(kinds)]}
+
+
+async def soak_request(port, number: int) -> bool:
+    """Send request `number`; True when it was answered whole (or abandoned on purpose after its first bytes)."""
+    body = soak_body(number)
+    payload = json.dumps(body).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(payload), payload))
+    status = await reader.readline()
+    if body.get("stream") and number % 60 == 0:  # a client that leaves mid-response
+        writer.close()
+        return b" 200 " in status
+    answer = await reader.read()
+    writer.close()
+    return b" 200 " in status and (b"data: [DONE]" in answer if body.get("stream") else b'"choices"' in answer)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads resident memory from /proc")
+def test_memory_levels_off_under_a_mixed_soak(benchmark, served_model):
+    """SOAK_REQUESTS mixed requests (`soak_body`), SOAK_CLIENTS at a time: the server's RSS every SOAK_SAMPLE
+    requests (`extra_info`); what it grows by over the second half is what a leak would show."""
+    benchmark.group = "serve memory"
+    samples = []
+    total = SOAK_REQUESTS if benchmark.enabled else 2 * SOAK_SAMPLE  # a short soak checks the answers alone
+
+    async def soak(port, pid):
+        done, answered = 0, 0
+        for first in range(0, total, SOAK_SAMPLE):
+            for batch in range(first, first + SOAK_SAMPLE, SOAK_CLIENTS):
+                results = await asyncio.gather(*(soak_request(port, n) for n in range(batch, batch + SOAK_CLIENTS)))
+                answered += sum(results)
+                done += len(results)
+            samples.append((done, resident_mb(pid)))
+        return answered
+
+    with serving(served_model, "--max-batch", str(SOAK_CLIENTS)) as (port, pid):
+        answered = benchmark.pedantic(lambda: asyncio.run(soak(port, pid)), rounds=1, iterations=1)
+        assert _healthy(port)
+    assert answered == total
+    growth = samples[-1][1] - samples[len(samples) // 2 - 1][1]
+    benchmark.extra_info.update(rss_mb=[round(rss, 1) for _, rss in samples], second_half_growth_mb=growth)
+    print("\nserver RSS (MB) every", SOAK_SAMPLE, "requests:", " ".join(f"{rss:.1f}" for _, rss in samples))
+    if benchmark.enabled:
+        assert growth < 4, f"RSS grew {growth:.1f} MB over the second half of the soak"

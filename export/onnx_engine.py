@@ -13,6 +13,7 @@ samples on its own.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,12 +29,10 @@ from minigpt.export.onnx_graph import (INPUT_IDS, LOGITS, POSITION_IDS, QUERY_LE
 from minigpt.paths import check_onnx_model_path
 from minigpt.tokenizer import CharTokenizer
 
-# Threads, measured on 2 cores (bench/README.md): a single row of a small
-# model is decoded fastest by one thread (its MatMuls are too small to split:
-# handing work to a second thread costs more than it saves); batches, long
-# contexts and larger models are faster on every core (onnxruntime's default).
-ALL_CORES = 0  # onnxruntime's own choice: one thread per physical core
 KEPT_STEP_TOKENS = MOST_DRAFT_TOKENS + 1  # bindings for up to this many new tokens are kept (decoding, verifying)
+# The most bindings kept, the least recently used dropped first: a server's admissions write prompts of every
+# length at every row, and each shape kept holds its own buffers.
+KEPT_STEPS = 128
 
 
 def graph_metadata(config: GPTConfig, tokenizer: CharTokenizer) -> dict[str, str]:
@@ -46,11 +45,7 @@ def _describe(model: str | os.PathLike | bytes) -> str:
     return "the graph" if isinstance(model, bytes) else str(model)
 
 
-def default_threads(model_bytes: int, batch_size: int) -> int:
-    return threads_for(batch_size, model_bytes)
-
-
-def open_session(model: str | os.PathLike | bytes, threads: int = ALL_CORES):
+def open_session(model: str | os.PathLike | bytes, threads: int):
     """An onnxruntime CPU session with every graph optimisation on."""
     import onnxruntime as ort
 
@@ -78,7 +73,7 @@ class OnnxEngine:
     """Prefill and decode through onnxruntime, rows of a batch at their own lengths (see `minigpt.decoding`)."""
 
     def __init__(self, model: str | os.PathLike | bytes, threads: int | None = None):
-        """threads: intra-op threads; None picks by model size and batch (see `default_threads`)."""
+        """threads: intra-op threads; None picks by model size and batch (see `minigpt.devices.threads_for`)."""
         check_threads(threads)
         if not isinstance(model, bytes):
             check_onnx_model_path(model)
@@ -122,7 +117,7 @@ class OnnxEngine:
         return NGramDraft.from_metadata(self.metadata[NGRAM_META]) if NGRAM_META in self.metadata else None
 
     def _threads(self, batch_size: int) -> int:
-        return self.threads or default_threads(self.model_bytes, batch_size)
+        return self.threads or threads_for(batch_size, self.model_bytes)
 
     def _session(self, batch_size: int):
         threads = self._threads(batch_size)
@@ -139,7 +134,7 @@ class OnnxEngine:
         # (layer, key/value, row, head, position, dim): any run of rows of one tensor is one contiguous block.
         self.cache = np.zeros((c.num_layers, 2, batch_size, c.num_heads, c.block_size,
                                padded_head_dim(c.head_dim)), dtype=np.float32)
-        self._steps: dict[tuple[int, int], _Step] = {}
+        self._steps: OrderedDict[tuple[int, int, int], _Step] = OrderedDict()
 
     def extend(self, ids: np.ndarray, start_pos: np.ndarray, first_row: int = 0) -> np.ndarray:
         """Write (n, k) ids into rows first_row .. first_row+n-1 at positions start_pos[i] onwards; return the
@@ -172,6 +167,7 @@ class OnnxEngine:
         repeats (a few tokens) are made once and only have their inputs rewritten."""
         key = (first_row, rows, new)
         if key in self._steps:
+            self._steps.move_to_end(key)
             return self._steps[key]
         positions = np.zeros((rows, new), dtype=np.int32)
         # A row's last new position is also GroupQueryAttention's seqlens_k (its total length after this
@@ -192,6 +188,8 @@ class OnnxEngine:
         _bind(step.binding, LOGITS, step.logits, output=True)
         if new <= KEPT_STEP_TOKENS:
             self._steps[key] = step
+            if len(self._steps) > KEPT_STEPS:
+                self._steps.popitem(last=False)
         return step
 
     def move_row(self, source: int, target: int, length: int) -> None:

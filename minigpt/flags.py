@@ -91,7 +91,8 @@ def _engine_options(parser: argparse.ArgumentParser) -> None:
     _shared(parser, "device", help="auto, cpu or cuda; the onnx engine runs on the CPU (default auto)")
     _shared(parser, "threads",
             help="CPU threads; both engines pick 1 for one sample of a small model (under 4 MB of weights) "
-                 "and every core otherwise, as measured fastest (see bench/README.md) (default picked)")
+                 "and otherwise the cores no other work is using when the command starts, as measured fastest "
+                 "(see bench/README.md) (default picked)")
     _option(parser, "draft", type=_draft_choice, default="auto", metavar="DRAFT",
             help="speculative decoding, the same text faster: ngram guesses from the table minigpt train stores "
                  "with the model, context from the text so far, auto the table when the model has one, a "
@@ -128,8 +129,9 @@ def _add_train(commands) -> None:
                                 description="Train a MiniGPT, save it, then print a sample.")
     _option(train, "data", default=None, metavar="PATH",
             help="a text file (its last 10%% is validation), a folder with wiki.{train,valid,test}.raw, "
-                 "wiki.{train,valid,test}.tokens or {train,valid,test}.txt, or hf:NAME[:CONFIG], a HuggingFace "
-                 "text dataset (default WikiText-2 from the hub, or an offline fallback corpus)")
+                 "wiki.{train,valid,test}.tokens or {train,valid,test}.txt, a folder of other .txt files (read in "
+                 "name order as one text, its last 10%% validation), or hf:NAME[:CONFIG], a HuggingFace text dataset "
+                 "(default WikiText-2 from the hub, or an offline fallback corpus)")
     _option(train, "out", default=None, metavar="PATH",
             help="the checkpoint to write; its log NAME.metrics.jsonl goes beside it "
                  f"(default {DEFAULT_CHECKPOINT}, or with --resume the checkpoint resumed)")

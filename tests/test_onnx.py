@@ -199,3 +199,27 @@ def test_a_graph_from_before_query_lengths_extends_a_batch_one_row_at_a_time(tmp
             prefill(engine, prompt, first_row=row)
         logits[name] = engine.extend(new, np.array([prompt.shape[1] for prompt in prompts])).copy()
     np.testing.assert_allclose(logits["current"], logits["older"], atol=1e-5, rtol=1e-5)
+
+
+def test_kept_bindings_are_bounded_and_evicting_them_changes_no_logits(exported, monkeypatch):
+    """A server writes prompts of every length at every row: the engine keeps at most KEPT_STEPS shapes' bindings
+    (the least recently used dropped), and a step made again after it was dropped computes the same numbers."""
+    from minigpt.export import onnx_engine
+
+    def run(engine):
+        engine.start(4)
+        outputs = []
+        for turn in range(3):
+            for first_row in range(4):
+                for new in (1, 2, 3):
+                    ids = np.full((1, new), (first_row + new + turn) % engine.config.vocab_size, dtype=np.int64)
+                    start = np.array([turn * 3 + new % 2])
+                    outputs.append(engine.extend(ids, start, first_row).copy())  # a kept step reuses its buffer
+        return outputs, len(engine._steps)
+
+    everything, kept_all = run(OnnxEngine(exported["fp32"]))
+    monkeypatch.setattr(onnx_engine, "KEPT_STEPS", 3)
+    bounded, kept = run(OnnxEngine(exported["fp32"]))
+    assert kept_all == 12 and kept == 3
+    for a, b in zip(everything, bounded, strict=True):
+        np.testing.assert_array_equal(a, b)

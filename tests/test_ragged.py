@@ -104,9 +104,9 @@ def test_cli_threads_flag(tiny_checkpoint, tiny_onnx, capsys):
 
 def test_the_onnx_engine_picks_threads_by_its_weights_not_by_its_draft_table(tiny_onnx, monkeypatch):
     """A trained model's .onnx carries its n-gram draft table as metadata, often more bytes than its weights:
-    one row of a model whose weights are small is still decoded on one thread, a batch on every core."""
+    one row of a model whose weights are small is still decoded on one thread, a batch on the free cores."""
     from minigpt import devices
-    from minigpt.export.onnx_engine import ALL_CORES, OnnxEngine
+    from minigpt.export.onnx_engine import OnnxEngine
 
     # Just above the file's size: small weights either way, yet the file alone is not under it.
     monkeypatch.setattr(devices, "SMALL_MODEL_BYTES", tiny_onnx.stat().st_size)
@@ -114,10 +114,10 @@ def test_the_onnx_engine_picks_threads_by_its_weights_not_by_its_draft_table(tin
     assert engine.session.get_session_options().intra_op_num_threads == 1
     assert len(engine.sessions) == 1  # the session opened to read the metadata was the one to keep
     engine.start(8)
-    assert engine.session.get_session_options().intra_op_num_threads == ALL_CORES
-    monkeypatch.setattr(devices, "SMALL_MODEL_BYTES", 1)  # every model large: all cores, one session
+    assert engine.session.get_session_options().intra_op_num_threads == devices.free_cores()
+    monkeypatch.setattr(devices, "SMALL_MODEL_BYTES", 1)  # every model large: the free cores, one session
     engine = OnnxEngine(tiny_onnx)
-    assert engine.session.get_session_options().intra_op_num_threads == ALL_CORES
+    assert engine.session.get_session_options().intra_op_num_threads == devices.free_cores()
     assert len(engine.sessions) == 1
 
 
