@@ -28,7 +28,7 @@ import torch
 from minigpt.checkpoint import load_checkpoint
 from minigpt.data import DataSource, load_corpus
 from minigpt.decoding import generate_tokens
-from minigpt.errors import MiniGPTError
+from minigpt.errors import CheckpointError, MiniGPTError
 from minigpt.export.gpt2 import gpt2_config, gpt2_state_dict
 from minigpt.export.onnx_export import LOGIT_TOLERANCE, VERIFY_NEW_TOKENS, ExportReport, quiet
 from minigpt.generation import KVCacheEngine
@@ -82,6 +82,9 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike = "minigpt-h
     check_replaceable(out, writes="hf", force=force, inputs=[("--checkpoint", checkpoint)])
     loaded = load_checkpoint(checkpoint)
     model, tokenizer = loaded.model, loaded.tokenizer
+    if tokenizer.kind != "char":
+        raise CheckpointError(f"{checkpoint} is a BPE model; --hf writes minigpt's character-level tokenizer: "
+                              "export it with --onnx")
     start = time.perf_counter()
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -27,6 +27,7 @@ from minigpt.errors import CheckpointError, MiniGPTError
 from minigpt.export.onnx_graph import (INPUT_IDS, LOGITS, POSITION_IDS, QUERY_LENGTHS, SEQLENS_K, TOTAL_LENGTH,
                                        cache_names, padded_head_dim)
 from minigpt.paths import check_onnx_model_path
+from minigpt.subword import TOKENIZER_META, tokenizer_from_metadata
 from minigpt.tokenizer import CharTokenizer
 
 KEPT_STEP_TOKENS = MOST_DRAFT_TOKENS + 1  # bindings for up to this many new tokens are kept (decoding, verifying)
@@ -36,8 +37,8 @@ KEPT_STEPS = 128
 
 
 def graph_metadata(config: GPTConfig, tokenizer: CharTokenizer) -> dict[str, str]:
-    """The same `config` and `vocab` strings a safetensors checkpoint carries."""
-    return {"format": "minigpt", "config": config.to_json(), "vocab": tokenizer.to_json()}
+    """The same `config` and `vocab` (or `tokenizer`) strings a safetensors checkpoint carries."""
+    return {"format": "minigpt", "config": config.to_json(), **tokenizer.metadata()}
 
 
 def _describe(model: str | os.PathLike | bytes) -> str:
@@ -87,7 +88,7 @@ class OnnxEngine:
         # opened to read it is kept if it fits.
         self.model_bytes -= sum(len(value) for value in metadata.values())
         self.sessions = {count: session for count, session in self.sessions.items() if count == self._threads(1)}
-        if "config" not in metadata or "vocab" not in metadata:
+        if "config" not in metadata or not {"vocab", TOKENIZER_META} & metadata.keys():
             raise CheckpointError(f"{_describe(model)} has no minigpt "
                                   "config/vocab metadata; export it with `minigpt export --onnx`")
         inputs = {i.name for i in self.session.get_inputs()}
@@ -99,9 +100,9 @@ class OnnxEngine:
         self.verifies_rows_together = QUERY_LENGTHS in inputs
         try:
             self.config = GPTConfig.from_json(metadata["config"])
-            self.tokenizer = CharTokenizer.from_json(metadata["vocab"])
         except MiniGPTError as exc:
             raise CheckpointError(f"the ONNX model has bad metadata: {exc}") from None
+        self.tokenizer = tokenizer_from_metadata(metadata, "the ONNX model")
         self.block_size = self.config.block_size
         self.metadata = metadata
         self.past_names = cache_names("past", self.config.num_layers)

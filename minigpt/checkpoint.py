@@ -1,7 +1,8 @@
 """The checkpoint: one .safetensors file that says what model it holds.
 
 Its `__metadata__` carries `config` (JSON of every GPTConfig field), `vocab`
-(the tokenizer's characters as a JSON string), the training `step` and the
+(the tokenizer's characters as a JSON string) or, for a BPE model, `tokenizer`
+(its tokenizer.json), the training `step` and the
 `data` it was trained on, so loading needs no flags. The LM head is tied to
 the token embedding and is stored once. Nothing on any load path unpickles.
 
@@ -28,6 +29,7 @@ from minigpt.data import DataSource
 from minigpt.errors import CheckpointError, MiniGPTError
 from minigpt.model import MiniGPT
 from minigpt.paths import atomic_write_bytes, checkpoint_kind
+from minigpt.subword import token_spellings, tokenizer_from_metadata
 from minigpt.tokenizer import CharTokenizer
 
 OPTIMIZER_PREFIX = "optimizer."
@@ -82,7 +84,7 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, tokenizer: 
     model = _unwrap(model)
     tensors = {name: tensor.detach().cpu().contiguous()
                for name, tensor in model.state_dict().items() if name not in TIED_KEYS}
-    metadata = {"format": "minigpt", "config": model.config.to_json(), "vocab": tokenizer.to_json(),
+    metadata = {"format": "minigpt", "config": model.config.to_json(), **tokenizer.metadata(),
                 "step": str(step), "data": str(data or "")}
     if data:
         metadata["data_source"] = (DataSource.parse(data) if isinstance(data, str) else data).to_json()
@@ -113,16 +115,15 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         state_dict, metadata = _read_legacy_pt(path)
     else:
         state_dict, metadata = _read_safetensors(path)
-    for key in ("config", "vocab"):
-        if key not in metadata:
-            raise CheckpointError(f"{path} has no '{key}' in its metadata; it was not written by minigpt")
+    if "config" not in metadata:
+        raise CheckpointError(f"{path} has no 'config' in its metadata; it was not written by minigpt")
     try:
         config = GPTConfig.from_json(metadata["config"])
-        tokenizer = CharTokenizer.from_json(metadata["vocab"])
     except MiniGPTError as exc:
         raise CheckpointError(f"{path} has bad metadata: {exc}") from None
+    tokenizer = tokenizer_from_metadata(metadata, str(path))
     if tokenizer.vocab_size != config.vocab_size:
-        raise CheckpointError(f"{path} has bad metadata: vocab has {tokenizer.vocab_size} characters "
+        raise CheckpointError(f"{path} has bad metadata: vocab has {tokenizer.vocab_size} tokens "
                               f"but config.vocab_size is {config.vocab_size}")
     state_dict = _strip_prefixes(path, state_dict)
     optimizer_tensors = {k: state_dict.pop(k) for k in list(state_dict) if k.startswith(OPTIMIZER_PREFIX)}
@@ -173,14 +174,15 @@ def warm_start(model: MiniGPT, tokenizer: CharTokenizer, source: Checkpoint) -> 
     for key, tensor in ours.items():
         if key not in theirs:
             report.skipped[key] = "not in the checkpoint"
-        elif key == "tok_emb.weight" and source.tokenizer.chars != tokenizer.chars \
-                and theirs[key].shape[1] == tensor.shape[1]:
-            shared = [c for c in tokenizer.chars if c in source.tokenizer]
-            rows = torch.tensor([tokenizer.id_of(c) for c in shared], dtype=torch.long)
-            from_rows = torch.tensor([source.tokenizer.id_of(c) for c in shared], dtype=torch.long)
+        elif key == "tok_emb.weight" and source.tokenizer != tokenizer and theirs[key].shape[1] == tensor.shape[1]:
+            theirs_at = {token: index for index, token in enumerate(token_spellings(source.tokenizer))}
+            shared = [(index, theirs_at[token]) for index, token in enumerate(token_spellings(tokenizer))
+                      if token in theirs_at]
+            rows, from_rows = torch.tensor(shared, dtype=torch.long).reshape(-1, 2).T
             tensor[rows] = theirs[key][from_rows].to(tensor.dtype)
             report.copied.append(key)
-            report.characters = f"{len(shared)} of {tokenizer.vocab_size} characters"
+            report.characters = f"{len(shared)} of {tokenizer.vocab_size} " + \
+                ("characters" if tokenizer.kind == "char" else "BPE tokens")
         elif theirs[key].shape != tensor.shape:
             report.skipped[key] = f"shape {tuple(theirs[key].shape)} in the checkpoint, {tuple(tensor.shape)} here"
         else:

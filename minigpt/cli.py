@@ -28,7 +28,8 @@ def _train(args: argparse.Namespace) -> int:
     plan = plan_training(args.out or args.resume or DEFAULT_CHECKPOINT, data=args.data,
                          config=given(args, TrainConfig), resume=args.resume, init_from=args.init_from,
                          force=args.force, compile=args.compile, cache_dir=args.cache_dir,
-                         text_column=args.text_column, **given(args, GPTConfig, skip=("vocab_size",)))
+                         text_column=args.text_column, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                         **given(args, GPTConfig, skip=("vocab_size",)))
     is_main = int(os.environ.get("RANK", "0")) == 0
     try:
         result = run_training(plan, progress=not args.quiet)
@@ -41,7 +42,8 @@ def _train(args: argparse.Namespace) -> int:
     print(f"minigpt: trained to step {plan.config.steps} in {result.wall_s:.1f} s "
           f"({result.tokens_per_s:,.0f} tokens/s); saved {plan.out}", file=sys.stderr)
     if args.sample_tokens > 0:
-        print(f"minigpt: sample ({args.sample_tokens} characters, temperature 0.8):", file=sys.stderr)
+        unit = "characters" if plan.tokenizer.kind == "char" else "tokens"
+        print(f"minigpt: sample ({args.sample_tokens} {unit}, temperature 0.8):", file=sys.stderr)
         print(sample_after_training(result, args.sample_tokens))
     return 0
 
@@ -98,10 +100,10 @@ def _step_for(args: argparse.Namespace, tokenizer, ngram, rows: int):
     if args.draft not in DRAFT_CHOICES:
         draft_args = argparse.Namespace(**{**vars(args), "checkpoint": args.draft, "engine": "auto"})
         draft_engine, draft_tokenizer, _ = _engine_for(draft_args, rows)
-        if draft_tokenizer.chars != tokenizer.chars:
-            raise MiniGPTError(f"the draft model {args.draft} has other characters than the model "
-                               f"({len(draft_tokenizer.chars)} against {len(tokenizer.chars)}); a draft model must "
-                               "be trained on the same text, or use --draft ngram or context")
+        if draft_tokenizer != tokenizer:
+            raise MiniGPTError(f"the draft model {args.draft} has other tokens than the model "
+                               f"({draft_tokenizer.vocab_size} against {tokenizer.vocab_size}); a draft model must "
+                               "use the model's tokenizer, or use --draft ngram or context")
     return make_step(args.draft, ngram, args.draft_tokens, draft_engine)
 
 
@@ -154,6 +156,9 @@ def _serve(args: argparse.Namespace) -> None:
 
     limits = Limits(**given(args, Limits))
     engine, tokenizer, ngram = _engine_for(args, limits.max_batch)
+    if tokenizer.kind != "char":
+        raise MiniGPTError(f"{args.checkpoint} is a BPE model, and the server's logprobs, stop strings and /tokenize "
+                           "count characters as tokens: serve a character model, or use minigpt generate")
     step = _step_for(args, tokenizer, ngram, limits.max_batch)
     model_id = Path(args.checkpoint).stem
     print(f"minigpt: serving {model_id!r} ({type(engine).__name__}, {limits.max_batch} rows) at "
@@ -242,12 +247,17 @@ def _evaluate(args: argparse.Namespace) -> None:
     checkpoint = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
     corpus = (load_corpus(args.data, args.cache_dir) if args.data
               else load_recorded_corpus(checkpoint.metadata, args.cache_dir))
-    ids = corpus.ids("".join(checkpoint.tokenizer.chars), args.split)
-    if EMPTY_PROMPT in checkpoint.tokenizer:  # every character scored, the first after a newline, as a text begins
-        ids = np.concatenate([[checkpoint.tokenizer.id_of(EMPTY_PROMPT)], ids])
-    loss = evaluate_split(checkpoint.model, ids, args.batch_size)
-    print(f"{args.split}: loss {loss:.4f} nats, {loss / math.log(2):.4f} bits/char "
-          f"over {len(ids) - 1:,} characters of {corpus.source}")
+    tokenizer = checkpoint.tokenizer
+    ids = tokenizer.corpus_ids(corpus, args.split)
+    characters, size = len(corpus.split(args.split)), corpus.byte_count(args.split)
+    if EMPTY_PROMPT in tokenizer:  # every token scored, the first after a newline, as a text begins
+        ids = np.concatenate([[tokenizer.id_of(EMPTY_PROMPT)], ids])
+    else:  # the first character has nothing before it to be scored from
+        characters, size = characters - 1, size - len(corpus.text(args.split, 1).encode())
+    bits = evaluate_split(checkpoint.model, ids, args.batch_size) * (len(ids) - 1) / math.log(2)
+    print(f"{args.split}: loss {bits * math.log(2) / (len(ids) - 1):.4f} nats a token, {bits / characters:.4f} "
+          f"bits/char, {bits / size:.4f} bits/byte over {characters:,} characters ({size:,} bytes, "
+          f"{len(ids) - 1:,} tokens) of {corpus.source}")
 
 
 COMMANDS = {"train": _train, "generate": _generate, "serve": _serve, "eval": _evaluate, "export": _export,

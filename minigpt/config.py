@@ -14,7 +14,7 @@ class GPTConfig(JsonFields):
 
     json_name = "config"
     vocab_size: int  # decided by the corpus, never a flag
-    block_size: int = option(128, "context length in characters", POSITIVE)
+    block_size: int = option(128, "context length in tokens (a character model's are characters)", POSITIVE)
     embed_dim: int = option(128, "width of the residual stream", POSITIVE)
     num_heads: int = option(4, "attention heads (must divide embed_dim)", POSITIVE)
     num_layers: int = option(2, "transformer blocks", POSITIVE)

@@ -45,11 +45,18 @@ class EncodedCorpus:
     source: object  # what it was read from (a `minigpt.data.DataSource`); str() names it in messages
     chars: str  # the vocabulary, sorted: id i is chars[i]
     splits: dict[str, np.ndarray]
+    cache_path: Path | None = None  # its ids file in the cache (None: kept in memory); other encodings go beside it
 
     def text(self, name: str, limit: int | None = None) -> str:
         """Split `name` (its first `limit` characters) as text again."""
         ids = self.split(name)[:limit]
         return "".join(np.array(list(self.chars))[ids]) if len(ids) else ""
+
+    def byte_count(self, name: str) -> int:
+        """Split `name`'s length in UTF-8 bytes, counted a chunk at a time."""
+        ids, sizes = self.split(name), np.array([len(c.encode()) for c in self.chars])
+        return sum(int(np.bincount(ids[i:i + CHUNK_BYTES], minlength=len(sizes)) @ sizes)
+                   for i in range(0, len(ids), CHUNK_BYTES))
 
     def split(self, name: str) -> np.ndarray:
         if name not in self.splits:
@@ -138,7 +145,7 @@ def encode_streams(source, streams: dict[str, Callable[[], Iterator[str]]], keys
         header = _encode_to_cache(streams, keys, valid_fraction, header_path, ids_path, empty or {})
     data = np.memmap(ids_path, dtype=header["dtype"], mode="r", shape=(header["length"],))
     splits = {name: data[start:end] for name, (start, end) in header["splits"].items()}
-    return EncodedCorpus(source, header["chars"], splits)
+    return EncodedCorpus(source, header["chars"], splits, ids_path)
 
 
 def _file_key(path: Path) -> dict:

@@ -137,6 +137,11 @@ def _add_train(commands) -> None:
                  f"(default {DEFAULT_CHECKPOINT}, or with --resume the checkpoint resumed)")
     model_group = train.add_argument_group("model")
     _dataclass_options(model_group, GPTConfig, skip=("vocab_size",))
+    _option(model_group, "tokenizer", default=None, metavar="KIND",
+            help="char (a token a character), bpe (a byte-level BPE learnt from the training text with HuggingFace "
+                 "tokenizers), or a byte-level BPE tokenizer.json file; kept in the checkpoint (default char)")
+    _option(model_group, "vocab_size", type=Bounded(int, 256, 65_536), default=None, metavar="N",
+            help="with --tokenizer bpe, its tokens: 256 (the bytes alone) to 65,536 (default 1024)")
     train_group = train.add_argument_group("training")
     _dataclass_options(train_group, TrainConfig)
     _option(train, "resume", default=None, metavar="CKPT",
@@ -154,7 +159,7 @@ def _add_train(commands) -> None:
     _shared(train, "force",
             help="replace an existing --out (a trained model is never replaced without it)")
     _option(train, "sample_tokens", type=COUNT, default=300, metavar="N",
-            help="characters to sample at the end (default 300)")
+            help="tokens to sample at the end, characters for a character model (default 300)")
     _option(train, "quiet", action="store_true", help="no progress bar")
 
 

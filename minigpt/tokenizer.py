@@ -15,6 +15,8 @@ from minigpt.errors import MiniGPTError, UnknownCharactersError
 class CharTokenizer:
     """Maps each character to its index in a sorted vocabulary."""
 
+    kind = "char"
+
     def __init__(self, chars: Iterable[str]):
         self.chars: list[str] = sorted(set(chars))
         if not self.chars or any(len(c) != 1 for c in self.chars):
@@ -47,6 +49,15 @@ class CharTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return "".join(self.chars[i] for i in ids)
+
+    def pieces(self):  # each next id's text (None: the end); a subword tokenizer's may wait for more bytes
+        return lambda index: "" if index is None else self.chars[index]
+
+    def corpus_ids(self, corpus, name: str, block_size: int = 1):  # a split of a `minigpt.encoded.EncodedCorpus`
+        return corpus.ids("".join(self.chars), name, block_size)
+
+    def metadata(self) -> dict[str, str]:
+        return {"vocab": self.to_json()}
 
     def to_json(self) -> str:
         return json.dumps("".join(self.chars), ensure_ascii=False)

@@ -32,7 +32,7 @@ from minigpt.encoded import EncodedCorpus
 from minigpt.errors import MiniGPTError
 from minigpt.generation import generate
 from minigpt.model import MiniGPT
-from minigpt.tokenizer import CharTokenizer
+from minigpt.subword import KINDS, check_same_kind, make_tokenizer
 from minigpt.training import NonFiniteLoss, Run, TrainingPlan, TrainResult, train_loop
 from minigpt.training_checks import (OutputLock, StopSignals, TrainingInterrupted, check_compiler, check_model_fits,
                                      check_one_start, check_out_path, check_resumable, flag_list, metrics_path_for,
@@ -56,18 +56,23 @@ def _input_paths(data, init_from, cache_dir) -> list[tuple[str, Path]]:
 def plan_training(out: str | Path, *, data: EncodedCorpus | DataSource | str | None = None,
                   config: TrainConfig | dict | None = None, resume: str | Path | None = None,
                   init_from: str | Path | Checkpoint | None = None, force: bool = False, compile: bool = False,
-                  cache_dir: str | Path | None = None, text_column: str = "text", **model_fields) -> TrainingPlan:
+                  cache_dir: str | Path | None = None, text_column: str = "text", tokenizer: str | None = None,
+                  vocab_size: int | None = None, **model_fields) -> TrainingPlan:
     """Check everything that needs no data (cheapest first), then read the data and build the model.
 
     `config`: a TrainConfig, or the settings given on the command line as a dict (with `resume` they
     override the checkpoint's stored settings, and the change is said once). `data`: a corpus already
     loaded, or what `minigpt.data.load_corpus` reads (None: a resumed run's own data, else WikiText-2).
+    `tokenizer`: char, bpe (learnt from the training text, `vocab_size` tokens) or a tokenizer.json path.
     """
     out, resume = Path(out), (Path(resume) if resume is not None else None)
     check_one_start(resume, init_from)
+    check_tokenizer_flags(tokenizer, vocab_size, resume)
     if init_from is not None and not isinstance(init_from, Checkpoint):
         init_from = load_checkpoint(init_from)  # vetted before the data loads
     resumed = load_checkpoint(resume) if resume is not None else None
+    if resumed is not None and tokenizer is not None and _kind(tokenizer) != resumed.tokenizer.kind:
+        raise MiniGPTError(f"--resume keeps {resume}'s tokenizer ({resumed.tokenizer.kind}); drop --tokenizer")
     notes = []
     if resumed is None:
         GPTConfig(vocab_size=1, **model_fields)  # an impossible shape fails here
@@ -96,7 +101,9 @@ def plan_training(out: str | Path, *, data: EncodedCorpus | DataSource | str | N
         check_same_data(corpus.source, DataSource.recorded(resumed.metadata), resume, data)
         return TrainingPlan(config, out, device, corpus, resumed.model, resumed.tokenizer, resumed.step + 1,
                             resumed.optimizer_state(), resume, compile, notes)
-    tokenizer = CharTokenizer(corpus.chars)
+    if init_from is not None:
+        check_same_kind(_kind(tokenizer), init_from.tokenizer.kind, "--init-from", init_from.path)
+    tokenizer = make_tokenizer(tokenizer or "char", corpus, vocab_size)
     architecture = GPTConfig(tokenizer.vocab_size, **model_fields)
     check_model_fits(architecture, device)
     torch.manual_seed(config.seed)
@@ -127,6 +134,21 @@ def train(corpus: EncodedCorpus | DataSource | str | None, config: TrainConfig, 
     plan = plan_training(out, data=corpus, config=config, resume=resume, init_from=init_from, force=force,
                          compile=compile, **model_fields)
     return run_training(plan, progress=progress, on_step=on_step)
+
+
+def _kind(tokenizer: str | None) -> str:
+    return "char" if tokenizer in (None, "char") else "bpe"
+
+
+def check_tokenizer_flags(tokenizer: str | None, vocab_size: int | None, resume) -> None:
+    """--tokenizer and --vocab-size, checked before any data is read."""
+    if resume is not None and vocab_size is not None:
+        raise MiniGPTError(f"--resume keeps {resume}'s tokenizer; drop --vocab-size")
+    if tokenizer not in (None, *KINDS) and not Path(tokenizer).is_file():
+        raise MiniGPTError(f"--tokenizer {tokenizer} is not char, bpe or a tokenizer.json file; give one of those")
+    if vocab_size is not None and tokenizer in (None, "char"):
+        raise MiniGPTError("--vocab-size sets a BPE's vocabulary; a character model's is its text's characters: "
+                           "add --tokenizer bpe or drop --vocab-size")
 
 
 def check_same_data(given: DataSource, recorded: DataSource, resume: Path, data) -> None:
@@ -239,11 +261,13 @@ def wrap_for_training(model: MiniGPT, group: distributed.ProcessGroup, device: t
     return _FirstCallNamed(torch.compile(model)) if compile else model
 
 
-def say_start(plan: TrainingPlan, train_characters: int, group: distributed.ProcessGroup) -> None:
+def say_start(plan: TrainingPlan, train_tokens: int, group: distributed.ProcessGroup) -> None:
     for note in plan.notes:
         print(f"minigpt: {note}", file=sys.stderr)
+    characters = len(plan.corpus.split("train"))
+    tokens = "" if plan.tokenizer.kind == "char" else f" in {train_tokens:,} BPE tokens"
     print(f"minigpt: {plan.model.num_parameters():,} parameters, vocab {plan.tokenizer.vocab_size}, "
-          f"{train_characters:,} training characters from {plan.corpus.source}, on {plan.device}"
+          f"{characters:,} training characters{tokens} from {plan.corpus.source}, on {plan.device}"
           + (f" ({threads_said(plan.config.threads)})" if plan.device.type == "cpu" else "")
           + (f" x {group.world_size} processes" if group.enabled else "")
           + (f"; resuming at step {plan.first_step}" if plan.resume is not None else ""), file=sys.stderr)
@@ -279,5 +303,5 @@ def sample_after_training(result: TrainResult, length: int = 300, seed: int = 0)
     """A sample from the start of a line, or from the vocabulary's first character when the text had no
     newline (the model is saved by then: a sample must not turn a finished run into an error)."""
     tokenizer = result.tokenizer
-    start = "" if EMPTY_PROMPT in tokenizer.chars else tokenizer.chars[0]
+    start = "" if EMPTY_PROMPT in tokenizer else tokenizer.decode([0])
     return generate(result.model, tokenizer, start, length, temperature=0.8, seed=seed)

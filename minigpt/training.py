@@ -116,7 +116,10 @@ class TrainingPlan:
     notes: list[str] = field(default_factory=list)  # said once before training starts
 
     def split(self, name: str) -> np.ndarray:
-        return self.corpus.ids("".join(self.tokenizer.chars), name, self.model.config.block_size)
+        return self.tokenizer.corpus_ids(self.corpus, name, self.model.config.block_size)
+
+    def characters_per_token(self, name: str) -> float:  # 1 for characters; a subword spells several
+        return len(self.corpus.split(name)) / len(self.split(name))
 
 
 @dataclass
@@ -169,7 +172,7 @@ def train_loop(plan: TrainingPlan, make_run=Run, progress: bool = True, on_step=
     run = make_run(plan, model, optimizer)
     step_model, result = run.step_model(), TrainResult(model, plan.tokenizer)
     tokens_per_step = run.world_size * config.batch_size * block
-    steps = range(plan.first_step, config.steps + 1)
+    steps, per_char = range(plan.first_step, config.steps + 1), plan.characters_per_token("valid")
     # disable=None: tqdm draws only on a terminal, so `2> log` gets eval lines and no bar frames.
     bar = tqdm(steps, disable=None if progress and run.is_main else True, file=sys.stderr, unit="step",
                dynamic_ncols=True)
@@ -189,7 +192,7 @@ def train_loop(plan: TrainingPlan, make_run=Run, progress: bool = True, on_step=
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
             saved = run.is_main and (step % config.eval_interval == 0 or step == config.steps)
             if saved:
-                record.update(evaluate(model, train_ids, valid_ids, config, device, bar, step))
+                record.update(evaluate(model, train_ids, valid_ids, config, device, bar, step, per_char))
                 run.save(step, final=step == config.steps)
             result.history.append(record)
             if on_step is not None:
@@ -210,11 +213,11 @@ def check_finite(loss: float, step: int, run: Run, config: TrainConfig, out: Pat
 
 
 def evaluate(model: MiniGPT, train_ids: np.ndarray, valid_ids: np.ndarray, config: TrainConfig,
-             device: torch.device, bar, step: int) -> dict:
-    """Train and validation loss on the same fixed batches each time, said in one line."""
+             device: torch.device, bar, step: int, characters_per_token: float) -> dict:
+    """Train and validation loss (a token) on the same fixed batches each time, and bits a character."""
     numbers = {"train_loss": estimate_loss(model, train_ids, config, device),
                "val_loss": estimate_loss(model, valid_ids, config, device)}
-    numbers["val_bpc"] = numbers["val_loss"] / LN2
+    numbers["val_bpc"] = numbers["val_loss"] / LN2 / characters_per_token
     bar.write(f"step {step}: train loss {numbers['train_loss']:.4f}, val loss {numbers['val_loss']:.4f} nats "
               f"({numbers['val_bpc']:.3f} bits/char)", file=sys.stderr)
     return numbers

@@ -84,7 +84,7 @@ def test_metadata_must_be_present_and_consistent(tmp_path):
     with pytest.raises(CheckpointError, match="no 'config'"):
         load_checkpoint(tmp_path / "plain.safetensors")
     raw_save(tmp_path / "vocab.safetensors", state, vocab="abc")
-    with pytest.raises(CheckpointError, match="vocab has 3 characters"):
+    with pytest.raises(CheckpointError, match="vocab has 3 tokens"):
         load_checkpoint(tmp_path / "vocab.safetensors")
 
 

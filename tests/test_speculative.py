@@ -388,7 +388,7 @@ def test_generate_with_a_draft_model_file(tiny_checkpoint, tiny_onnx, tmp_path, 
           num_heads=2, num_layers=1)
     capsys.readouterr()
     cli_error(["generate", "--checkpoint", str(tiny_checkpoint), "--draft", str(stranger)],
-              "other characters than the model", "--draft ngram")
+              "other tokens than the model", "--draft ngram")
     cli_error(["generate", "--checkpoint", str(tiny_checkpoint), "--draft", "small"],
               "--draft", ".safetensors or .onnx file")
     cli_error(["generate", "--checkpoint", str(tiny_checkpoint), "--draft", str(tmp_path / "missing.onnx")],
