@@ -28,7 +28,7 @@ import torch
 from minigpt.checkpoint import load_checkpoint
 from minigpt.data import DataSource, load_corpus
 from minigpt.decoding import generate_tokens
-from minigpt.errors import CheckpointError, MiniGPTError
+from minigpt.errors import MiniGPTError
 from minigpt.export.gpt2 import gpt2_config, gpt2_state_dict
 from minigpt.export.onnx_export import LOGIT_TOLERANCE, VERIFY_NEW_TOKENS, ExportReport, quiet
 from minigpt.generation import KVCacheEngine
@@ -38,6 +38,7 @@ from minigpt.sampling import Sampler
 from minigpt.tokenizer import CharTokenizer
 
 ROUND_TRIP_CHARACTERS = 20_000
+UNICODE_SAMPLE = "a subword model's text: naïve café, 東京, 😀 👩‍💻, tabs\tand\n\nnewlines"  # any text round-trips
 
 
 def require_transformers():
@@ -51,10 +52,13 @@ def require_transformers():
 
 
 def tokenizer_json(tokenizer: CharTokenizer) -> str:
-    """A `tokenizers` tokenizer that gives every character its minigpt id and joins ids back without spaces."""
+    """A `tokenizers` tokenizer that gives every character its minigpt id and joins ids back without spaces (a
+    subword model's is its own tokenizer.json)."""
     from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
     from tokenizers.models import WordLevel
 
+    if tokenizer.kind != "char":
+        return tokenizer.to_json()
     # WordLevel insists on an unknown token; the first character stands in. Text with characters outside the
     # vocabulary cannot be encoded faithfully by any character model: minigpt refuses it instead.
     hf = Tokenizer(WordLevel({c: i for i, c in enumerate(tokenizer.chars)}, unk_token=tokenizer.chars[0]))
@@ -82,9 +86,6 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike = "minigpt-h
     check_replaceable(out, writes="hf", force=force, inputs=[("--checkpoint", checkpoint)])
     loaded = load_checkpoint(checkpoint)
     model, tokenizer = loaded.model, loaded.tokenizer
-    if tokenizer.kind != "char":
-        raise CheckpointError(f"{checkpoint} is a BPE model; --hf writes minigpt's character-level tokenizer: "
-                              "export it with --onnx")
     start = time.perf_counter()
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -165,7 +166,9 @@ def verify_directory(folder: Path, model: MiniGPT, tokenizer: CharTokenizer, sam
                            "nothing was written")
     lines.append(f"greedy {count} new tokens from model.generate: identical to minigpt's")
 
-    texts = {"the vocabulary": "".join(tokenizer.chars), "the training text": sample}
+    texts = {"the vocabulary": "".join(tokenizer.chars)} if tokenizer.kind == "char" else \
+        {"a Unicode sample": UNICODE_SAMPLE}
+    texts["the training text"] = sample
     for name, text in texts.items():
         if not text:
             continue

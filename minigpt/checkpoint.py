@@ -29,7 +29,7 @@ from minigpt.data import DataSource
 from minigpt.errors import CheckpointError, MiniGPTError
 from minigpt.model import MiniGPT
 from minigpt.paths import atomic_write_bytes, checkpoint_kind
-from minigpt.subword import token_spellings, tokenizer_from_metadata
+from minigpt.subword import TOKENIZER_META, token_spellings, tokenizer_from_metadata
 from minigpt.tokenizer import CharTokenizer
 
 OPTIMIZER_PREFIX = "optimizer."
@@ -252,17 +252,22 @@ def _read_hf_directory(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     try:
         hf_config = json.loads(files["config.json"].read_text(encoding="utf-8"))
         fields = minigpt_config_fields(hf_config)
-        tokenizer_model = json.loads(files["tokenizer.json"].read_text(encoding="utf-8")).get("model", {})
+        tokenizer_text = files["tokenizer.json"].read_text(encoding="utf-8")
+        tokenizer_spec = json.loads(tokenizer_text)
+        tokenizer_model = tokenizer_spec.get("model", {})
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{not_ours}: {exc}") from None
     vocab = tokenizer_model.get("vocab") or {}
     chars = sorted(vocab, key=vocab.get)
-    if tokenizer_model.get("type") != "WordLevel" or any(len(c) != 1 for c in chars) or chars != sorted(chars):
-        raise CheckpointError(f"{not_ours}: its tokenizer is not minigpt's character-level one (one token per "
-                              "character, in sorted order); only character-level GPT-2 models load here")
+    if tokenizer_model.get("type") == "BPE" and (tokenizer_spec.get("pre_tokenizer") or {}).get("type") == "ByteLevel":
+        tokens = {TOKENIZER_META: tokenizer_text}  # a byte-level BPE, as minigpt's subword models export
+    elif tokenizer_model.get("type") == "WordLevel" and all(len(c) == 1 for c in chars) and chars == sorted(chars):
+        tokens = {"vocab": json.dumps("".join(chars), ensure_ascii=False)}
+    else:
+        raise CheckpointError(f"{not_ours}: its tokenizer is neither minigpt's character-level one (one token per "
+                              "character, in sorted order) nor a byte-level BPE; only those GPT-2 models load here")
     tensors, _ = _read_safetensors(files["model.safetensors"])
-    metadata = {"format": "minigpt", "config": json.dumps(fields),  # validated by the caller, as any checkpoint's
-                "vocab": json.dumps("".join(chars), ensure_ascii=False),
+    metadata = {"format": "minigpt", "config": json.dumps(fields), **tokens,  # validated as any checkpoint's
                 "step": str(hf_config.get("minigpt_step", 0)), "data": str(hf_config.get("minigpt_data", ""))}
     return minigpt_state_dict(tensors), metadata
 

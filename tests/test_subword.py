@@ -90,8 +90,8 @@ def test_the_checkpoint_carries_its_tokenizer_json(bpe_checkpoint):
     assert loaded.tokenizer == BPETokenizer(metadata["tokenizer"])
 
 
-def generated(capsys, *flags):
-    assert main(["generate", "--prompt", "naïve 😀 the", "--max-new-tokens", "40", *flags]) == 0
+def generated(capsys, *flags, count=40):
+    assert main(["generate", "--prompt", "naïve 😀 the", "--max-new-tokens", str(count), *flags]) == 0
     return capsys.readouterr().out
 
 
@@ -165,7 +165,40 @@ def test_a_tokenizer_file_trains_a_model_with_that_vocabulary(unicode_file, bpe_
     assert load_checkpoint(out).tokenizer == load_checkpoint(bpe_checkpoint).tokenizer
 
 
-def test_commands_not_built_for_subwords_say_so(bpe_checkpoint, tmp_path, cli_error):
-    cli_error(["export", "--hf", "--checkpoint", str(bpe_checkpoint), "--out", str(tmp_path / "hf")], "BPE model")
+def test_the_transformers_export_gives_minigpts_greedy_text_and_loads_back(bpe_checkpoint, tmp_path, capsys):
+    """`export --hf` writes the tokenizer.json itself: transformers' generate and CTranslate2 continue a Unicode
+    prompt as minigpt does, and the folder loads back into minigpt as the same model."""
+    import torch
+    import transformers
+
+    out = tmp_path / "hf"
+    assert main(["export", "--hf", "--checkpoint", str(bpe_checkpoint), "--out", str(out)]) == 0
+    assert "same ids as minigpt" in capsys.readouterr().out
+    prompt = "naïve 😀 the"
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    count = model.config.n_positions - ids.shape[1]  # GPT-2's positions end at the block
+    ours = generated(capsys, "--checkpoint", str(bpe_checkpoint), "--temperature", "0", "--draft", "none",
+                     count=count)
+    with torch.inference_mode():
+        new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=count, min_new_tokens=count,
+                             do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
+    assert prompt + tokenizer.decode(new) == ours.rstrip("\n")
+    assert generated(capsys, "--checkpoint", str(out), "--temperature", "0", "--draft", "none", count=count) == ours
+    ctranslate2 = bench_module("gpt2_peers").CTranslate2Peer(out)  # converted as ct2-transformers-converter does
+    assert ctranslate2.greedy([ids[0].tolist()], count)[0].tolist() == new.tolist()
+
+
+def bench_module(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_server_says_it_takes_character_models(bpe_checkpoint, cli_error):
     cli_error(["serve", "--checkpoint", str(bpe_checkpoint)], "BPE model")
-    assert not (tmp_path / "hf").exists()
