@@ -196,7 +196,7 @@ def _plot(args: argparse.Namespace) -> None:
             if note:
                 print(f"minigpt: {note}", file=sys.stderr)
             runs[label] = records
-        figure = plot.training_curves(runs)
+        figure = plot.bits_against_seconds(runs) if args.against == "seconds" else plot.training_curves(runs)
     print(f"minigpt: wrote {plot.save(figure, out)}", file=sys.stderr)
 
 
@@ -235,29 +235,19 @@ def _export(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     import math
 
-    import numpy as np
-
     from minigpt.checkpoint import load_checkpoint
     from minigpt.data import load_corpus, load_recorded_corpus
-    from minigpt.text import EMPTY_PROMPT
     from minigpt.devices import free_cores, resolve_device
-    from minigpt.generation import evaluate_split
+    from minigpt.generation import split_bits
 
     _use_threads(args.threads or free_cores())
     checkpoint = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
     corpus = (load_corpus(args.data, args.cache_dir) if args.data
               else load_recorded_corpus(checkpoint.metadata, args.cache_dir))
-    tokenizer = checkpoint.tokenizer
-    ids = tokenizer.corpus_ids(corpus, args.split)
-    characters, size = len(corpus.split(args.split)), corpus.byte_count(args.split)
-    if EMPTY_PROMPT in tokenizer:  # every token scored, the first after a newline, as a text begins
-        ids = np.concatenate([[tokenizer.id_of(EMPTY_PROMPT)], ids])
-    else:  # the first character has nothing before it to be scored from
-        characters, size = characters - 1, size - len(corpus.text(args.split, 1).encode())
-    bits = evaluate_split(checkpoint.model, ids, args.batch_size) * (len(ids) - 1) / math.log(2)
-    print(f"{args.split}: loss {bits * math.log(2) / (len(ids) - 1):.4f} nats a token, {bits / characters:.4f} "
-          f"bits/char, {bits / size:.4f} bits/byte over {characters:,} characters ({size:,} bytes, "
-          f"{len(ids) - 1:,} tokens) of {corpus.source}")
+    bits = split_bits(checkpoint.model, checkpoint.tokenizer, corpus, args.split, args.batch_size)
+    print(f"{args.split}: loss {bits.per('tokens') * math.log(2):.4f} nats a token, {bits.per('characters'):.4f} "
+          f"bits/char, {bits.per('bytes'):.4f} bits/byte over {bits.characters:,} characters ({bits.bytes:,} bytes, "
+          f"{bits.tokens:,} tokens) of {corpus.source}")
 
 
 COMMANDS = {"train": _train, "generate": _generate, "serve": _serve, "eval": _evaluate, "export": _export,

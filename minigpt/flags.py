@@ -217,6 +217,9 @@ def _add_plot(commands) -> None:
                                            "pytest-benchmark JSON (--bench).")
     _option(plot, "metrics", nargs="+", default=None, metavar="PATH",
             help=f"metrics logs of runs to draw together (default {DEFAULT_METRICS})")
+    _option(plot, "against", choices=("step", "seconds"), default="step",
+            help="step: loss and learning rate against the step; seconds: validation bits per character against "
+                 "training seconds, which compares runs with other tokenizers (default step)")
     _option(plot, "bench", default=None, metavar="JSON",
             help="draw this pytest-benchmark JSON (pytest bench/ --benchmark-json=FILE) instead")
     _option(plot, "out", default=None, metavar="PATH",

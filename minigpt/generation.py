@@ -8,7 +8,9 @@ runs the model over each row's whole context again. The decoding loop is
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -117,3 +119,31 @@ def evaluate_split(model: MiniGPT, ids: np.ndarray, batch_size: int = 64) -> flo
     engine = KVCacheEngine(model)
     engine.start(batch_size)
     return -score(engine, ids, rows=batch_size).total / (len(ids) - 1)
+
+
+@dataclass
+class SplitBits:
+    """A split's summed negative log-likelihood in bits, and what it is read over."""
+
+    bits: float
+    characters: int
+    bytes: int
+    tokens: int
+
+    def per(self, unit: str) -> float:  # "characters", "bytes" or "tokens"
+        return self.bits / getattr(self, unit)
+
+
+def split_bits(model: MiniGPT, tokenizer, corpus, split: str, batch_size: int = 64) -> SplitBits:
+    """`minigpt eval`'s figures: every token of the split scored (the first after a newline, as a text begins,
+    when the vocabulary has one), summed, over the split's characters, UTF-8 bytes and tokens."""
+    from minigpt.text import EMPTY_PROMPT
+
+    ids = tokenizer.corpus_ids(corpus, split)
+    characters, size = len(corpus.split(split)), corpus.byte_count(split)
+    if EMPTY_PROMPT in tokenizer:
+        ids = np.concatenate([[tokenizer.id_of(EMPTY_PROMPT)], ids])
+    else:  # the first character has nothing before it to be scored from
+        characters, size = characters - 1, size - len(corpus.text(split, 1).encode())
+    nats = evaluate_split(model, ids, batch_size) * (len(ids) - 1)
+    return SplitBits(nats / math.log(2), characters, size, len(ids) - 1)

@@ -161,6 +161,25 @@ def training_curves(runs: dict[str, list[dict]]):
     return figure
 
 
+def bits_against_seconds(runs: dict[str, list[dict]]):
+    """Validation bits per character against training seconds, one line a run: models with other tokenizers
+    (a subword's loss is per token) compared on the same footing and the same clock."""
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for name, records in runs.items():
+        evaluated = [r for r in records if "val_bpc" in r and "seconds" in r]
+        if not evaluated:
+            raise MiniGPTError(f"{name} has no evaluations with their training seconds; plot runs trained by this "
+                               "minigpt, or plot against the step")
+        axis.plot([r["seconds"] for r in evaluated], [r["val_bpc"] for r in evaluated], marker="o", label=name)
+    axis.set_xlabel("training seconds")
+    axis.set_ylabel("validation bits per character")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize="small")
+    figure.tight_layout()
+    return figure
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Attention maps
 

@@ -188,7 +188,8 @@ def train_loop(plan: TrainingPlan, make_run=Run, progress: bool = True, on_step=
             loss = training_step(step_model, optimizer, x, y, config.grad_clip, device)
             check_finite(loss, step, run, config, plan.out)
             record = {"step": step, "tokens": step * tokens_per_step, "loss": loss, "lr": lr,
-                      "tokens_per_s": (step - plan.first_step + 1) * tokens_per_step / (time.perf_counter() - start)}
+                      "seconds": (seconds := time.perf_counter() - start),  # training time, this process
+                      "tokens_per_s": (step - plan.first_step + 1) * tokens_per_step / seconds}
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
             saved = run.is_main and (step % config.eval_interval == 0 or step == config.steps)
             if saved:

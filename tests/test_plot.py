@@ -201,3 +201,25 @@ def test_training_curves_are_drawn_without_torch(cli_without, metrics, tmp_path)
     result = cli_without("torch", ["plot", "--metrics", str(metrics), "--out", str(out)])
     assert result.returncode == 0, result.stderr
     assert png_size(out)[0] > 100
+
+
+def test_bits_per_character_against_training_seconds(metrics, tmp_path, cli_error, capsys):
+    """`--against seconds`: each run's evaluations at the seconds it had trained, the footing on which models with
+    other tokenizers compare; a log without seconds (an older minigpt's) is refused in one line."""
+    from minigpt.cli import main
+    from minigpt.plot import bits_against_seconds
+
+    records = read_metrics(metrics)[0]
+    evaluated = [r for r in records if "val_bpc" in r]
+    assert evaluated and all(r["seconds"] > 0 for r in records)
+    assert [r["seconds"] for r in records] == sorted(r["seconds"] for r in records)
+    figure = bits_against_seconds({"tiny": records})
+    (line,) = figure.axes[0].get_lines()
+    assert list(line.get_xdata()) == [r["seconds"] for r in evaluated]
+    assert list(line.get_ydata()) == [r["val_bpc"] for r in evaluated]
+    assert main(["plot", "--against", "seconds", "--metrics", str(metrics), "--out", str(tmp_path / "s.png")]) == 0
+    capsys.readouterr()
+    old = tmp_path / "old.metrics.jsonl"
+    old.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "seconds"}) + "\n" for r in records))
+    cli_error(["plot", "--against", "seconds", "--metrics", str(old), "--out", str(tmp_path / "o.png")],
+              "training seconds", "against the step")
