@@ -47,9 +47,9 @@ class EncodedCorpus:
     splits: dict[str, np.ndarray]
     cache_path: Path | None = None  # its ids file in the cache (None: kept in memory); other encodings go beside it
 
-    def text(self, name: str, limit: int | None = None) -> str:
-        """Split `name` (its first `limit` characters) as text again."""
-        ids = self.split(name)[:limit]
+    def text(self, name: str, limit: int | None = None, start: int = 0) -> str:
+        """Split `name` (its characters start .. limit) as text again."""
+        ids = self.split(name)[start:limit]
         return "".join(np.array(list(self.chars))[ids]) if len(ids) else ""
 
     def byte_count(self, name: str) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from minigpt.settings import COUNT, DRAFT_TOKENS, MOST_DRAFT_TOKENS, POSITIVE, SEED, Bounded
+from minigpt.settings import COUNT, DRAFT_TOKENS, MOST_DRAFT_TOKENS, POSITIVE, SEED, VOCAB_SIZE, Bounded
 
 EXIT_USAGE = 2
 DEFAULT_CHECKPOINT = "minigpt.safetensors"
@@ -140,7 +140,7 @@ def _add_train(commands) -> None:
     _option(model_group, "tokenizer", default=None, metavar="KIND",
             help="char (a token a character), bpe (a byte-level BPE learnt from the training text with HuggingFace "
                  "tokenizers), or a byte-level BPE tokenizer.json file; kept in the checkpoint (default char)")
-    _option(model_group, "vocab_size", type=Bounded(int, 256, 65_536), default=None, metavar="N",
+    _option(model_group, "vocab_size", type=VOCAB_SIZE, default=None, metavar="N",
             help="with --tokenizer bpe, its tokens: 256 (the bytes alone) to 65,536 (default 1024)")
     train_group = train.add_argument_group("training")
     _dataclass_options(train_group, TrainConfig)

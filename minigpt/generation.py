@@ -20,7 +20,7 @@ from minigpt.kv_cache import KVCache
 from minigpt.model import MiniGPT
 from minigpt.rows import runs_of_equal
 from minigpt.scoring import score
-from minigpt.text import join_samples, stream_characters
+from minigpt.text import EMPTY_PROMPT, join_samples, stream_characters
 from minigpt.tokenizer import CharTokenizer
 
 
@@ -137,8 +137,6 @@ class SplitBits:
 def split_bits(model: MiniGPT, tokenizer, corpus, split: str, batch_size: int = 64) -> SplitBits:
     """`minigpt eval`'s figures: every token of the split scored (the first after a newline, as a text begins,
     when the vocabulary has one), summed, over the split's characters, UTF-8 bytes and tokens."""
-    from minigpt.text import EMPTY_PROMPT
-
     ids = tokenizer.corpus_ids(corpus, split)
     characters, size = len(corpus.split(split)), corpus.byte_count(split)
     if EMPTY_PROMPT in tokenizer:

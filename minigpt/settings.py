@@ -71,6 +71,7 @@ def _shown(bound: float) -> str:
 POSITIVE = Bounded(int, low=1)
 COUNT = Bounded(int, low=0)
 SEED = Bounded(int, low=0, high=MAX_SEED)
+VOCAB_SIZE = Bounded(int, low=256, high=65_536)  # a BPE's: the 256 bytes at least, two bytes a token at most
 
 
 def option(default, help: str, bounds: Bounded | None = None, shown: str | None = None):

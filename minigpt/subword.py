@@ -24,11 +24,11 @@ import numpy as np
 
 from minigpt.encoded import EncodedCorpus, ids_dtype
 from minigpt.errors import CheckpointError, DataError, MiniGPTError
+from minigpt.settings import VOCAB_SIZE
 from minigpt.tokenizer import CharTokenizer
 
 TOKENIZER_META = "tokenizer"  # the metadata key of a BPE model's tokenizer.json
 KINDS = ("char", "bpe")
-SMALLEST_VOCAB, LARGEST_VOCAB = 256, 65_536  # the 256 bytes, and what two bytes a token can number
 PIECE_CHARACTERS = 1 << 22  # characters of a corpus encoded at a time
 
 
@@ -120,9 +120,7 @@ def train_bpe(corpus: EncodedCorpus, vocab_size: int) -> BPETokenizer:
     """A byte-level BPE of `vocab_size` tokens learnt from the corpus's train split, read a piece at a time."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    if not SMALLEST_VOCAB <= vocab_size <= LARGEST_VOCAB:
-        raise MiniGPTError(f"--vocab-size must be from {SMALLEST_VOCAB} (the bytes alone) to {LARGEST_VOCAB}, "
-                           f"got {vocab_size}")
+    VOCAB_SIZE.check(vocab_size, "--vocab-size")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -139,10 +137,9 @@ def train_bpe(corpus: EncodedCorpus, vocab_size: int) -> BPETokenizer:
 def text_pieces(corpus: EncodedCorpus, name: str) -> Iterator[str]:
     """Split `name` as text, in pieces of about PIECE_CHARACTERS that end where the text's pre-tokens do
     (after a newline that a non-space follows), so the pieces encode as the whole text would."""
-    ids, chars = corpus.split(name), np.array(list(corpus.chars))
     carried = ""
-    for start in range(0, len(ids), PIECE_CHARACTERS):
-        text = carried + "".join(chars[ids[start:start + PIECE_CHARACTERS]])
+    for start in range(0, len(corpus.split(name)), PIECE_CHARACTERS):
+        text = carried + corpus.text(name, start + PIECE_CHARACTERS, start)
         cut = _last_boundary(text)
         carried = text[cut:]
         if cut:
@@ -189,12 +186,10 @@ def make_tokenizer(kind: str, corpus: EncodedCorpus, vocab_size: int | None) -> 
         return CharTokenizer(corpus.chars)
     if kind == "bpe":
         return train_bpe(corpus, 1024 if vocab_size is None else vocab_size)
-    return read_tokenizer_file(Path(kind), vocab_size)
+    return read_tokenizer_file(Path(kind))
 
 
-def read_tokenizer_file(path: Path, vocab_size: int | None) -> BPETokenizer:
-    if vocab_size is not None:
-        raise MiniGPTError(f"--vocab-size trains a BPE; {path} already has its vocabulary: drop --vocab-size")
+def read_tokenizer_file(path: Path) -> BPETokenizer:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -206,9 +201,9 @@ def read_tokenizer_file(path: Path, vocab_size: int | None) -> BPETokenizer:
     except MiniGPTError as exc:
         raise MiniGPTError(f"--tokenizer {path} is {exc}; give char, bpe or a byte-level BPE tokenizer.json") \
             from None
-    if tokenizer.vocab_size > LARGEST_VOCAB:
+    if tokenizer.vocab_size > VOCAB_SIZE.high:
         raise MiniGPTError(f"--tokenizer {path} has {tokenizer.vocab_size} tokens; minigpt stores at most "
-                           f"{LARGEST_VOCAB}")
+                           f"{VOCAB_SIZE.high}")
     return tokenizer
 
 
@@ -232,7 +227,7 @@ def token_spellings(tokenizer) -> list:
 
 
 def check_same_kind(kind: str, theirs: str, flag: str, path) -> None:
-    """--init-from and --resume keep a model's kind of tokenizer."""
+    """--init-from keeps a model's kind of tokenizer (--resume keeps the tokenizer itself)."""
     if kind != theirs:
         raise MiniGPTError(f"{flag} {path} is a {theirs} model and this run's tokenizer is {kind}; "
                            f"train with --tokenizer {theirs}, or start a new run without {flag}")

@@ -149,6 +149,8 @@ def check_tokenizer_flags(tokenizer: str | None, vocab_size: int | None, resume)
     if vocab_size is not None and tokenizer in (None, "char"):
         raise MiniGPTError("--vocab-size sets a BPE's vocabulary; a character model's is its text's characters: "
                            "add --tokenizer bpe or drop --vocab-size")
+    if vocab_size is not None and tokenizer not in KINDS:
+        raise MiniGPTError(f"--vocab-size trains a BPE; {tokenizer} already has its vocabulary: drop --vocab-size")
 
 
 def check_same_data(given: DataSource, recorded: DataSource, resume: Path, data) -> None:

@@ -118,9 +118,6 @@ class TrainingPlan:
     def split(self, name: str) -> np.ndarray:
         return self.tokenizer.corpus_ids(self.corpus, name, self.model.config.block_size)
 
-    def characters_per_token(self, name: str) -> float:  # 1 for characters; a subword spells several
-        return len(self.corpus.split(name)) / len(self.split(name))
-
 
 @dataclass
 class TrainResult:
@@ -172,7 +169,8 @@ def train_loop(plan: TrainingPlan, make_run=Run, progress: bool = True, on_step=
     run = make_run(plan, model, optimizer)
     step_model, result = run.step_model(), TrainResult(model, plan.tokenizer)
     tokens_per_step = run.world_size * config.batch_size * block
-    steps, per_char = range(plan.first_step, config.steps + 1), plan.characters_per_token("valid")
+    steps = range(plan.first_step, config.steps + 1)
+    per_char = len(plan.corpus.split("valid")) / len(valid_ids)  # 1 for characters; a subword spells several
     # disable=None: tqdm draws only on a terminal, so `2> log` gets eval lines and no bar frames.
     bar = tqdm(steps, disable=None if progress and run.is_main else True, file=sys.stderr, unit="step",
                dynamic_ncols=True)

@@ -149,6 +149,7 @@ def test_bad_tokenizer_flags(unicode_file, bpe_checkpoint, tiny_checkpoint, tmp_
     cli_error([*train, "--tokenizer", "char", "--vocab-size", "300"], "--tokenizer bpe")
     cli_error([*train, "--tokenizer", "sentencepiece"], "char, bpe or a tokenizer.json")
     cli_error([*train, "--tokenizer", str(not_json)], "not a tokenizer.json")
+    cli_error([*train, "--tokenizer", str(not_json), "--vocab-size", "300"], "already has its vocabulary")
     cli_error([*train, "--tokenizer", str(other_json)], "byte-level BPE")
     cli_error([*train, "--init-from", str(bpe_checkpoint)], "bpe model", "--tokenizer bpe")
     cli_error([*train, "--init-from", str(tiny_checkpoint), "--tokenizer", "bpe"], "char model", "--tokenizer char")
