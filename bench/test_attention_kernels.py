@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from minigpt import GPTConfig, MiniGPT, Sampler
-from minigpt.decoding import generate_tokens
+from minigpt.decoding import generate_rows
 from minigpt.generation import KVCacheEngine
 
 if not torch.cuda.is_available():
@@ -25,7 +25,7 @@ if triton_attention.INTERPRET:
 
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from minigpt.kernels.backends import causal_attention  # noqa: E402
+from minigpt.kernels.backends import causal_attention, use_attention_backend  # noqa: E402
 
 DEVICE = "cuda"
 
@@ -88,9 +88,9 @@ def test_generate_end_to_end(benchmark, record_throughput, attention):
     benchmark.group = "generate on GPU, embed 512, 8 layers, block 1024, batch 8"
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=65, block_size=1024, embed_dim=512, num_heads=8, num_layers=8)
-    model = MiniGPT(config).to(DEVICE).eval().set_attention_backend(attention)
+    model = use_attention_backend(MiniGPT(config).to(DEVICE).eval(), attention)
     engine = KVCacheEngine(model)
-    produced = timed(benchmark, lambda: sum(len(ids) for ids in generate_tokens(
-        engine, list(range(1, 9)), 512, Sampler(temperature=0), 8)))
+    produced = timed(benchmark, lambda: sum(len(ids) for ids in generate_rows(
+        engine, [list(range(1, 9))] * 8, 512, Sampler(temperature=0))))
     assert produced == 8 * 512
     record_throughput(benchmark, "kv-cache" if attention == "torch" else "kv-cache-triton", 8 * 512)

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from minigpt import CharTokenizer, GPTConfig, MiniGPT, Sampler, save_checkpoint
-from minigpt.decoding import generate_tokens
+from minigpt.decoding import generate_rows
 from minigpt.generation import KVCacheEngine, RecomputeEngine
 
 PROMPT = list(range(1, 9))
@@ -110,7 +110,7 @@ def run_engine(engine, batch: int, count: int) -> np.ndarray:
     """(batch, count) greedy ids from PROMPT, by a minigpt engine or a CTranslate2 peer."""
     if hasattr(engine, "greedy"):
         return engine.greedy([PROMPT] * batch, count)
-    return np.stack(list(generate_tokens(engine, PROMPT, count, Sampler(temperature=0), batch)), axis=1)
+    return np.stack(list(generate_rows(engine, [PROMPT] * batch, count, Sampler(temperature=0))), axis=1)
 
 
 @pytest.mark.parametrize("batch", [1, 8])

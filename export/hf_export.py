@@ -27,7 +27,7 @@ import torch
 
 from minigpt.checkpoint import load_checkpoint
 from minigpt.data import DataSource, load_corpus
-from minigpt.decoding import generate_tokens
+from minigpt.decoding import generate_rows
 from minigpt.errors import MiniGPTError
 from minigpt.export.gpt2 import gpt2_config, gpt2_state_dict
 from minigpt.export.onnx_export import LOGIT_TOLERANCE, VERIFY_NEW_TOKENS, ExportReport, quiet
@@ -155,7 +155,7 @@ def verify_directory(folder: Path, model: MiniGPT, tokenizer: CharTokenizer, sam
 
     prompt = [int(i) for i in rng.integers(0, config.vocab_size, size=min(8, config.block_size - 1))]
     count = min(VERIFY_NEW_TOKENS, config.block_size - len(prompt))  # GPT-2 positions end at the block
-    ours = [int(step[0]) for step in generate_tokens(KVCacheEngine(model), prompt, count, Sampler(temperature=0))]
+    ours = [int(step[0]) for step in generate_rows(KVCacheEngine(model), [prompt], count, Sampler(temperature=0))]
     with torch.inference_mode(), quiet():
         prompt_ids = torch.tensor([prompt])
         # An explicit mask: without one, generate() would take every id equal to pad_token_id for padding.

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from minigpt.checkpoint import atomic_write_bytes, load_checkpoint
-from minigpt.decoding import generate_tokens
+from minigpt.decoding import generate_rows
 from minigpt.errors import MiniGPTError
 from minigpt.export.onnx_engine import OnnxEngine, graph_metadata
 from minigpt.export.onnx_graph import DEFAULT_OPSET, MIN_OPSET, build_graph
@@ -192,5 +192,5 @@ def max_logit_difference(model: MiniGPT, engine: OnnxEngine) -> float:
 
 def greedy_tokens(engine, prompt: list[int]) -> tuple[list[int], float]:
     start = time.perf_counter()
-    tokens = [int(ids[0]) for ids in generate_tokens(engine, prompt, VERIFY_NEW_TOKENS, Sampler(temperature=0))]
+    tokens = [int(ids[0]) for ids in generate_rows(engine, [prompt], VERIFY_NEW_TOKENS, Sampler(temperature=0))]
     return tokens, VERIFY_NEW_TOKENS / (time.perf_counter() - start)

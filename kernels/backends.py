@@ -6,16 +6,17 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 
 from minigpt.errors import MiniGPTError
-from minigpt.kernels.attention import attention_weights, torch_causal_attention
+from minigpt.kernels.attention import attention_weights, causal_mask, ragged_causal_mask
 
 BACKENDS = ("auto", "torch", "triton")
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                      key_lengths: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
-    """`torch_causal_attention`'s answer (its shapes), in q's dtype, computed by `backend`: "torch" (SDPA),
+    """The definition's answer (its shapes), in q's dtype, computed by `backend`: "torch" (SDPA),
     "triton" (our fused kernels), or "auto": Triton for CUDA tensors when no gradient is needed and the shape
     is supported."""
     if backend == "auto":
@@ -24,6 +25,34 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         return torch_causal_attention(q, k, v, key_lengths)
     _check_name(backend)
     return _triton_kernels(q).triton_causal_attention(q, k, v, key_lengths)
+
+
+def torch_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           key_lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q kᵀ / √D) v with query i of row b seeing keys 0 .. i + (Tk_b - Tq), through SDPA.
+
+    q: (B, H, Tq, D); k, v: (B, H, Tk, D) with Tk >= Tq, possibly strided views into a cache.
+    key_lengths: (B,) each row's own Tk_b (keys past it are ignored); None: every row has all Tk."""
+    tq, tk = q.shape[-2], k.shape[-2]
+    if tk < tq:
+        raise ValueError(f"causal_attention needs at least as many keys as queries, got Tq={tq}, Tk={tk}")
+    if key_lengths is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=ragged_causal_mask(tq, tk, key_lengths))
+    if tq == tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if tq == 1:  # the newest position sees every key: no mask at all
+        return F.scaled_dot_product_attention(q, k, v)
+    # SDPA's is_causal aligns the mask top-left, which is wrong once the
+    # queries sit at the end of a longer key sequence: build the offset mask.
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(tq, tk, q.device))
+
+
+def use_attention_backend(model, backend: str):
+    """Route every layer of a MiniGPT through "auto", "torch" or "triton" kernels; returns the model."""
+    check_backend(backend, model.tok_emb.weight.device)
+    for block in model.blocks:
+        block.attn.attention_backend = backend
+    return model
 
 
 def check_backend(backend: str, device: torch.device | str) -> None:

@@ -83,11 +83,12 @@ def _engine_for(args: argparse.Namespace, rows: int):
     from minigpt.checkpoint import load_checkpoint
     from minigpt.devices import resolve_device, threads_for
     from minigpt.generation import torch_engine
+    from minigpt.kernels.backends import use_attention_backend
 
     checkpoint = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
     model_bytes = sum(p.numel() * p.element_size() for p in checkpoint.model.parameters())
     _use_threads(args.threads or threads_for(rows, model_bytes))  # as the onnx engine picks them
-    checkpoint.model.set_attention_backend(args.attention)
+    use_attention_backend(checkpoint.model, args.attention)
     return torch_engine(checkpoint.model, args.kv_cache), checkpoint.tokenizer, checkpoint.ngram_draft()
 
 

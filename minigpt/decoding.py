@@ -2,10 +2,8 @@
 
 An engine runs one kind of call, `extend`: write k token ids into rows of a
 batch at positions the caller gives (gpt-fast's `input_pos`) and return the
-logits of every new position. A prefill is an extend at position 0, a decode
-step one token at each row's length. `Rows` keeps which sequence is in which
-row, a `Step` finds the tokens after the rows' pending ones, `generate_rows`
-drives the two. Engines differ only in the logits, so they agree token for token.
+logits of every new position; a prefill is an extend at position 0. A `Step`
+finds the tokens after the rows' pending ones and `generate_rows` drives it.
 """
 
 from __future__ import annotations
@@ -23,8 +21,7 @@ from minigpt.sampling import Sampler, rows_alike
 
 
 class Engine(Protocol):
-    """Buffers for a batch of rows and one forward pass over them. Every call says where its tokens go, so
-    rolling a row back is calling the next `extend` at a shorter length."""
+    """Buffers for a batch of rows and one forward pass over them; engines differ only in the logits."""
 
     block_size: int
     verifies_rows_together: bool  # whether one extend may write several tokens to each of several rows
@@ -32,8 +29,8 @@ class Engine(Protocol):
     def start(self, batch_size: int) -> None: ...
 
     def extend(self, ids: np.ndarray, start_pos: np.ndarray, first_row: int = 0) -> np.ndarray:
-        """Write (n, k) ids into rows first_row .. first_row+n-1, row i at positions start_pos[i] onwards;
-        return the (n, k, V) logits of every new position, valid until the next call."""
+        """Write (n, k) ids into rows first_row .. first_row+n-1, row i at positions start_pos[i] onwards
+        (a shorter start rolls a row back); return the (n, k, V) logits, valid until the next call."""
 
     def move_row(self, source: int, target: int, length: int) -> None:
         """Make row `target` hold the first `length` positions of row `source`."""
@@ -121,23 +118,18 @@ def _generate(rows: Rows, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  for prompt, stream in zip(prompts, sampler.streams(len(prompts)))]
     pending = pick(rows.add(prompts, sequences), sequences)
     emitted = [[token] for token in pending.tolist()]
-    given = 0  # positions handed out: each is yielded once every sequence has found it
+    given = 0  # positions handed out
     while True:
         for sequence, new in zip(rows.sequences, emitted):
             sequence.tokens += new
-        found = [len(sequence.tokens) for sequence in sequences]
-        for given in range(given, min(max_new_tokens, *found)):
-            yield np.array([sequence.tokens[given] for sequence in sequences])
-        given = min(max_new_tokens, *found)
-        if given == max_new_tokens:
+        found = min(max_new_tokens, *(len(sequence.tokens) for sequence in sequences))
+        for position in range(given, found):  # a position is handed out once every sequence has found it
+            yield np.array([sequence.tokens[position] for sequence in sequences])
+        if (given := found) == max_new_tokens:
             return
-        if max(found) >= max_new_tokens:  # a row with all its tokens leaves: running on, it would only slow the rest
-            pending = rows.remove([row for row, sequence in enumerate(rows.sequences) if sequence.done], pending)
+        done = [row for row, sequence in enumerate(rows.sequences) if sequence.done]
+        if done:  # a row with all its tokens leaves: running on, it would only slow the rest
+            pending = rows.remove(done, pending)
         emitted, _ = step(rows, pending)
         pending = np.array([new[-1] for new in emitted])
 
-
-def generate_tokens(engine: Engine, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler,
-                    num_samples: int = 1, step: Step | None = None) -> Iterator[np.ndarray]:
-    """Yield the (num_samples,) ids chosen at each step, all samples decoded as one batch."""
-    return generate_rows(engine, [prompt_ids] * num_samples, max_new_tokens, sampler, step)

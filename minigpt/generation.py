@@ -39,18 +39,20 @@ class KVCacheEngine(TorchEngine):
     cache: KVCache | None = None
 
     def start(self, batch_size: int) -> None:
-        if self.cache is None or self.cache.batch_size != batch_size:
+        if self.cache is None or self.cache.kv.shape[2] != batch_size:
             self.cache = self.model.make_cache(batch_size)
 
     @torch.inference_mode()
     def extend(self, ids: np.ndarray, start_pos: np.ndarray, first_row: int = 0) -> np.ndarray:
-        check_extend(ids, start_pos, first_row, self.cache.batch_size, self.block_size)
-        logits, _ = self.model(torch.as_tensor(ids, device=self.device), start_pos=start_pos,
-                               cache=self.cache.rows(first_row, len(ids)))
+        rows = self.cache.kv.shape[2]
+        check_extend(ids, start_pos, first_row, rows, self.block_size)
+        # Rows first_row .. as a cache of their own: a view, so the keys and values written land in ours.
+        cache = self.cache if len(ids) == rows else KVCache(self.cache.kv.narrow(2, first_row, len(ids)))
+        logits, _ = self.model(torch.as_tensor(ids, device=self.device), start_pos=start_pos, cache=cache)
         return logits.float().cpu().numpy()
 
     def move_row(self, source: int, target: int, length: int) -> None:
-        self.cache.copy_row(source, target, length)
+        self.cache.kv[:, :, target, :, :length] = self.cache.kv[:, :, source, :, :length]
 
 
 class RecomputeEngine(TorchEngine):
@@ -118,7 +120,7 @@ def evaluate_split(model: MiniGPT, ids: np.ndarray, batch_size: int = 64) -> flo
     model.eval()
     engine = KVCacheEngine(model)
     engine.start(batch_size)
-    return -score(engine, ids, rows=batch_size).total / (len(ids) - 1)
+    return -score(engine, ids, rows=batch_size).sum() / (len(ids) - 1)
 
 
 @dataclass

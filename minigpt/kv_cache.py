@@ -1,12 +1,10 @@
 """The KV-cache: every layer's keys and values, preallocated, written at positions the caller gives.
 
-Decoding one token needs the keys and values of every earlier position;
-recomputing them would cost a pass over the whole context. The cache keeps
-them in a static buffer (gpt-fast's design): a forward pass writes its new
-positions in place and attention reads a view of the filled prefix, so a
-decode step allocates nothing. The cache is only buffers: which positions of
-a row are valid is the caller's to know (`minigpt.rows.Rows`) and to pass,
-so rows may sit at different lengths (a ragged batch).
+Decoding one token needs the keys and values of every earlier position. The
+cache keeps them in a static buffer (gpt-fast's design): a forward pass writes
+its new positions in place and attention reads a view of the filled prefix.
+Which positions of a row are valid is the caller's to know and to pass
+(`minigpt.rows.Rows`), so rows may sit at different lengths (a ragged batch).
 """
 
 from __future__ import annotations
@@ -75,17 +73,3 @@ class KVCache:
         check_memory(math.prod(shape) * dtype.itemsize, f"a KV-cache of {batch_size:,} rows", "lower --num-samples "
                      "(or serve's --max-batch)", device)
         return cls(torch.zeros(shape, dtype=dtype, device=device))
-
-    @property
-    def batch_size(self) -> int:
-        return self.kv.shape[2]
-
-    def rows(self, first: int, count: int) -> "KVCache":
-        """Rows first .. first+count-1 as a cache of their own (a view: writes land here)."""
-        if first == 0 and count == self.batch_size:
-            return self
-        return KVCache(self.kv.narrow(2, first, count))
-
-    def copy_row(self, source: int, target: int, length: int) -> None:
-        """Row target's first `length` positions become row source's."""
-        self.kv[:, :, target, :, :length] = self.kv[:, :, source, :, :length]

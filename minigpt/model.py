@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from minigpt.config import GPTConfig
 from minigpt.kv_cache import KVCache, LayerCache, Positions
 from minigpt.kernels import causal_attention
-from minigpt.kernels.backends import check_backend
 
 
 def dropout_layer(p: float) -> nn.Module:
@@ -34,7 +33,7 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.embed_dim, 3 * config.embed_dim)
         self.proj = nn.Linear(config.embed_dim, config.embed_dim)
         self.resid_dropout = dropout_layer(config.dropout)
-        self.attention_backend = "auto"  # see minigpt.kernels.backends
+        self.attention_backend = "auto"  # which kernels compute it: minigpt.kernels.backends.use_attention_backend
 
     def heads(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, E) -> (3, B, H, T, D) queries, keys and values: each head attends in its own subspace."""
@@ -111,13 +110,6 @@ class MiniGPT(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # the tied head counts once
 
-    def set_attention_backend(self, backend: str) -> "MiniGPT":
-        """Route every layer's attention through "auto", "torch" or "triton" kernels."""
-        check_backend(backend, self.tok_emb.weight.device)
-        for block in self.blocks:
-            block.attn.attention_backend = backend
-        return self
-
     def make_cache(self, batch_size: int) -> KVCache:  # in the model's dtype and on its device
         weight = self.tok_emb.weight
         return KVCache.empty(self.config, batch_size, weight.dtype, weight.device)
@@ -125,10 +117,8 @@ class MiniGPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 start_pos: np.ndarray | None = None, cache: KVCache | None = None):
         """(B, T) ids -> (logits (B, T, V), the mean next-token cross-entropy in nats with targets, else None).
-
         Row b's ids sit at positions start_pos[b] onwards (0 without it); with a cache (`make_cache`) they
-        attend to the keys and values it holds at the row's earlier positions, and theirs are written there.
-        """
+        attend to the keys and values it holds at the row's earlier positions, and theirs are written there."""
         where = Positions(idx.shape[1], start_pos, idx.device)
         if where.end > self.config.block_size:
             raise ValueError(f"positions up to {where.end} exceed block_size {self.config.block_size}")

@@ -1,14 +1,10 @@
-"""The sequences in an engine's batch, one per row, and what happens past the block size.
+"""The sequences in an engine's batch, one per row: which sits where, and how many tokens its cache holds.
 
-`Rows` is the one place that knows which sequence sits in which row and how
-many of its tokens the engine's cache holds. Sequences join (`add`) and leave
-(`remove`) between steps, and each step writes one token to every row
-(`decode`): continuous batching is this and nothing more.
-
-Past the block size: a cache of keys computed at positions 0..block_size-1
-cannot slide (every key would need its position changed). So a full row
-alone restarts from its newest `restart_length` tokens: one prefill of half
-a block every half block, instead of a full recompute every step.
+Sequences join (`add`) and leave (`remove`) between steps, and each step
+writes one token to every row (`decode`): continuous batching is no more.
+Past the block size a cache cannot slide (each key was computed at its
+position), so a full row restarts from its newest half block: one prefill
+every half block instead of a recompute every step.
 """
 
 from __future__ import annotations
@@ -79,8 +75,7 @@ class Rows:
         return np.concatenate(logits)
 
     def remove(self, rows: Iterable[int], carry: np.ndarray | None = None) -> np.ndarray | None:
-        """Free these rows, moving the last rows into the gaps (any row index may change). `carry`, one entry a
-        row, moves the same way and comes back cut to the rows that are left."""
+        """Free these rows, moving the last rows into the gaps; `carry` (an entry a row) moves alike, cut."""
         for row in sorted(rows, reverse=True):  # from the end: the last row is then never one being freed
             last = self.count - 1
             if row != last:

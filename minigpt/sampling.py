@@ -12,31 +12,23 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from minigpt.errors import ConfigError
-from minigpt.settings import check_seed
+from minigpt.settings import POSITIVE, SEED, Bounded, check_bounds, option
 
 GREEDY_BELOW = 1e-5  # as vLLM: below it sampling is greedy in all but name, and 5e-324 overflows a division
 
 
 @dataclass
 class Sampler:
-    """temperature 0 is greedy; top_k keeps the k likeliest tokens; top_p the smallest set holding p of the mass."""
+    """How each row's logits become its token; every field is checked where a value comes in (flag or request)."""
 
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None
+    temperature: float = option(1.0, "divides the logits; 0 is greedy", Bounded(float, 0))
+    top_k: int | None = option(None, "sample among the k likeliest tokens only", POSITIVE)
+    top_p: float | None = option(None, "sample from the smallest set of likeliest tokens holding this much "
+                                 "probability (0 keeps the likeliest alone)", Bounded(float, 0, 1))
+    seed: int | None = option(None, "same seed, same text", SEED)
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise ConfigError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}", "temperature")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or self.top_k < 1):
-            raise ConfigError(f"top_k must be a positive integer, got {self.top_k}", "top_k")
-        if self.top_p is not None and not 0 <= self.top_p <= 1:
-            raise ConfigError(f"top_p must be in [0, 1] (0 keeps the likeliest token alone), got {self.top_p}",
-                              "top_p")
-        if self.seed is not None:
-            check_seed(self.seed)
+        check_bounds(self)
 
     @property
     def greedy(self) -> bool:

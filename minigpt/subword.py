@@ -213,10 +213,21 @@ def tokenizer_from_metadata(metadata: dict[str, str], source: str) -> CharTokeni
         if TOKENIZER_META in metadata:
             return BPETokenizer(metadata[TOKENIZER_META])
         if "vocab" in metadata:
-            return CharTokenizer.from_json(metadata["vocab"])
+            return char_tokenizer_from_json(metadata["vocab"])
     except MiniGPTError as exc:
         raise CheckpointError(f"{source} has bad metadata: {exc}") from None
     raise CheckpointError(f"{source} has no 'vocab' in its metadata; it was not written by minigpt")
+
+
+def char_tokenizer_from_json(text: str) -> CharTokenizer:
+    """A character vocabulary as `CharTokenizer.to_json` writes it: one JSON string of distinct characters."""
+    try:
+        chars = json.loads(text)
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise MiniGPTError(f"vocab is not valid JSON ({exc})") from None
+    if not isinstance(chars, str) or len(set(chars)) != len(chars):
+        raise MiniGPTError("vocab must be a JSON string of distinct characters")
+    return CharTokenizer(chars)
 
 
 def token_spellings(tokenizer) -> list:

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from minigpt.decoding import Engine, Step, generate_tokens
+from minigpt.decoding import Engine, Step, generate_rows
 from minigpt.engine_checks import check_lengths
 from minigpt.errors import MiniGPTError
 from minigpt.sampling import Sampler
@@ -34,7 +34,7 @@ def stream_characters(engine: Engine, tokenizer: CharTokenizer, prompt: str, max
     sampler = sampler_type(temperature, top_k, top_p, seed)
     ids = prompt_ids(tokenizer, prompt)
     check_lengths(max_new_tokens, num_samples)
-    steps = generate_tokens(engine, ids, max_new_tokens, sampler, num_samples, step)
+    steps = generate_rows(engine, [ids] * num_samples, max_new_tokens, sampler, step)
     return _texts(steps, [tokenizer.pieces() for _ in range(num_samples)])
 
 

@@ -62,18 +62,6 @@ class CharTokenizer:
     def to_json(self) -> str:
         return json.dumps("".join(self.chars), ensure_ascii=False)
 
-    @classmethod
-    def from_json(cls, text: str) -> "CharTokenizer":
-        try:
-            chars = json.loads(text)
-        except (TypeError, json.JSONDecodeError) as exc:
-            raise MiniGPTError(f"vocab is not valid JSON ({exc})") from None
-        if not isinstance(chars, str) or len(set(chars)) != len(chars):
-            raise MiniGPTError("vocab must be a JSON string of distinct characters")
-        return cls(chars)
-
     def __eq__(self, other: object) -> bool:
         return isinstance(other, CharTokenizer) and self.chars == other.chars
 
-    def __repr__(self) -> str:
-        return f"CharTokenizer(vocab_size={self.vocab_size})"

@@ -33,7 +33,8 @@ from minigpt.errors import MiniGPTError
 from minigpt.generation import generate
 from minigpt.model import MiniGPT
 from minigpt.subword import KINDS, check_same_kind, make_tokenizer
-from minigpt.training import NonFiniteLoss, Run, TrainingPlan, TrainResult, train_loop
+from minigpt.training import train_loop
+from minigpt.training_plan import NonFiniteLoss, Run, TrainingPlan, TrainResult
 from minigpt.training_checks import (OutputLock, StopSignals, TrainingInterrupted, check_compiler, check_model_fits,
                                      check_one_start, check_out_path, check_resumable, flag_list, metrics_path_for,
                                      resumed_settings)

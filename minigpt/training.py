@@ -1,30 +1,25 @@
 """Training a MiniGPT: batches, the step, the learning-rate schedule, evaluation and saving, in one loop.
 
 `minigpt.train` plans a run (settings checked, data read, model built or
-restored) and calls `train_loop`; what a full run adds around this one plain
-process (several processes, torch.compile, Ctrl-C, the metrics log, the draft
-table) comes in through its `Run`.
+restored) and calls `train_loop`; what a full run adds around it (saving,
+several processes, Ctrl-C) comes in through the plan's `Run`
+(`minigpt.training_plan`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import sys
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from minigpt.checkpoint import save_checkpoint
 from minigpt.config import TrainConfig
-from minigpt.errors import MiniGPTError
 from minigpt.model import MiniGPT
-from minigpt.tokenizer import CharTokenizer
+from minigpt.training_plan import Run, TrainingPlan, TrainResult
 
 LN2 = math.log(2)
 
@@ -79,83 +74,19 @@ def autocast_for(device: torch.device):
 def estimate_loss(model: MiniGPT, ids: np.ndarray, config: TrainConfig, device: torch.device) -> float:
     """Mean loss over eval_iters random batches; the same batches at every evaluation."""
     generator = torch.Generator().manual_seed(config.seed + 1)
-    was_training = model.training
     model.eval()
     losses = []
     for _ in range(config.eval_iters):
         x, y = sample_batch(ids, config.batch_size, model.config.block_size, generator, device)
         with autocast_for(device):
             losses.append(model(x, y)[1].item())
-    model.train(was_training)
+    model.train()
     return sum(losses) / len(losses)
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
     """A seed for each (process, step): resuming at step N draws what an uninterrupted run draws there."""
     return ((seed * 1_000_003 + rank) * 1_000_000_007 + step) % 2**63
-
-
-class NonFiniteLoss(MiniGPTError):
-    """The loss became inf or NaN; nothing from that step on was saved."""
-
-
-@dataclass
-class TrainingPlan:
-    """A run, checked and loaded (`minigpt.train.plan_training`): nothing about it can fail any more."""
-
-    config: TrainConfig
-    out: Path
-    device: torch.device
-    corpus: object  # a `minigpt.encoded.EncodedCorpus`
-    model: MiniGPT
-    tokenizer: CharTokenizer
-    first_step: int = 1
-    optimizer_state: dict | None = None
-    resume: Path | None = None
-    compile: bool = False
-    notes: list[str] = field(default_factory=list)  # said once before training starts
-
-    def split(self, name: str) -> np.ndarray:
-        return self.tokenizer.corpus_ids(self.corpus, name, self.model.config.block_size)
-
-
-@dataclass
-class TrainResult:
-    model: MiniGPT
-    tokenizer: CharTokenizer
-    history: list[dict] = field(default_factory=list)  # one record per step, eval numbers where evaluated
-    tokens_per_s: float = 0.0
-    wall_s: float = 0.0
-
-
-class Run:
-    """What the loop asks of the run around it: here one process that saves the checkpoint."""
-
-    rank, world_size, is_main = 0, 1, True
-
-    def __init__(self, plan: TrainingPlan, model: MiniGPT, optimizer: torch.optim.Optimizer):
-        self.plan, self.model, self.optimizer = plan, model, optimizer
-
-    def step_model(self) -> torch.nn.Module:  # what the loop steps: the model, or a wrapper of it
-        return self.model
-
-    def agree(self, flag: bool) -> bool:  # whether any process raised `flag`: all decide alike
-        return flag
-
-    def save(self, step: int, final: bool = False) -> None:
-        plan = self.plan
-        save_checkpoint(plan.out, self.model, plan.tokenizer, step=step, data=plan.corpus.source,
-                        optimizer=self.optimizer, draft=self.draft(step, final),
-                        train_config=dataclasses.asdict(plan.config))
-
-    def draft(self, step: int, final: bool):  # what speculative decoding will guess from, saved with the model
-        return None
-
-    def after_step(self, record: dict, saved: bool) -> None:
-        """Each step's record; a run may stop here (saving first when the step did not)."""
-
-    def close(self) -> None:  # the loop is over, or failed
-        pass
 
 
 def train_loop(plan: TrainingPlan, make_run=Run, progress: bool = True, on_step=None) -> TrainResult:
@@ -184,7 +115,7 @@ def train_loop(plan: TrainingPlan, make_run=Run, progress: bool = True, on_step=
             torch.manual_seed(seed)  # dropout
             x, y = sample_batch(train_ids, config.batch_size, block, generator, device)
             loss = training_step(step_model, optimizer, x, y, config.grad_clip, device)
-            check_finite(loss, step, run, config, plan.out)
+            run.check_finite(loss, step)
             record = {"step": step, "tokens": step * tokens_per_step, "loss": loss, "lr": lr,
                       "seconds": (seconds := time.perf_counter() - start),  # training time, this process
                       "tokens_per_s": (step - plan.first_step + 1) * tokens_per_step / seconds}
@@ -201,14 +132,6 @@ def train_loop(plan: TrainingPlan, make_run=Run, progress: bool = True, on_step=
     result.tokens_per_s = len(steps) * tokens_per_step / result.wall_s
     model.eval()
     return result
-
-
-def check_finite(loss: float, step: int, run: Run, config: TrainConfig, out: Path) -> None:
-    if run.agree(not math.isfinite(loss)):  # on any process: all stop
-        kept = f"the checkpoint {out} is left as it was" if out.exists() else "nothing was saved"
-        advice = "lower --learning-rate" + (" or --grad-clip" if config.grad_clip else ", or clip the gradient "
-                                                                                  "with --grad-clip 1")
-        raise NonFiniteLoss(f"the loss became {loss} at step {step}; {kept}: {advice} and try again")
 
 
 def evaluate(model: MiniGPT, train_ids: np.ndarray, valid_ids: np.ndarray, config: TrainConfig,

@@ -90,6 +90,7 @@ def make_engine(tiny_loaded, tiny_onnx):
     Triton kernels, through the interpreter here) or "onnx"."""
     from minigpt.export.onnx_engine import OnnxEngine
     from minigpt.generation import KVCacheEngine, RecomputeEngine
+    from minigpt.kernels.backends import use_attention_backend
 
     model = tiny_loaded.model
 
@@ -98,11 +99,11 @@ def make_engine(tiny_loaded, tiny_onnx):
             return OnnxEngine(tiny_onnx)
         if name == "recompute":
             return RecomputeEngine(model)
-        model.set_attention_backend("triton" if name == "kv-cache-triton" else "torch")
+        use_attention_backend(model, "triton" if name == "kv-cache-triton" else "torch")
         return KVCacheEngine(model)
 
     yield make
-    model.set_attention_backend("auto")
+    use_attention_backend(model, "auto")
 
 
 @pytest.fixture

@@ -87,11 +87,11 @@ def test_past_block_size_follows_the_documented_policy():
         for context in expected_context_lengths(len(prompt), 3 * block, block):
             logits, _ = model(torch.tensor([tokens[-context:]]))
             tokens.append(int(logits[0, -1].argmax()))
-    from minigpt.decoding import generate_tokens
+    from minigpt.decoding import generate_rows
     from minigpt.sampling import Sampler
 
     for engine in (KVCacheEngine(model), RecomputeEngine(model)):
-        produced = [int(ids[0]) for ids in generate_tokens(engine, prompt, 3 * block, Sampler(temperature=0))]
+        produced = [int(ids[0]) for ids in generate_rows(engine, [prompt], 3 * block, Sampler(temperature=0))]
         assert produced == tokens[len(prompt):]
 
 

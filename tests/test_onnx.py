@@ -6,7 +6,7 @@ import pytest
 
 from minigpt import load_checkpoint
 from minigpt.cli import main
-from minigpt.decoding import generate_tokens
+from minigpt.decoding import generate_rows
 from minigpt.text import join_samples, stream_characters
 from minigpt.rows import prefill
 from minigpt.export.onnx_engine import OnnxEngine
@@ -44,8 +44,8 @@ def test_greedy_tokens_match_pytorch_kv_cache(tiny_checkpoint, exported, prompt_
     prompt = list(range(prompt_len))
     new = 3 * BLOCK  # past the block size too: both follow the same policy
     greedy = Sampler(temperature=0)
-    torch_tokens = [int(t[0]) for t in generate_tokens(KVCacheEngine(model), prompt, new, greedy)]
-    onnx_tokens = [int(t[0]) for t in generate_tokens(OnnxEngine(exported["fp32"]), prompt, new, greedy)]
+    torch_tokens = [int(t[0]) for t in generate_rows(KVCacheEngine(model), [prompt], new, greedy)]
+    onnx_tokens = [int(t[0]) for t in generate_rows(OnnxEngine(exported["fp32"]), [prompt], new, greedy)]
     assert onnx_tokens == torch_tokens
 
 

@@ -7,6 +7,7 @@ import torch
 
 from tiny import TINY_TEXT
 from minigpt.scoring import score, windows
+from minigpt.serve.protocol import top_tokens
 
 
 def reference_logprobs(model, ids):
@@ -26,11 +27,14 @@ def test_every_engine_scores_like_the_models_forward(make_engine, tiny_loaded, n
     ids = np.array(tiny_loaded.tokenizer.encode(TINY_TEXT[:length]))
     engine = make_engine(name)
     engine.start(rows + 1)
-    scores = score(engine, ids, first_row=1, rows=rows, top=3)
-    np.testing.assert_allclose(scores.logprobs, reference_logprobs(tiny_loaded.model, ids), rtol=1e-5, atol=1e-5)
-    assert scores.top_ids.shape == (length - 1, 3)
-    assert (scores.top_logprobs[:, 0] >= scores.logprobs - 1e-9).all()
-    assert (np.diff(scores.top_logprobs, axis=1) <= 0).all()
+    tops, seen = [], []
+    logprobs = score(engine, ids, first_row=1, rows=rows,
+                     each_window=lambda start, window: (seen.append(start), tops.append(top_tokens(window, 3)[1])))
+    np.testing.assert_allclose(logprobs, reference_logprobs(tiny_loaded.model, ids), rtol=1e-5, atol=1e-5)
+    assert seen == [start for start, _ in windows(length, tiny_loaded.model.config.block_size)]
+    top_logprobs = np.concatenate(tops)
+    assert top_logprobs.shape == (length - 1, 3)
+    assert (top_logprobs[:, 0] >= logprobs - 1e-9).all() and (np.diff(top_logprobs, axis=1) <= 0).all()
 
 
 def test_windows_cover_every_token_after_the_first_once():

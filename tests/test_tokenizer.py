@@ -2,6 +2,7 @@ import pytest
 
 from minigpt import CharTokenizer, MiniGPTError
 from minigpt.errors import UnknownCharactersError
+from minigpt.subword import tokenizer_from_metadata
 
 
 def test_round_trip_keeps_every_character():
@@ -29,10 +30,10 @@ def test_unknown_characters_are_listed_in_one_line():
 
 def test_json_round_trip():
     tokenizer = CharTokenizer.from_text("zyx\n\"'\\ é")
-    assert CharTokenizer.from_json(tokenizer.to_json()) == tokenizer
+    assert tokenizer_from_metadata(tokenizer.metadata(), "a checkpoint") == tokenizer
 
 
 @pytest.mark.parametrize("bad", ["not json", "[1, 2]", '"aab"', '""'])
 def test_bad_vocab_json_is_a_clear_error(bad):
-    with pytest.raises(MiniGPTError):
-        CharTokenizer.from_json(bad)
+    with pytest.raises(MiniGPTError, match="a checkpoint has bad metadata: "):
+        tokenizer_from_metadata({"vocab": bad}, "a checkpoint")

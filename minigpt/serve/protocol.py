@@ -11,6 +11,8 @@ import json
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from minigpt.text import EMPTY_PROMPT, prompt_ids
 from minigpt.errors import ConfigError, MiniGPTError
 from minigpt.fast_sampling import FastSampler
@@ -203,6 +205,18 @@ def lm_eval_model_args(model_id: str, base_url: str, tokenizer: CharTokenizer, b
 
 # ---------------------------------------------------------------------------------------------------------------
 # Responses
+
+
+def top_tokens(logprobs: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `top` likeliest ids of each row of (..., V) log-probabilities and theirs, likeliest first."""
+    if top == 0:
+        return (np.zeros(logprobs.shape[:-1] + (0,), dtype=np.int64),
+                np.zeros(logprobs.shape[:-1] + (0,), dtype=np.float64))
+    ids = np.argpartition(-logprobs, top - 1, axis=-1)[..., :top] if top < logprobs.shape[-1] else \
+        np.broadcast_to(np.arange(logprobs.shape[-1]), logprobs.shape)
+    chosen = np.take_along_axis(logprobs, ids, axis=-1)
+    order = np.argsort(-chosen, axis=-1, kind="stable")  # a partition is unordered: sort the few it keeps
+    return np.take_along_axis(ids, order, axis=-1), np.take_along_axis(chosen, order, axis=-1)
 
 
 @dataclass

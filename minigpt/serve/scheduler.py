@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from minigpt.decoding import Continuation, Engine, PlainStep, Step, pick
-from minigpt.scoring import log_softmax, score, top_tokens
-from minigpt.serve.protocol import CompletionRequest, RequestError, Scores
+from minigpt.scoring import log_softmax, score
+from minigpt.serve.protocol import CompletionRequest, RequestError, Scores, top_tokens
 from minigpt.serve.stop_strings import StopMatcher
 from minigpt.tokenizer import CharTokenizer
 
@@ -338,7 +338,12 @@ class Scheduler:
         self._send(events)
 
     def _prompt_scores(self, prompt: list[int], top: int, free: int) -> Scores:
-        token_scores = score(self.rows.engine, prompt, first_row=self.rows.count, rows=free, top=top)
-        tops = self._top_dicts(token_scores.top_ids, token_scores.top_logprobs, [top] * len(token_scores.logprobs))
-        entries = [(None, None)] + list(zip(token_scores.logprobs.tolist(), tops))
+        top_ids, top_logprobs = np.zeros((len(prompt) - 1, top), dtype=np.int64), np.zeros((len(prompt) - 1, top))
+
+        def keep_top(start: int, window: np.ndarray) -> None:
+            top_ids[start:start + len(window)], top_logprobs[start:start + len(window)] = top_tokens(window, top)
+
+        logprobs = score(self.rows.engine, prompt, first_row=self.rows.count, rows=free, each_window=keep_top)
+        tops = self._top_dicts(top_ids, top_logprobs, [top] * len(logprobs))
+        entries = [(None, None)] + list(zip(logprobs.tolist(), tops))
         return Scores(0, list(self.tokenizer.decode(prompt)), entries)
