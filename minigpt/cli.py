@@ -157,9 +157,6 @@ def _serve(args: argparse.Namespace) -> None:
 
     limits = Limits(**given(args, Limits))
     engine, tokenizer, ngram = _engine_for(args, limits.max_batch)
-    if tokenizer.kind != "char":
-        raise MiniGPTError(f"{args.checkpoint} is a BPE model, and the server's logprobs, stop strings and /tokenize "
-                           "count characters as tokens: serve a character model, or use minigpt generate")
     step = _step_for(args, tokenizer, ngram, limits.max_batch)
     model_id = Path(args.checkpoint).stem
     print(f"minigpt: serving {model_id!r} ({type(engine).__name__}, {limits.max_batch} rows) at "

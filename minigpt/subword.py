@@ -230,6 +230,31 @@ def char_tokenizer_from_json(text: str) -> CharTokenizer:
     return CharTokenizer(chars)
 
 
+def token_strings(tokenizer) -> list[str]:
+    """Each id's text as OpenAI's logprobs name tokens: its characters, or `bytes:\\xNN...` for a BPE token
+    whose bytes do not make whole characters."""
+    if tokenizer.kind == "char":
+        return list(tokenizer.chars)
+    strings = []
+    for index in range(tokenizer.vocab_size):
+        spelt = tokenizer.token_bytes(index)
+        try:
+            strings.append(spelt.decode("utf-8"))
+        except UnicodeDecodeError:
+            strings.append("bytes:" + "".join(f"\\x{byte:02x}" for byte in spelt))
+    return strings
+
+
+def token_offsets(tokenizer, ids) -> tuple[str, list[int]]:
+    """The text of `ids` and where each token's text starts in it (a token that ends inside a character adds
+    nothing: the character is the next token's)."""
+    decode, text, offsets = tokenizer.pieces(), "", []
+    for index in ids:
+        offsets.append(len(text))
+        text += decode(index)
+    return text + decode(None), offsets
+
+
 def token_spellings(tokenizer) -> list:
     """What each id stands for (a character, or a BPE token's bytes): ids of two tokenizers that spell the same
     are the same token."""

@@ -12,7 +12,7 @@ os.environ["XDG_CACHE_HOME"] = __import__("tempfile").mkdtemp(prefix="minigpt-te
 
 import pytest  # noqa: E402
 
-from tiny import TINY_MODEL, TINY_TEXT  # noqa: E402
+from tiny import BPE_MODEL, TINY_MODEL, TINY_TEXT, UNICODE_TEXT  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -28,11 +28,15 @@ def tiny_model():
     return dict(TINY_MODEL)
 
 
+def corpus_file(tmp_path_factory, name: str, text: str):
+    path = tmp_path_factory.mktemp("data") / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "tiny.txt"
-    path.write_text(TINY_TEXT, encoding="utf-8")
-    return path
+    return corpus_file(tmp_path_factory, "tiny.txt", TINY_TEXT)
 
 
 @pytest.fixture(scope="session")
@@ -204,3 +208,22 @@ def cli_without(tmp_path_factory):
                               cwd=tmp_path_factory.mktemp("cwd"))
 
     return run
+
+
+@pytest.fixture(scope="session")
+def unicode_file(tmp_path_factory):
+    return corpus_file(tmp_path_factory, "unicode.txt", UNICODE_TEXT)
+
+
+@pytest.fixture(scope="session")
+def bpe_checkpoint(unicode_file, tmp_path_factory):
+    """A 300-token BPE model trained through the CLI, and its ONNX export."""
+    from minigpt.cli import main
+
+    folder = tmp_path_factory.mktemp("bpe")
+    out = folder / "bpe.safetensors"
+    assert main(["train", "--data", str(unicode_file), "--tokenizer", "bpe", "--vocab-size", "300", "--steps", "40",
+                 "--eval-interval", "40", "--learning-rate", "3e-3", "--sample-tokens", "0", "--quiet",
+                 "--out", str(out), *BPE_MODEL]) == 0
+    assert main(["export", "--onnx", "--checkpoint", str(out), "--out", str(folder / "bpe.onnx")]) == 0
+    return out

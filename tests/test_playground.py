@@ -183,3 +183,34 @@ def test_the_page_is_served_offline_from_the_package(checkpoint_server):
     assert 'rel="icon" href="/favicon.svg"' in html
     _, text, _ = checkpoint_server.request("POST", "/v1/attention", {"model": "tiny", "prompt": "THE"})
     assert "never saw" in json.loads(text)["error"]["message"]
+
+
+def test_a_subword_model_shows_each_tokens_odds(bpe_checkpoint, free_port, browser, tmp_path):
+    """A BPE token writes several characters, or none while a character's bytes arrive: the page shows one
+    piece a token that writes text, with the odds the API gives that token."""
+    prompt, sampling = "naïve 😀 the", {"temperature": 1.0, "seed": 3}
+    server = Server(bpe_checkpoint, port=free_port())
+    try:
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{server.port}/")
+        generate(page, prompt=prompt, max_tokens=40, **sampling)
+        printed = generate_cli(bpe_checkpoint, "--prompt", prompt, "--max-new-tokens", 40, "--temperature", 1.0,
+                               "--seed", 3)
+        assert page.text_content("#text") + "\n" == printed
+        _, body, _ = server.post({"model": "bpe", "prompt": prompt, "max_tokens": 40, "logprobs": 5, **sampling})
+        api = body["choices"][0]["logprobs"]
+        pieces = page.eval_on_selector_all(".char", "spans => spans.map(s => [Number(s.dataset.index), s.textContent])")
+        offsets = api["text_offset"] + [len(prompt) + len(body["choices"][0]["text"])]
+        text = prompt + body["choices"][0]["text"]
+        assert pieces == [[i, text[offsets[i]:offsets[i + 1]]] for i in range(40) if offsets[i + 1] > offsets[i]]
+        # A token of several characters, among its five likeliest (the page marks it in its table).
+        index = next(i for i, piece in pieces if len(piece) > 1 and api["tokens"][i] in api["top_logprobs"][i])
+        page.click(f'.char[data-index="{index}"]')
+        shown = page.eval_on_selector_all("#alternatives tr", "rows => rows.map(r => Number(r.dataset.probability))")
+        expected = sorted(map(math.exp, api["top_logprobs"][index].values()), reverse=True)
+        assert shown[:-1] == pytest.approx(expected, abs=1e-6)
+        sampled = page.text_content("#alternatives tr.sampled td")
+        assert sampled == api["tokens"][index].replace(" ", "␣") + " (written)"
+        page.screenshot(path=str(tmp_path / "bpe.png"))
+    finally:
+        assert server.stop()[0] == 0

@@ -13,31 +13,7 @@ from minigpt import load_checkpoint
 from minigpt.cli import main
 from minigpt.data import load_corpus
 from minigpt.subword import BPETokenizer, encoded_split, train_bpe
-
-# Accents, CJK, emoji (four UTF-8 bytes), a zero-width joiner sequence: characters the BPE never merged.
-UNICODE_TEXT = ("the quick brown fox jumps over the lazy dog.\nnaïve café, déjà vu; 東京 and 北京 😀 👩‍💻\n"
-                "a dog is not a fox, and a fox is not a dog.\n") * 40
-BPE_MODEL = ["--block-size", "32", "--embed-dim", "32", "--num-heads", "2", "--num-layers", "2"]
-
-
-@pytest.fixture(scope="module")
-def unicode_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("bpe-data") / "unicode.txt"
-    path.write_text(UNICODE_TEXT, encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
-def bpe_checkpoint(unicode_file, tmp_path_factory):
-    """A 300-token BPE model trained through the CLI, and its ONNX export."""
-    folder = tmp_path_factory.mktemp("bpe")
-    out = folder / "bpe.safetensors"
-    assert main(["train", "--data", str(unicode_file), "--tokenizer", "bpe", "--vocab-size", "300", "--steps", "40",
-                 "--eval-interval", "40", "--learning-rate", "3e-3", "--sample-tokens", "0", "--quiet",
-                 "--out", str(out), *BPE_MODEL]) == 0
-    assert main(["export", "--onnx", "--checkpoint", str(out), "--out", str(folder / "bpe.onnx")]) == 0
-    return out
-
+from tiny import BPE_MODEL, UNICODE_TEXT
 
 def test_every_string_round_trips(unicode_file):
     tokenizer = train_bpe(load_corpus(unicode_file), 300)
@@ -191,6 +167,28 @@ def test_the_transformers_export_gives_minigpts_greedy_text_and_loads_back(bpe_c
     assert ctranslate2.greedy([ids[0].tolist()], count)[0].tolist() == new.tolist()
 
 
+
+def test_lm_eval_hf_model_scores_the_export_in_bits_per_byte_as_minigpt_does(bpe_checkpoint, tmp_path):
+    """lm-eval's `hf` model on the BPE export, begun after the newline token: its bits per byte are minigpt's
+    own summed token log-probabilities over the same windows (whole blocks), over the text's UTF-8 bytes."""
+    pytest.importorskip("lm_eval", reason="lm-eval is in the test extra")
+    from minigpt.generation import evaluate_split
+    from tiny import run_lm_eval
+
+    loaded = load_checkpoint(bpe_checkpoint)
+    assert main(["export", "--hf", "--checkpoint", str(bpe_checkpoint), "--out", str(tmp_path / "hf")]) == 0
+    newline, block = loaded.tokenizer.id_of("\n"), loaded.model.config.block_size
+    # Whole blocks of tokens (lm-eval's rolling windows are then ours) that spell whole characters.
+    every = loaded.tokenizer.encode(UNICODE_TEXT[:600])
+    blocks = next(n for n in range(len(every) // block, 0, -1)
+                  if loaded.tokenizer.encode(loaded.tokenizer.decode(every[:n * block])) == every[:n * block])
+    ids = np.array([newline] + every[:blocks * block])
+    text = loaded.tokenizer.decode(every[:blocks * block])
+    bits, _ = run_lm_eval(tmp_path, "hf", f"pretrained={tmp_path / 'hf'},prefix_token_id={newline}", text, [])
+    ours = evaluate_split(loaded.model, ids) * (len(ids) - 1) / math.log(2) / len(text.encode("utf-8"))
+    assert bits == pytest.approx(ours, abs=1e-5)
+
+
 def bench_module(name: str):
     import importlib.util
     from pathlib import Path
@@ -199,7 +197,3 @@ def bench_module(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def test_the_server_says_it_takes_character_models(bpe_checkpoint, cli_error):
-    cli_error(["serve", "--checkpoint", str(bpe_checkpoint)], "BPE model")

@@ -57,3 +57,9 @@ def run_lm_eval(folder, model, model_args, text, prompts, max_gen_toks=30):
     samples = list((folder / "out").rglob("samples_minigpt_prompts_*.jsonl"))
     lines = [json.loads(line) for path in samples for line in path.read_text().splitlines()]
     return bits, {line["doc"]["prompt"]: line["resps"][0][0] for line in lines}
+
+
+# Accents, CJK, emoji (four UTF-8 bytes), a zero-width joiner sequence: characters the BPE never merged.
+UNICODE_TEXT = ("the quick brown fox jumps over the lazy dog.\nnaïve café, déjà vu; 東京 and 北京 😀 👩‍💻\n"
+                "a dog is not a fox, and a fox is not a dog.\n") * 40
+BPE_MODEL = ["--block-size", "32", "--embed-dim", "32", "--num-heads", "2", "--num-layers", "2"]

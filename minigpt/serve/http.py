@@ -70,7 +70,7 @@ class CompletionsAPI:
             self.check_key(request)
             body = await read_json(request, self.limits.read_timeout)
             parsed = parse_completion(body, self.tokenizer, self.model_id, self.limits)
-            job = Job(parsed, asyncio.get_running_loop())
+            job = Job(parsed, asyncio.get_running_loop(), self.tokenizer)
             if not self.scheduler.submit(job):
                 raise RequestError(f"the server is busy ({self.limits.max_queue} requests are waiting); retry shortly",
                                    status=429, code="queue_full")
@@ -129,11 +129,11 @@ class CompletionsAPI:
         return JSONResponse(self.model_card())
 
     async def tokenizer_info(self, request):
-        """vLLM's tokenizer routes, which lm-eval's `local-completions` finds and uses on its own: a character
-        vocabulary has no special tokens."""
+        """vLLM's tokenizer routes, which lm-eval's `local-completions` finds and uses on its own: neither a
+        character vocabulary nor minigpt's byte-level BPE has special tokens."""
         from starlette.responses import JSONResponse
 
-        return JSONResponse({"tokenizer_class": "CharTokenizer", "vocab_size": len(self.tokenizer.chars),
+        return JSONResponse({"tokenizer_class": type(self.tokenizer).__name__, "vocab_size": self.tokenizer.vocab_size,
                              "model_max_length": self.block_size, "bos_token": None, "eos_token": None,
                              "pad_token": None, "unk_token": None, "chat_template": None})
 
@@ -158,8 +158,8 @@ class CompletionsAPI:
         try:
             body = await read_json(request, self.limits.read_timeout)
             ids = body.get("tokens") if isinstance(body, dict) else None
-            if not in_vocabulary(ids, len(self.tokenizer.chars)):
-                raise RequestError(f"send {{\"tokens\": [ids from 0 to {len(self.tokenizer.chars) - 1}]}}", "tokens")
+            if not in_vocabulary(ids, self.tokenizer.vocab_size):
+                raise RequestError(f"send {{\"tokens\": [ids from 0 to {self.tokenizer.vocab_size - 1}]}}", "tokens")
         except RequestError as error:
             return self.fail(error)
         return JSONResponse({"prompt": self.tokenizer.decode(ids)})
@@ -182,7 +182,7 @@ class CompletionsAPI:
             weights = await asyncio.wrap_future(self.scheduler.call(lambda: last_attention(model, window)))
         except RequestError as error:
             return self.fail(error)
-        return JSONResponse({"tokens": [self.tokenizer.chars[i] for i in window], "weights": weights})
+        return JSONResponse({"tokens": [self.scheduler.vocabulary[i] for i in window], "weights": weights})
 
     async def page(self, request):
         """The playground (`minigpt/serve/playground/`): static files, read once."""

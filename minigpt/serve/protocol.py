@@ -135,7 +135,7 @@ def _parse_prompts(body: dict, tokenizer: CharTokenizer) -> tuple[list[str], lis
             return prompt, [prompt_ids(tokenizer, p) for p in prompt]
         except MiniGPTError as exc:  # unknown characters: the CLI's message
             raise RequestError(str(exc), "prompt") from None
-    vocab = len(tokenizer.chars)
+    vocab = tokenizer.vocab_size
     for ids in prompt:
         if not ids or not in_vocabulary(ids, vocab):
             raise RequestError(f"token ids must be from 0 to {vocab - 1} (this model's vocabulary), at least one a "
@@ -221,20 +221,20 @@ def top_tokens(logprobs: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass
 class Scores:
-    """The log-probabilities of a run of characters (a character is a token), as OpenAI's legacy completions
-    list them: an echoed prompt's first token has none."""
+    """The log-probabilities of a run of tokens, as OpenAI's legacy completions list them: an echoed prompt's
+    first token has none."""
 
-    offset: int  # where the run starts in the prompt + completion text
+    offsets: list[int]  # where each token's text starts in the prompt + completion text, in characters
     tokens: list[str]
     entries: list[tuple[float | None, dict[str, float] | None]]  # (logprob, the likeliest tokens' logprobs)
 
     def __add__(self, later: Scores) -> Scores:
-        return Scores(self.offset, self.tokens + later.tokens, self.entries + later.entries)
+        return Scores(self.offsets + later.offsets, self.tokens + later.tokens, self.entries + later.entries)
 
     def as_json(self) -> dict:
         return {"tokens": self.tokens, "token_logprobs": [logprob for logprob, _ in self.entries],
                 "top_logprobs": [top for _, top in self.entries],
-                "text_offset": list(range(self.offset, self.offset + len(self.tokens)))}
+                "text_offset": self.offsets}
 
     def json_text(self) -> str:
         """json.dumps(self.as_json()), formatted by hand: a streamed token's scores, written at every step,
@@ -243,16 +243,16 @@ class Scores:
             (logprob, top), = self.entries
             return (f'{{"tokens": [{_quoted(self.tokens[0])}], "token_logprobs": [{logprob!r}], "top_logprobs": '
                     f'[{{{", ".join([f"{_quoted(t)}: {v!r}" for t, v in top.items()])}}}], '
-                    f'"text_offset": [{self.offset}]}}')
+                    f'"text_offset": [{self.offsets[0]}]}}')
         tops = ("null" if top is None else "{" + ", ".join(f"{_quoted(t)}: {v!r}" for t, v in top.items()) + "}"
                 for _, top in self.entries)
         return (f'{{"tokens": [{", ".join(map(_quoted, self.tokens))}], "token_logprobs": ['
                 f'{", ".join("null" if logprob is None else repr(logprob) for logprob, _ in self.entries)}], '
                 f'"top_logprobs": [{", ".join(tops)}], '
-                f'"text_offset": [{", ".join(map(str, range(self.offset, self.offset + len(self.tokens))))}]}}')
+                f'"text_offset": [{", ".join(map(str, self.offsets))}]}}')
 
 
-_quoted = functools.lru_cache(maxsize=4096)(json.dumps)  # a character as a JSON string
+_quoted = functools.lru_cache(maxsize=4096)(json.dumps)  # a token's text as a JSON string
 
 
 def error_body(message: str, param: str | None = None, code: str | None = None,

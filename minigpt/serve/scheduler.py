@@ -21,10 +21,12 @@ worth counting goes to an observer (`metrics`).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import concurrent.futures
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,6 +35,7 @@ from minigpt.decoding import Continuation, Engine, PlainStep, Step, pick
 from minigpt.scoring import log_softmax, score
 from minigpt.serve.protocol import CompletionRequest, RequestError, Scores, top_tokens
 from minigpt.serve.stop_strings import StopMatcher
+from minigpt.subword import token_offsets, token_strings
 from minigpt.tokenizer import CharTokenizer
 
 
@@ -43,9 +46,13 @@ class Choice(Continuation):
     job: Job
     index: int
     stops: StopMatcher
-    scored: list | None = None  # (logprob, top) of each generated character, when the request asked for them
+    decode: Callable[[int | None], str]  # each next token's text (`tokenizer.pieces()`: this choice's own)
+    text_base: int  # the prompt's length in characters: where the completion's text offsets start
+    scored: list | None = None  # (logprob, top) of each generated token, when the request asked for them
     text: str = ""
+    offsets: list[int] = field(default_factory=list)  # where each token's text starts in `text`
     sent: int = 0  # characters of `text` handed out; the rest may yet begin a stop string
+    scores_sent: int = 0  # tokens whose scores were handed out
     finish_reason: str | None = None
 
     @property
@@ -55,28 +62,39 @@ class Choice(Continuation):
     def fail(self, error: Exception) -> None:
         self.job.fail(f"sampling failed for this request: {error!r}")
 
-    def add(self, tokens: list[int], chars: str, scored: list | None = None) -> tuple[str, Scores | None]:
-        """Take generated tokens (their characters, and each one's log-probabilities), up to the first that ends
-        the choice; return the new text that can be handed out now with its scores (setting finish_reason when
-        done)."""
-        for position, char in enumerate(chars):
-            self.tokens.append(tokens[position])
-            self.text += char
+    def add(self, tokens: list[int], scored: list | None = None) -> tuple[str, list[int]]:
+        """Take generated tokens (and each one's log-probabilities) up to the first that ends the choice, a stop
+        string ending inside a token's text cutting it there; return the new text that can be handed out now and
+        the tokens whose scores go with it (setting finish_reason when done)."""
+        for position, token in enumerate(tokens):
+            self.tokens.append(token)
+            self.offsets.append(len(self.text))
             if self.scored is not None:
                 self.scored.append(scored[position])
-            stop = self.stops.feed(char)
-            if stop is not None:
-                self.text, self.finish_reason = self.text[:-len(stop)], "stop"
-            elif len(self.tokens) == self.max_new_tokens:
+            for char in self.decode(token):
+                self.text += char
+                stop = self.stops.feed(char)
+                if stop is not None:
+                    self.text, self.finish_reason = self.text[:-len(stop)], "stop"
+                    break
+            if not self.finish_reason and len(self.tokens) == self.max_new_tokens:
+                self.text += self.decode(None)  # a character the last token left unfinished
                 self.finish_reason = "length"
             if self.finish_reason:
                 break
-        end = len(self.text) if self.finish_reason else len(self.text) - self.stops.held_back
-        start = self.sent
-        piece, self.sent = self.text[start:end], max(start, end)
-        if self.scored is None:
-            return piece, None
-        return piece, Scores(len(self.prompt) + start, list(piece), self.scored[start:start + len(piece)])
+        return self._hand_out()
+
+    def _hand_out(self) -> tuple[str, range]:
+        """The text not yet handed out that can be, and which tokens' scores go with it."""
+        end, tokens = len(self.text), len(self.tokens)
+        if self.finish_reason != "length":
+            if not self.finish_reason and self.stops.held_back:  # what may begin a stop string waits, and a
+                # piece ends where a token's text does, so that its scores name whole tokens
+                end = self.offsets[bisect.bisect_right(self.offsets, end - self.stops.held_back) - 1]
+            tokens = bisect.bisect_left(self.offsets, end)  # a token with no text yet goes with the next
+        start, first = self.sent, self.scores_sent
+        self.sent, self.scores_sent = max(start, end), max(first, tokens)
+        return self.text[start:end], range(first, tokens)
 
 
 @dataclass
@@ -86,6 +104,7 @@ class Job:
 
     request: CompletionRequest
     loop: asyncio.AbstractEventLoop
+    tokenizer: object  # the model's: each choice decodes its own tokens
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     arrived: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
@@ -96,8 +115,10 @@ class Job:
         request = self.request
         streams = request.sampler.streams(request.n * len(request.prompt_ids))  # as `generate --num-samples`
         scored = request.logprobs is not None
+        lengths = [len(token_offsets(self.tokenizer, ids)[0]) for ids in request.prompt_ids]
         self.choices = [Choice(prompt=request.prompt_ids[i // request.n], sampler=request.sampler, stream=stream,
                                max_new_tokens=request.max_tokens, job=self, index=i, stops=StopMatcher(request.stop),
+                               decode=self.tokenizer.pieces(), text_base=lengths[i // request.n],
                                scored=[] if scored else None) for i, stream in enumerate(streams)]
 
     def cancel(self) -> None:
@@ -127,7 +148,8 @@ class Scheduler:
         """step: how each step finds the rows' next tokens (`minigpt.speculative.SpeculativeStep` speculates)."""
         self.tokenizer, self.max_batch, self.max_queue, self.observer = tokenizer, max_batch, max_queue, observer
         self.step = step or PlainStep()
-        self.vocabulary = np.array(tokenizer.chars, dtype=object)  # ids to characters, many at once
+        self.names = token_strings(tokenizer)  # each id's text, as logprobs name it
+        self.vocabulary = np.array(self.names, dtype=object)  # the same, to look up many at once
         self.rows = self.step.rows(engine, max_batch)  # rows.sequences[i]: the Choice in row i
         self.waiting: deque[Job] = deque()
         self.calls: deque[tuple] = deque()  # (fn, future): work on the engine's model from outside, between steps
@@ -250,9 +272,9 @@ class Scheduler:
         return scored
 
     def _top_dicts(self, top_ids: np.ndarray, top_logprobs: np.ndarray, counts: list[int]) -> list[dict]:
-        """Each row's first counts[i] likeliest tokens as {character: logprob}, the characters of every row
-        looked up at once."""
-        return [dict(zip(chars[:count], values[:count])) for chars, values, count in
+        """Each row's first counts[i] likeliest tokens as {token: logprob}, the tokens of every row looked up at
+        once."""
+        return [dict(zip(names[:count], values[:count])) for names, values, count in
                 zip(self.vocabulary[top_ids].tolist(), top_logprobs.tolist(), counts)]
 
     def _deliver(self, tokens: list[list[int]], logits: np.ndarray, first_row: int = 0, step: bool = True) -> None:
@@ -266,7 +288,7 @@ class Scheduler:
             self.last_step_at = now
         choices = self.rows.sequences[first_row:]
         events: dict[int, tuple[Job, list]] = {}
-        chars, taken, guessed = self.tokenizer.chars, 0, 0
+        taken, guessed = 0, 0
         for choice, row_tokens, row_scores in zip(choices, tokens, self._logprobs(choices, logits, tokens)):
             job = choice.job
             if choice.done:
@@ -275,7 +297,8 @@ class Scheduler:
                 job.first_token_at = now
                 self.observer.time_to_first_token.observe(now - job.arrived)
             before = len(choice.tokens)
-            piece, piece_scores = choice.add(row_tokens, "".join(chars[token] for token in row_tokens), row_scores)
+            piece, scored = choice.add(row_tokens, row_scores)
+            piece_scores = self._scores(choice, scored) if choice.scored is not None else None
             taken += len(choice.tokens) - before
             guessed += min(len(choice.tokens) - before, len(row_tokens) - 1)  # all but the last were guesses
             if piece or choice.finish_reason:
@@ -327,13 +350,13 @@ class Scheduler:
             request, scored = job.request, {}
             for choice in job.choices:
                 reason = None if request.max_tokens else "length"
-                text = self.tokenizer.decode(choice.prompt) if request.echo else ""
+                text = token_offsets(self.tokenizer, choice.prompt)[0] if request.echo else ""
                 scores = None
                 if request.logprobs is not None:
                     key = tuple(choice.prompt)
                     if request.echo and key not in scored:  # the samples of one prompt share its scores
                         scored[key] = self._prompt_scores(choice.prompt, request.logprobs, free)
-                    scores = scored.get(key, Scores(len(choice.prompt), [], []))
+                    scores = scored.get(key, Scores([], [], []))
                 events.setdefault(id(job), (job, []))[1].append((choice.index, text, reason, scores))
         self._send(events)
 
@@ -346,4 +369,10 @@ class Scheduler:
         logprobs = score(self.rows.engine, prompt, first_row=self.rows.count, rows=free, each_window=keep_top)
         tops = self._top_dicts(top_ids, top_logprobs, [top] * len(logprobs))
         entries = [(None, None)] + list(zip(logprobs.tolist(), tops))
-        return Scores(0, list(self.tokenizer.decode(prompt)), entries)
+        return Scores(token_offsets(self.tokenizer, prompt)[1], self.vocabulary[prompt].tolist(), entries)
+
+    def _scores(self, choice: Choice, tokens: range) -> Scores:
+        """The scores of a choice's tokens, offsets counted from the start of its prompt's text."""
+        names, offsets, ids = self.names, choice.offsets, choice.tokens
+        return Scores([choice.text_base + offsets[i] for i in tokens], [names[ids[i]] for i in tokens],
+                      choice.scored[tokens.start:tokens.stop])

@@ -1,13 +1,13 @@
 // The playground of `minigpt serve`: a completion streamed from this server's own /v1/completions with
-// `logprobs` on, each character shaded by its probability; a selected character shows what else the model
-// considered (its top_logprobs) and what it attended to (/v1/attention). Nothing here talks to another host.
+// `logprobs` on, each token shaded by its probability; a selected token shows what else the model considered
+// (its top_logprobs) and what it attended to (/v1/attention). Nothing here talks to another host.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const TOP = 5;  // the most logprobs the API gives: the page asks for all of them
 let model = null;  // the served model's card from /v1/models
 let controller = null;  // aborts the running stream (Stop)
-let run = null;  // the latest generation: its context and the characters written so far
+let run = null;  // the latest generation: its context and the tokens written so far
 
 // ---------------------------------------------------------------------------------------------------------------
 // Talking to the server
@@ -98,15 +98,21 @@ async function readEvents(stream) {
       if (!event.startsWith("data: {")) continue;  // data: [DONE]
       const chunk = JSON.parse(event.slice(6));
       if (chunk.error) showError(chunk.error.message);
-      for (const choice of chunk.choices || []) addCharacters(choice.logprobs);
+      for (const choice of chunk.choices || []) addTokens(choice.text, choice.logprobs);
     }
   }
 }
 
-function addCharacters(scores) {
+function addTokens(text, scores) {
   if (!scores) return;
-  scores.tokens.forEach((char, i) => {
-    const piece = {char, logprob: scores.token_logprobs[i], top: scores.top_logprobs[i]};
+  // A token's text runs from its offset to the next one's (a character model's: one character; a subword's
+  // may be several, or none while a character's bytes are still arriving). A chunk ends where a token does.
+  // Offsets count characters (code points), not JavaScript's UTF-16 units.
+  const chars = Array.from(text);
+  const offsets = scores.text_offset.map((offset) => offset - scores.text_offset[0]).concat([chars.length]);
+  scores.tokens.forEach((name, i) => {
+    const char = chars.slice(offsets[i], offsets[i + 1]).join("");
+    const piece = {char, name, logprob: scores.token_logprobs[i], top: scores.top_logprobs[i]};
     const span = document.createElement("span");
     // A newline has no width of its own: it gets a visible mark (CSS, not text) so that it can be clicked.
     span.className = char === "\n" ? "char newline" : "char";
@@ -117,7 +123,7 @@ function addCharacters(scores) {
     span.title = percent(Math.exp(piece.logprob));
     span.addEventListener("click", () => select(Number(span.dataset.index)));
     run.pieces.push(piece);
-    $("text").append(span);
+    if (char) $("text").append(span);  // a token with no text of its own yet: its odds stay in run.pieces
   });
 }
 
@@ -129,7 +135,7 @@ function setRunning(running) {
 async function showLive() {
   if (!run) return;
   const seconds = (performance.now() - run.started) / 1000;
-  const rate = `${run.pieces.length} characters, ${(run.pieces.length / seconds).toFixed(0)}/s`;
+  const rate = `${run.pieces.length} tokens, ${(run.pieces.length / seconds).toFixed(0)}/s`;
   try {
     const metrics = await (await fetch("/metrics")).text();
     const value = (name) => Number((metrics.match(new RegExp(`^${name} (\\S+)$`, "m")) || [0, NaN])[1]);
@@ -156,13 +162,13 @@ function select(index) {
 
 function showAlternatives(piece) {
   const ranked = Object.entries(piece.top).sort((a, b) => b[1] - a[1]);
-  const rank = ranked.findIndex(([char]) => char === piece.char);
+  const rank = ranked.findIndex(([name]) => name === piece.name);
   const p = percent(Math.exp(piece.logprob));
   $("verdict").textContent = rank === 0
-    ? `The likeliest character (${p}): greedy decoding writes it too.`
+    ? `The likeliest token (${p}): greedy decoding writes it too.`
     : `Ranked ${rank < 0 ? `below the top ${TOP}` : rank + 1} (${p}): sampling (temperature, top-k, top-p) ` +
       `picked it where greedy decoding would write ${visible(ranked[0][0])}.`;
-  const rows = ranked.map(([char, logprob]) => row(visible(char), Math.exp(logprob), char === piece.char));
+  const rows = ranked.map(([name, logprob]) => row(visible(name), Math.exp(logprob), name === piece.name));
   const shown = ranked.reduce((sum, [, logprob]) => sum + Math.exp(logprob), 0);
   rows.push(row("all others", Math.max(0, 1 - shown), false));
   $("alternatives").replaceChildren(...rows);
@@ -227,8 +233,8 @@ function percent(probability) {
   return `${(100 * probability).toFixed(probability < 0.001 ? 3 : 1)}%`;
 }
 
-function visible(char) {  // whitespace drawn as minigpt attention draws it
-  return {" ": "␣", "\n": "↵", "\t": "⇥"}[char] || char;
+function visible(text) {  // whitespace drawn as minigpt attention draws it
+  return text.replace(/[ \n\t]/g, (space) => ({" ": "␣", "\n": "↵", "\t": "⇥"})[space]);
 }
 
 $("generate").addEventListener("click", generate);
