@@ -245,14 +245,14 @@ def token_strings(tokenizer) -> list[str]:
     return strings
 
 
-def token_offsets(tokenizer, ids) -> tuple[str, list[int]]:
-    """The text of `ids` and where each token's text starts in it (a token that ends inside a character adds
+def token_offsets(tokenizer, ids) -> list[int]:
+    """Where each token's text starts in `tokenizer.decode(ids)` (a token that ends inside a character adds
     nothing: the character is the next token's)."""
-    decode, text, offsets = tokenizer.pieces(), "", []
+    decode, length, offsets = tokenizer.pieces(), 0, []
     for index in ids:
-        offsets.append(len(text))
-        text += decode(index)
-    return text + decode(None), offsets
+        offsets.append(length)
+        length += len(decode(index))
+    return offsets
 
 
 def token_spellings(tokenizer) -> list:

@@ -74,13 +74,14 @@ def autocast_for(device: torch.device):
 def estimate_loss(model: MiniGPT, ids: np.ndarray, config: TrainConfig, device: torch.device) -> float:
     """Mean loss over eval_iters random batches; the same batches at every evaluation."""
     generator = torch.Generator().manual_seed(config.seed + 1)
+    was_training = model.training
     model.eval()
     losses = []
     for _ in range(config.eval_iters):
         x, y = sample_batch(ids, config.batch_size, model.config.block_size, generator, device)
         with autocast_for(device):
             losses.append(model(x, y)[1].item())
-    model.train()
+    model.train(was_training)
     return sum(losses) / len(losses)
 
 

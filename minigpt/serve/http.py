@@ -182,7 +182,7 @@ class CompletionsAPI:
             weights = await asyncio.wrap_future(self.scheduler.call(lambda: last_attention(model, window)))
         except RequestError as error:
             return self.fail(error)
-        return JSONResponse({"tokens": [self.scheduler.vocabulary[i] for i in window], "weights": weights})
+        return JSONResponse({"tokens": [self.scheduler.names[i] for i in window], "weights": weights})
 
     async def page(self, request):
         """The playground (`minigpt/serve/playground/`): static files, read once."""

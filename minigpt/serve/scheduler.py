@@ -115,7 +115,7 @@ class Job:
         request = self.request
         streams = request.sampler.streams(request.n * len(request.prompt_ids))  # as `generate --num-samples`
         scored = request.logprobs is not None
-        lengths = [len(token_offsets(self.tokenizer, ids)[0]) for ids in request.prompt_ids]
+        lengths = [len(self.tokenizer.decode(ids)) for ids in request.prompt_ids]
         self.choices = [Choice(prompt=request.prompt_ids[i // request.n], sampler=request.sampler, stream=stream,
                                max_new_tokens=request.max_tokens, job=self, index=i, stops=StopMatcher(request.stop),
                                decode=self.tokenizer.pieces(), text_base=lengths[i // request.n],
@@ -350,7 +350,7 @@ class Scheduler:
             request, scored = job.request, {}
             for choice in job.choices:
                 reason = None if request.max_tokens else "length"
-                text = token_offsets(self.tokenizer, choice.prompt)[0] if request.echo else ""
+                text = self.tokenizer.decode(choice.prompt) if request.echo else ""
                 scores = None
                 if request.logprobs is not None:
                     key = tuple(choice.prompt)
@@ -369,7 +369,7 @@ class Scheduler:
         logprobs = score(self.rows.engine, prompt, first_row=self.rows.count, rows=free, each_window=keep_top)
         tops = self._top_dicts(top_ids, top_logprobs, [top] * len(logprobs))
         entries = [(None, None)] + list(zip(logprobs.tolist(), tops))
-        return Scores(token_offsets(self.tokenizer, prompt)[1], self.vocabulary[prompt].tolist(), entries)
+        return Scores(token_offsets(self.tokenizer, prompt), self.vocabulary[prompt].tolist(), entries)
 
     def _scores(self, choice: Choice, tokens: range) -> Scores:
         """The scores of a choice's tokens, offsets counted from the start of its prompt's text."""
