@@ -122,14 +122,13 @@ def _generate(rows: Rows, prompts: Sequence[Sequence[int]], max_new_tokens: int,
     while True:
         for sequence, new in zip(rows.sequences, emitted):
             sequence.tokens += new
-        found = min(max_new_tokens, *(len(sequence.tokens) for sequence in sequences))
-        for position in range(given, found):  # a position is handed out once every sequence has found it
+        found = [len(sequence.tokens) for sequence in sequences]
+        for position in range(given, min(max_new_tokens, *found)):  # handed out once every sequence found it
             yield np.array([sequence.tokens[position] for sequence in sequences])
-        if (given := found) == max_new_tokens:
+        if (given := min(max_new_tokens, *found)) == max_new_tokens:
             return
-        done = [row for row, sequence in enumerate(rows.sequences) if sequence.done]
-        if done:  # a row with all its tokens leaves: running on, it would only slow the rest
-            pending = rows.remove(done, pending)
+        if max(found) >= max_new_tokens:  # a row with all its tokens leaves: running on, it would only slow the rest
+            pending = rows.remove([row for row, sequence in enumerate(rows.sequences) if sequence.done], pending)
         emitted, _ = step(rows, pending)
         pending = np.array([new[-1] for new in emitted])
 
