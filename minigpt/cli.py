@@ -115,23 +115,38 @@ def _generate(args: argparse.Namespace) -> None:
     engine, tokenizer, ngram = _engine_for(args, args.num_samples)
     step = _step_for(args, tokenizer, ngram, args.num_samples)
     steps = stream_characters(engine, tokenizer, args.prompt, args.max_new_tokens, num_samples=args.num_samples,
-                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                              step=step, sampler_type=FastSampler)
-    start = time.perf_counter()
+                              step=step, sampler_type=FastSampler, **_sampling(args, tokenizer))
+    start, count = time.perf_counter(), 0
     if args.num_samples == 1:  # one sample streams as it is produced
         sys.stdout.write(args.prompt)
-        for (piece,) in steps:
+        for count, (piece,) in enumerate(steps, start=1):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
     else:  # a batch finishes together: print each sample whole
-        for number, text in enumerate(join_samples(args.prompt, steps, args.num_samples), start=1):
+        columns = list(steps)
+        count = len(columns) * args.num_samples
+        for number, text in enumerate(join_samples(args.prompt, columns, args.num_samples), start=1):
             sys.stdout.write(f"--- sample {number} of {args.num_samples} ---\n{text}\n")
     elapsed = time.perf_counter() - start
-    count = args.num_samples * args.max_new_tokens
     speculated = f"; speculative: {step.report()}" if step is not None else ""
     print(f"minigpt: {count} new tokens in {elapsed:.2f} s ({count / max(elapsed, 1e-9):,.0f} tokens/s, "
           f"{type(engine).__name__}{speculated})", file=sys.stderr)
+
+
+def _sampling(args: argparse.Namespace, tokenizer) -> dict:
+    """The sampler's settings from generate's flags; --logit-bias names tokens by their text."""
+    bias = {}
+    for text, value in args.logit_bias or ():
+        ids = tokenizer.encode(text)
+        if len(ids) != 1:
+            raise MiniGPTError(f"--logit-bias {text}={value:g}: {text!r} is {len(ids)} tokens of this model, not one; "
+                               "give the text of a single token")
+        bias[ids[0]] = value
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
+                repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                frequency_penalty=args.frequency_penalty, logit_bias=bias, regex=args.regex, choices=args.choice,
+                json_schema=args.json_schema)
 
 
 def _serve(args: argparse.Namespace) -> None:

@@ -54,9 +54,15 @@ class Continuation:
         raise error
 
 
-def pick(logits: np.ndarray, sequences: Sequence[Continuation], draws: np.ndarray | None = None) -> np.ndarray:
+def pick(logits: np.ndarray, sequences: Sequence[Continuation], draws: np.ndarray | None = None,
+         ahead: Sequence[Sequence[int]] | None = None) -> np.ndarray:
     """Each row's token from (rows, V) logits, row i as sequences[i] samples with draws[i] (by default its next
-    draw); rows that sample alike are picked together."""
+    draw), its text so far taken to go on with ahead[i] (a verify's guesses); rows alike are picked together."""
+    if any(sequence.sampler.reads_text for sequence in sequences):
+        logits = logits.copy()  # the engine's logits stay the model's own (logprobs report them)
+        for i, sequence in enumerate(sequences):
+            if sequence.sampler.reads_text:  # penalties, a pattern: `minigpt.controls`
+                logits[i] = sequence.sampler.adjust(logits[i], sequence, ahead[i] if ahead else ())
     first = sequences[0].sampler
     if len(sequences) == 1 or all(sequence.sampler is first for sequence in sequences):
         if first.greedy:
@@ -79,8 +85,7 @@ def pick(logits: np.ndarray, sequences: Sequence[Continuation], draws: np.ndarra
 class Step(Protocol):
     """One step of decoding: write each row's pending token, find the tokens after it."""
 
-    def rows(self, engine: Engine, capacity: int) -> Rows:
-        """The rows this step writes to."""
+    def rows(self, engine: Engine, capacity: int) -> Rows: ...  # the rows this step writes to
 
     def __call__(self, rows: Rows, pending: np.ndarray) -> tuple[list[list[int]], np.ndarray]:
         """Each row's new tokens (the last is its new pending token) and the (rows, width, V) logits that row

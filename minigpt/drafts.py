@@ -212,7 +212,7 @@ class NGramDraft(RowByRow):
     def _picker(self, sampler):
         """pick(context index, draw): the candidate that draw picks from the context's counts, taken as
         probabilities and filtered as `sampler` filters the model's (`minigpt.sampling`)."""
-        settings = sampler.temperature, sampler.top_k, sampler.top_p
+        settings = sampler.temperature, sampler.top_k, sampler.top_p, sampler.min_p
         if settings not in self._distributions and len(self._distributions) >= RECENT_SETTINGS:
             self._distributions.pop(next(iter(self._distributions)))  # a server's requests may differ in each
         made = self._distributions.setdefault(settings, {})
@@ -227,9 +227,9 @@ class NGramDraft(RowByRow):
 
         return pick
 
-    def _distribution(self, index: int, temperature: float, top_k, top_p) -> tuple[list[int], list[float]]:
+    def _distribution(self, index: int, temperature: float, top_k, top_p, min_p) -> tuple[list[int], list[float]]:
         """A context's kept candidates in vocabulary order (the order the sampler's inverse CDF walks) and
-        their cumulative probabilities: counts ** (1 / temperature), then top-k and top-p as the sampler."""
+        their cumulative probabilities: counts ** (1 / temperature), then top-k, top-p and min-p as the sampler."""
         start, end = self._starts[index], self._ends[index]
         if end - start == 1:  # most long contexts: one next character, picked by every draw
             return self._candidates[start:end], [1.0]
@@ -239,6 +239,8 @@ class NGramDraft(RowByRow):
             mass = top_p * sum(weights)
             above = list(accumulate(weights, initial=0.0))
             weights = weights[:max(1, sum(1 for before in above[:-1] if before < mass))]
+        if min_p:  # the most frequent weighs 1
+            weights = [weight for weight in weights if weight >= min_p]
         ranked = sorted(zip(ids, weights))
         total = sum(weights)
         return [token for token, _ in ranked], [share / total for share in accumulate(w for _, w in ranked)]

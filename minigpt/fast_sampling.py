@@ -36,6 +36,8 @@ class FastSampler(Sampler):
             drop = np.add.accumulate(ranked_probs, axis=-1) - ranked_probs >= self.top_p
             drop[:, 0] = False
             flat_weights[ranked[drop]] = 0.0
+        if self.min_p:
+            weights[weights < self.min_p] = 0.0
         return weights
 
     def pick(self, logits: np.ndarray, draws: np.ndarray) -> np.ndarray:

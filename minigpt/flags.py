@@ -175,11 +175,48 @@ def _add_generate(commands) -> None:
     _option(generate, "top_p", type=Bounded(float, 0, 1), default=None, metavar="P",
             help="sample from the smallest set of characters holding this much probability (default off)")
     _option(generate, "seed", type=SEED, default=None, help="same seed, same text (default random)")
+    _sampling_controls(generate)
     _option(generate, "num_samples", type=POSITIVE, default=1, metavar="N",
             help="samples of the same prompt, decoded together as one batch (default 1)")
     _option(generate, "kv_cache", action=argparse.BooleanOptionalAction, default=True,
             help="keep earlier keys and values in a static cache; --no-kv-cache recomputes the whole context "
                  "every step (the reference) (default on)")
+
+
+def _sampling_controls(parser: argparse.ArgumentParser) -> None:
+    """min-p, the penalties, logit bias and a pattern (docs/sampling.md): each typed and explained by the
+    sampler's own field, as the server checks a request's."""
+    from minigpt.controls import ControlledSampler
+
+    fields = {f.name: f for f in dataclasses.fields(ControlledSampler)}
+    for name in ("min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+        field = fields[name]
+        _option(parser, name, type=field.metadata["bounds"], default=field.default, metavar="X",
+                help=f"{field.metadata['help']} (default {'off' if field.default is None else field.default})")
+    _option(parser, "logit_bias", type=_bias, action="append", metavar="TEXT=BIAS",
+            help="add BIAS (-100 to 100) to the logit of the token TEXT spells; repeatable (default none)")
+    _option(parser, "regex", metavar="PATTERN", help="the new text must match this regular expression; it ends "
+                                                     "when the pattern allows nothing more (default none)")
+    _option(parser, "choice", action="append", metavar="TEXT",
+            help="the new text is one of these; repeatable (default none)")
+    _option(parser, "json_schema", metavar="SCHEMA", help="the new text is JSON this schema (its JSON text) accepts "
+                                                          "(default none)")
+
+
+def _bias(value: str) -> tuple[str, float]:
+    from minigpt.controls import BIAS
+
+    text, _, bias = value.rpartition("=")
+    if not text or not BIAS.holds(number := _number(bias)):
+        raise argparse.ArgumentTypeError(f"must be TEXT=BIAS with BIAS {BIAS.what}, got {value!r}")
+    return text, number
+
+
+def _number(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _draft_choice(value: str) -> str:

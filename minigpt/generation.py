@@ -103,15 +103,18 @@ def generate_samples(model: MiniGPT, tokenizer: CharTokenizer, prompt: str, max_
 
 def generate(model: MiniGPT, tokenizer: CharTokenizer, prompt: str, max_new_tokens: int = 200, *,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             seed: int | None = None, kv_cache: bool = True) -> str:
+             min_p: float | None = None, seed: int | None = None, kv_cache: bool = True, **controls) -> str:
     """Return `prompt` followed by `max_new_tokens` generated characters.
 
-    temperature 0 is greedy; top_k / top_p filter the candidates; the same
-    seed gives the same text; kv_cache=False recomputes the whole context
-    each step (the reference the cache is tested against).
+    temperature 0 is greedy; top_k / top_p / min_p filter the candidates; the
+    same seed gives the same text; kv_cache=False recomputes the whole context
+    each step (the reference the cache is tested against). `controls`: the
+    penalties, logit_bias and a pattern (regex, choices or json_schema) of
+    `minigpt.controls.make_sampler` (docs/sampling.md); a text whose pattern
+    is complete ends there.
     """
     return generate_samples(model, tokenizer, prompt, max_new_tokens, temperature=temperature, top_k=top_k,
-                            top_p=top_p, seed=seed, kv_cache=kv_cache)[0]
+                            top_p=top_p, min_p=min_p, seed=seed, kv_cache=kv_cache, **controls)[0]
 
 
 def evaluate_split(model: MiniGPT, ids: np.ndarray, batch_size: int = 64) -> float:

@@ -25,7 +25,10 @@ class Sampler:
     top_k: int | None = option(None, "sample among the k likeliest tokens only", POSITIVE)
     top_p: float | None = option(None, "sample from the smallest set of likeliest tokens holding this much "
                                  "probability (0 keeps the likeliest alone)", Bounded(float, 0, 1))
+    min_p: float | None = option(None, "drop tokens less than this fraction as likely as the likeliest, after top-p",
+                                 Bounded(float, 0, 1))
     seed: int | None = option(None, "same seed, same text", SEED)
+    reads_text = False  # a sampler whose controls read the text so far adjusts the logits first (minigpt.controls)
 
     def __post_init__(self) -> None:
         check_bounds(self)
@@ -41,7 +44,7 @@ class Sampler:
         return [np.random.default_rng(child) for child in np.random.SeedSequence(self.seed).spawn(count)]
 
     def weights(self, logits: np.ndarray) -> np.ndarray:
-        """(B, V) probabilities up to a factor, at this temperature, zero for tokens top-k and top-p leave out."""
+        """(B, V) probabilities over the likeliest's (so it weighs 1), zero for what top-k, top-p and min-p drop."""
         scaled = np.divide(logits, self.temperature, dtype=np.float64)
         if self.top_k is not None and self.top_k < scaled.shape[-1]:
             kth_largest = np.partition(scaled, -self.top_k, axis=-1)[:, -self.top_k, None]
@@ -55,6 +58,8 @@ class Sampler:
             drop = np.cumsum(ranked_probs, axis=-1) - ranked_probs >= self.top_p
             drop[:, 0] = False
             weights[rows, ranked] = np.where(drop, 0.0, ranked_weights)
+        if self.min_p:  # the likeliest token weighs 1, so a weight is its probability over the likeliest's
+            weights[weights < self.min_p] = 0.0
         return weights
 
     def pick(self, logits: np.ndarray, draws: np.ndarray | None) -> np.ndarray:
@@ -70,5 +75,5 @@ def rows_alike(samplers: list[Sampler]) -> list[tuple[list[int], Sampler]]:
     """The rows grouped by how they sample, each group with one of its samplers (picked as one batch)."""
     groups: dict[tuple, list[int]] = {}
     for row, sampler in enumerate(samplers):
-        groups.setdefault((sampler.temperature, sampler.top_k, sampler.top_p), []).append(row)
+        groups.setdefault((sampler.temperature, sampler.top_k, sampler.top_p, sampler.min_p), []).append(row)
     return [(rows, samplers[rows[0]]) for rows in groups.values()]

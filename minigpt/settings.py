@@ -35,7 +35,7 @@ class Bounded:
 
     def holds(self, value) -> bool:
         return (isinstance(value, (int, float) if self.kind is float else int) and not isinstance(value, bool)
-                and math.isfinite(value) and (self.low is None or value >= self.low)
+                and (not isinstance(value, float) or math.isfinite(value)) and (self.low is None or value >= self.low)
                 and (self.high is None or value <= self.high) and (self.above is None or value > self.above))
 
     @property

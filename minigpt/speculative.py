@@ -196,7 +196,10 @@ def verify(logits: np.ndarray, guesses: list[list[int]], sequences: list[Continu
     rows, positions = logits.shape[:2]
     flat = [sequence for sequence in sequences for _ in range(positions)]
     flat_draws = np.zeros(rows * positions) if draws is None else draws[:, :positions].reshape(-1)
-    picks = pick(logits.reshape(rows * positions, -1), flat, flat_draws).reshape(rows, positions).tolist()
+    # Position j of a row is picked as if its first j guesses were already its text (penalties, a pattern).
+    ahead = ([guess[:j] for guess in guesses for j in range(positions)]
+             if any(sequence.sampler.reads_text for sequence in sequences) else None)
+    picks = pick(logits.reshape(rows * positions, -1), flat, flat_draws, ahead).reshape(rows, positions).tolist()
     accepted = []
     for row_picks, row_guesses in zip(picks, guesses):
         kept = 0

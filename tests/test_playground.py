@@ -4,6 +4,7 @@ real server on a free localhost port. Screenshots go to the test's temporary fol
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 
@@ -119,6 +120,29 @@ def test_stop_frees_the_row_and_bad_input_is_shown_inline(checkpoint_server, pag
 
     generate(page, prompt="THE ")
     assert page.is_visible("#error") and "never saw" in page.text_content("#error")
+
+
+def test_the_pages_controls_change_what_it_streams(checkpoint_server, tiny_checkpoint, page):
+    """Min-p, the penalties and a pattern go into the request: the page writes what `minigpt generate` writes
+    with the same flags, and each changes the text it streams."""
+    page.goto(f"http://127.0.0.1:{checkpoint_server.port}/")
+    generate(page, prompt="the ", temperature=0, max_tokens=30)
+    greedy = page.text_content("#text")
+    page.click("details.more summary")
+    generate(page, repetition_penalty=1.8, presence_penalty=0.5, frequency_penalty=0.5)
+    penalised = page.text_content("#text")
+    assert penalised != greedy and penalised + "\n" == generate_cli(
+        tiny_checkpoint, "--prompt", "the ", "--max-new-tokens", 30, "--temperature", 0, "--repetition-penalty",
+        1.8, "--presence-penalty", 0.5, "--frequency-penalty", 0.5)
+    generate(page, guided_regex="[a-z]+ (fox|dog)\\.")
+    constrained = page.text_content("#text")
+    assert re.fullmatch(r"the [a-z]+ (fox|dog)\.", constrained) and not page.is_visible("#error")
+    generate(page, guided_regex="", repetition_penalty=1, presence_penalty=0, frequency_penalty=0, temperature=1,
+             seed=2, min_p=0.5)
+    assert page.text_content("#text") + "\n" == generate_cli(tiny_checkpoint, "--prompt", "the ", "--max-new-tokens",
+                                                             30, "--seed", 2, "--min-p", 0.5)
+    generate(page, guided_regex="(")
+    assert page.is_visible("#error") and "not a valid regular expression" in page.text_content("#error")
 
 
 def test_with_an_onnx_model_the_attention_view_says_why_it_is_absent(tiny_onnx, free_port, browser, tmp_path):

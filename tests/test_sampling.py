@@ -126,7 +126,8 @@ def test_draws_read_ahead_and_given_back_are_drawn_again():
 
 @pytest.mark.parametrize("options", [dict(temperature=0.8), dict(temperature=1.3, top_k=7),
                                      dict(temperature=0.7, top_p=0.9), dict(temperature=1.0, top_k=20, top_p=0.5),
-                                     dict(temperature=2.0, top_p=0.0), dict(temperature=0)])
+                                     dict(temperature=2.0, top_p=0.0), dict(temperature=0),
+                                     dict(temperature=0.9, min_p=0.1), dict(temperature=1.2, top_p=0.8, min_p=0.3)])
 @pytest.mark.parametrize("batch", [1, 5])
 def test_the_fast_sampler_picks_what_the_plain_one_picks(options, batch):
     """The speed layer computes the plain sampler's numbers value for value: the same token for every draw,

@@ -28,7 +28,7 @@ from minigpt.errors import MiniGPTError
 from minigpt.serve.connections import guarded_protocol
 from minigpt.serve.metrics import Metrics
 from minigpt.serve.protocol import ChunkFormat, Limits, RequestError, Scores, check_model_name, completion_body, \
-    error_body, in_vocabulary, parse_completion, parse_prompt, usage
+    asks_for_pattern, error_body, in_vocabulary, parse_completion, parse_prompt, usage
 from minigpt.serve.scheduler import Job, Scheduler
 from minigpt.tokenizer import CharTokenizer
 
@@ -47,6 +47,7 @@ class CompletionsAPI:
         self.model_id, self.limits, self.api_key = model_id, limits, api_key
         self.block_size = scheduler.rows.engine.block_size
         self.created = int(time.time())
+        self.patterns: dict = {}  # compiled patterns by their source (`minigpt.patterns`)
         # Unique per server start and request; one uuid4 a start, not one a request (it costs the event loop).
         self.completion_ids = (f"cmpl-{uuid.uuid4().hex[:16]}{number:08x}" for number in itertools.count())
 
@@ -69,7 +70,10 @@ class CompletionsAPI:
         try:
             self.check_key(request)
             body = await read_json(request, self.limits.read_timeout)
-            parsed = parse_completion(body, self.tokenizer, self.model_id, self.limits)
+            parse = functools.partial(parse_completion, body, self.tokenizer, self.model_id, self.limits,
+                                      self.patterns)
+            # A pattern compiles in a worker thread: a long one must not hold up the other requests.
+            parsed = await asyncio.to_thread(parse) if asks_for_pattern(body) else parse()
             job = Job(parsed, asyncio.get_running_loop(), self.tokenizer)
             if not self.scheduler.submit(job):
                 raise RequestError(f"the server is busy ({self.limits.max_queue} requests are waiting); retry shortly",

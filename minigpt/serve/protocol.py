@@ -15,6 +15,7 @@ import numpy as np
 
 from minigpt.text import EMPTY_PROMPT, prompt_ids
 from minigpt.errors import ConfigError, MiniGPTError
+from minigpt.controls import BIAS, make_sampler
 from minigpt.fast_sampling import FastSampler
 from minigpt.serve.limits import Limits
 from minigpt.sampling import Sampler
@@ -25,8 +26,8 @@ MAX_STOP_LENGTH = 4096  # characters: a stop string's matcher is built when the 
 MAX_TEMPERATURE = 2  # likewise
 MAX_LOGPROBS = 5  # likewise
 MAX_SCORED_TOKENS = 8192  # an echoed prompt is scored on the scheduler's thread: a bound on how long that takes
-UNSUPPORTED = {"suffix": None, "best_of": None, "frequency_penalty": 0,
-               "presence_penalty": 0, "logit_bias": None}  # fields accepted only at their neutral value
+UNSUPPORTED = {"suffix": None, "best_of": None}  # fields accepted only at their neutral value
+PATTERNS = ("guided_regex", "guided_choice", "guided_json", "response_format")  # vLLM's names, OpenAI's last
 
 
 class RequestError(Exception):
@@ -71,8 +72,10 @@ def _typed(body: dict, name: str, kinds: tuple, default, what: str):
     return value
 
 
-def parse_completion(body, tokenizer: CharTokenizer, model_id: str, limits: Limits) -> CompletionRequest:
-    """Check a request body field by field; the first problem raises RequestError naming its field."""
+def parse_completion(body, tokenizer: CharTokenizer, model_id: str, limits: Limits,
+                     patterns: dict | None = None) -> CompletionRequest:
+    """Check a request body field by field; the first problem raises RequestError naming its field. A pattern
+    the body asks for is compiled here (`patterns`: compiled ones by their source, kept between requests)."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     _check_model(body, model_id)
@@ -93,7 +96,7 @@ def parse_completion(body, tokenizer: CharTokenizer, model_id: str, limits: Limi
             raise RequestError(f"{name} is not supported by this server; leave it out", name)
     logprobs, echo = _parse_logprobs(body, ids)
     return CompletionRequest(prompts, ids, max_tokens, n, stop, stream, bool(options.get("include_usage")),
-                             _parse_sampler(body), logprobs, echo)
+                             _parse_sampler(body, tokenizer, patterns), logprobs, echo)
 
 
 def parse_prompt(body, tokenizer: CharTokenizer, model_id: str) -> list[int]:
@@ -174,21 +177,74 @@ def _parse_stop(body: dict) -> list[str]:
     return stop
 
 
-def _parse_sampler(body: dict) -> Sampler:
-    sampling = {"temperature": _typed(body, "temperature", (int, float), 1.0, "a number"),
+def _parse_sampler(body: dict, tokenizer, patterns: dict | None) -> Sampler:
+    number = (int, float)
+    sampling = {"temperature": _typed(body, "temperature", number, 1.0, "a number"),
                 "top_k": _typed(body, "top_k", (int,), None, "an integer"),
-                "top_p": _typed(body, "top_p", (int, float), None, "a number"),
-                "seed": _typed(body, "seed", (int,), None, "an integer")}
+                "top_p": _typed(body, "top_p", number, None, "a number"),
+                "min_p": _typed(body, "min_p", number, None, "a number"),
+                "seed": _typed(body, "seed", (int,), None, "an integer"),
+                "repetition_penalty": _typed(body, "repetition_penalty", number, 1.0, "a number"),
+                "presence_penalty": _typed(body, "presence_penalty", number, 0.0, "a number"),
+                "frequency_penalty": _typed(body, "frequency_penalty", number, 0.0, "a number"),
+                "logit_bias": _parse_logit_bias(body, tokenizer.vocab_size)}
     temperature = sampling["temperature"]
-    # OpenAI's range, checked before anything turns the number into a float: an integer of 2**1024 or
-    # more, or Infinity, would otherwise reach the sampler.
     if temperature > MAX_TEMPERATURE or isinstance(temperature, float) and not math.isfinite(temperature):
         raise RequestError(f"temperature must be a number from 0 to {MAX_TEMPERATURE} (0 is greedy), as in "
                            f"OpenAI's API; got {json.dumps(temperature)[:40]}", "temperature")
+    field, pattern = _parse_pattern(body)
     try:
-        return FastSampler(**sampling)
+        return make_sampler(tokenizer, FastSampler, **sampling, **pattern, cache=patterns)
     except ConfigError as exc:  # the CLI's checks and messages, naming the field at fault
-        raise RequestError(str(exc), exc.field) from None
+        raise RequestError(str(exc), field if exc.field in PATTERN_KINDS else exc.field) from None
+
+
+PATTERN_KINDS = ("regex", "choices", "json_schema")
+
+
+def _parse_pattern(body: dict) -> tuple[str | None, dict]:
+    """The one pattern field a body gives, and what `make_sampler` takes for it."""
+    given = [name for name in PATTERNS if body.get(name) is not None]
+    if given == ["response_format"]:
+        form = body["response_format"]
+        kind = form.get("type") if isinstance(form, dict) else None
+        if kind == "text":
+            return None, {}
+        schema = form.get("json_schema") if kind == "json_schema" else None
+        if not isinstance(schema, dict) or not isinstance(schema.get("schema"), dict):
+            raise RequestError('response_format must be {"type": "text"} or {"type": "json_schema", "json_schema": '
+                               '{"name": ..., "schema": {...}}}', "response_format")
+        return "response_format", {"json_schema": schema["schema"]}
+    if len(given) > 1:
+        raise RequestError(f"give one of {', '.join(PATTERNS)}, not {' and '.join(given)}", given[1])
+    if not given:
+        return None, {}
+    name, value = given[0], body[given[0]]
+    kind = {"guided_regex": "regex", "guided_choice": "choices", "guided_json": "json_schema"}[name]
+    if name == "guided_regex" and not isinstance(value, str) or name == "guided_json" and not isinstance(
+            value, (str, dict)):
+        raise RequestError(f"{name} must be {'a string' if name == 'guided_regex' else 'a JSON schema'}", name)
+    return name, {kind: value}
+
+
+def asks_for_pattern(body) -> bool:
+    return isinstance(body, dict) and any(body.get(name) is not None for name in PATTERNS)
+
+
+def _parse_logit_bias(body: dict, vocab_size: int) -> dict[int, float]:
+    """OpenAI's logit_bias: token ids (as the JSON object's keys) to a bias from -100 to 100."""
+    bias = _typed(body, "logit_bias", (dict,), {}, "an object of token ids to numbers")
+    parsed = {}
+    for key, value in bias.items():
+        token = int(key) if key.isdigit() and len(key) < 10 else -1
+        if not 0 <= token < vocab_size:
+            raise RequestError(f"logit_bias keys must be token ids from 0 to {vocab_size - 1} (this model's "
+                               f"vocabulary), got {json.dumps(key)[:40]}", "logit_bias")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not BIAS.holds(value):
+            raise RequestError(f"logit_bias values must be numbers from -100 to 100, got {json.dumps(value)[:40]} "
+                               f"for token {token}", "logit_bias")
+        parsed[token] = float(value)
+    return parsed
 
 
 def lm_eval_model_args(model_id: str, base_url: str, tokenizer: CharTokenizer, block_size: int) -> str:

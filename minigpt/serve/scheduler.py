@@ -77,6 +77,8 @@ class Choice(Continuation):
                 if stop is not None:
                     self.text, self.finish_reason = self.text[:-len(stop)], "stop"
                     break
+            if not self.finish_reason and self.sampler.reads_text and self.sampler.finished(self):
+                self.finish_reason = "stop"  # the pattern allows nothing more: the text is whole
             if not self.finish_reason and len(self.tokens) == self.max_new_tokens:
                 self.text += self.decode(None)  # a character the last token left unfinished
                 self.finish_reason = "length"

@@ -46,9 +46,11 @@ async function loadModel() {
 function requestBody() {
   const body = {model: model.id, prompt: $("prompt").value, stream: true, logprobs: TOP,
                 max_tokens: Number($("max_tokens").value), temperature: Number($("temperature").value)};
-  for (const name of ["top_k", "top_p", "seed"]) {
+  for (const name of ["top_k", "top_p", "seed", "min_p", "repetition_penalty", "presence_penalty",
+                      "frequency_penalty"]) {
     if ($(name).value !== "") body[name] = Number($(name).value);
   }
+  if ($("guided_regex").value !== "") body.guided_regex = $("guided_regex").value;
   return body;
 }
 
