@@ -58,13 +58,14 @@ def pick(logits: np.ndarray, sequences: Sequence[Continuation], draws: np.ndarra
          ahead: Sequence[Sequence[int]] | None = None) -> np.ndarray:
     """Each row's token from (rows, V) logits, row i as sequences[i] samples with draws[i] (by default its next
     draw), its text so far taken to go on with ahead[i] (a verify's guesses); rows alike are picked together."""
-    if any(sequence.sampler.reads_text for sequence in sequences):
+    first = sequences[0].sampler
+    alike = len(sequences) == 1 or all(sequence.sampler is first for sequence in sequences)
+    if first.reads_text if alike else any(sequence.sampler.reads_text for sequence in sequences):
         logits = logits.copy()  # the engine's logits stay the model's own (logprobs report them)
         for i, sequence in enumerate(sequences):
             if sequence.sampler.reads_text:  # penalties, a pattern: `minigpt.controls`
                 logits[i] = sequence.sampler.adjust(logits[i], sequence, ahead[i] if ahead else ())
-    first = sequences[0].sampler
-    if len(sequences) == 1 or all(sequence.sampler is first for sequence in sequences):
+    if alike:
         if first.greedy:
             return logits.argmax(axis=-1)
         groups = [(slice(None), first)]
