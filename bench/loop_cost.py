@@ -27,7 +27,8 @@ def main() -> None:
             times = []
             for _ in range(REPEATS):
                 started = time.perf_counter()
-                for _ in generate_rows(FreeEngine(block_size=4096), [[1, 2, 3]] * batch, STEPS, FastSampler(**settings)):
+                sampler, engine = FastSampler(**settings), FreeEngine(block_size=4096)
+                for _ in generate_rows(engine, [[1, 2, 3]] * batch, STEPS, sampler):
                     pass
                 times.append((time.perf_counter() - started) / STEPS)
             figures.append(f"{name} batch {batch}: {np.median(times) * 1e6:.2f} µs")

@@ -20,7 +20,8 @@ CONTROLS = [
       "--presence-penalty", "0.4", "--frequency-penalty", "0.6", "--logit-bias", "a=-2.5", "--logit-bias", "o=1"],
      {"temperature": 0.9, "seed": 4, "min_p": 0.05, "repetition_penalty": 1.3, "presence_penalty": 0.4,
       "frequency_penalty": 0.6, "logit_bias": {"3": -2.5, "17": 1}}),
-    (["--temperature", "0", "--regex", "[a-z]+ (fox|dog)\\."], {"temperature": 0, "guided_regex": "[a-z]+ (fox|dog)\\."}),
+    (["--temperature", "0", "--regex", "[a-z]+ (fox|dog)\\."],
+     {"temperature": 0, "guided_regex": "[a-z]+ (fox|dog)\\."}),
     (["--temperature", "1.2", "--seed", "9", "--choice", "lazy dog", "--choice", "quick fox", "--choice", "one"],
      {"temperature": 1.2, "seed": 9, "guided_choice": ["lazy dog", "quick fox", "one"]}),
 ]
