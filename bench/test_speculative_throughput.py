@@ -21,6 +21,7 @@ batch 1 here) or, where it cannot take part (sampling), to plain decoding.
 
 import functools
 import os
+import re
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,10 +35,11 @@ from minigpt.decoding import generate_rows
 from minigpt.drafts import ContextDraft, ModelDraft
 from minigpt.speculative import SpeculativeStep
 
-CONFIGS = {"default": dict(), "long": dict(block_size=1024),
+CONFIGS = {"default": dict(), "held-out": dict(), "long": dict(block_size=1024),
            "large": dict(block_size=256, embed_dim=384, num_heads=6, num_layers=6),
            "draft": dict(block_size=256, embed_dim=64, num_heads=2, num_layers=1)}  # the large one's draft model
 TRAINING = {"default": dict(steps=600, batch_size=32, learning_rate=2e-3),
+            "held-out": dict(steps=800, batch_size=32, learning_rate=2e-3),
             "long": dict(steps=150, batch_size=8, learning_rate=2e-3),
             "large": dict(steps=250, batch_size=16, learning_rate=1e-3),
             "draft": dict(steps=400, batch_size=16, learning_rate=3e-3)}
@@ -55,7 +57,14 @@ def corpus_source():
 
 
 @pytest.fixture(scope="module")
-def trained(request, corpus_source, tmp_path_factory):
+def held_out_source(corpus_source):
+    """The corpus of the held-out group: MINIGPT_BENCH_HELD_OUT (a data folder, say WikiText-2's, or a file),
+    else the bench's own; its model trains on the train split, its prompts come from the validation split."""
+    return os.environ.get("MINIGPT_BENCH_HELD_OUT") or corpus_source
+
+
+@pytest.fixture(scope="module")
+def trained(request, corpus_source, held_out_source, tmp_path_factory):
     """config name -> (checkpoint path, onnx path, prompts as ids): trained once, kept in the cache folder."""
     from minigpt import load_checkpoint
     from minigpt.config import TrainConfig
@@ -72,11 +81,12 @@ def trained(request, corpus_source, tmp_path_factory):
         settings = dict(TRAINING[name]) if timing(request) else dict(TRAINING[name], steps=4, batch_size=2)
         # "likely": the n-gram table counts the finished model's own picks and likeliest characters (a cached
         # model from before would speculate as an older minigpt did).
-        stem = f"{name}-{settings['steps']}-likely-{Path(corpus_source).name}"
+        source = held_out_source if name == "held-out" else corpus_source
+        stem = f"{name}-{settings['steps']}-likely-{Path(source).name}"
         folder = cache_dir() / "bench" if timing(request) else tmp_path_factory.mktemp(name)
         folder.mkdir(parents=True, exist_ok=True)
         checkpoint, graph = folder / f"{stem}.safetensors", folder / f"{stem}.onnx"
-        corpus = load_corpus(corpus_source)
+        corpus = load_corpus(source)
         config = TrainConfig(**settings, eval_interval=settings["steps"], eval_iters=2, warmup=20, device="cpu")
         if not checkpoint.exists():
             train(corpus, config, checkpoint, progress=False, force=True, **CONFIGS[name])
@@ -300,3 +310,61 @@ def test_speculative_serving(benchmark, record_throughput, request, trained, cli
     assert len(results["draft auto"]["texts"]) == count
     print(f"\n{clients} clients: " + ", ".join(f"{name} {result['tokens_per_s']:,.0f} tokens/s (last round)"
                                             for name, result in results.items()))
+
+
+HELD_OUT_PROMPT, HELD_OUT_NEW, HELD_OUT_PROMPTS, CLI_PROMPTS = 40, 88, 24, 8
+
+
+def test_speculative_held_out(benchmark, record_throughput, request, trained, engines, held_out_source):
+    """Text the model never saw: a default model trained 800 steps on one corpus's train split, 40-character
+    prompts from its validation split, 88 new tokens each (within the block), greedy, batch 1. Each prompt goes
+    through onnxruntime plain, onnxruntime with the n-gram table and CTranslate2 fp32 in turn (the order
+    rotating), so a slow spell of this shared host hits all three alike; then `minigpt generate` for the first
+    few prompts, one process each, its reported rate beside the warm one."""
+    import subprocess
+    import sys
+
+    benchmark.group = "speculative held-out default batch 1"
+    checkpoint, graph, _ = trained("held-out")
+    valid = load_corpus(held_out_source).split("valid")
+    starts = np.linspace(0, len(valid) - HELD_OUT_PROMPT - 1, HELD_OUT_PROMPTS if timing(request) else 2)
+    prompts = [valid[start:start + HELD_OUT_PROMPT].astype(np.int64).tolist() for start in starts.astype(int)]
+    names = ["onnx-plain", "onnx-ngram", "ct2-fp32"]
+    runs = {name: engines(name, "held-out") for name in names}
+    rounds, seconds, texts = (5 if timing(request) else 1), {name: [] for name in names}, {}
+    greedy = Sampler(temperature=0)
+
+    def in_turn():
+        for _ in range(rounds):
+            totals = dict.fromkeys(names, 0.0)
+            for number, prompt in enumerate(prompts):
+                for name in names[number % 3:] + names[:number % 3]:
+                    started = time.perf_counter()
+                    texts[name, number] = runs[name]([prompt], HELD_OUT_NEW, greedy)[0].tolist()
+                    totals[name] += time.perf_counter() - started
+            for name in names:
+                seconds[name].append(totals[name])
+
+    benchmark.pedantic(in_turn, rounds=1, iterations=1)
+    assert all(texts["onnx-ngram", n] == texts["onnx-plain", n] == texts["ct2-fp32", n] for n in range(len(prompts)))
+    amount = len(prompts) * HELD_OUT_NEW
+    for name, times in seconds.items():
+        timed = SimpleNamespace(group=benchmark.group, stats={"median": float(np.median(times))}, extra_info={})
+        record_throughput(timed if benchmark.stats else benchmark, name, amount)
+    ratios = [ct2 / ngram for ngram, ct2 in zip(seconds["onnx-ngram"], seconds["ct2-fp32"])]
+    benchmark.extra_info["onnx-ngram / ct2-fp32, per round"] = ratios
+
+    from minigpt.export.onnx_engine import OnnxEngine
+
+    decode_text, reported = OnnxEngine(graph).tokenizer.decode, []
+    for number, prompt in enumerate(prompts[:CLI_PROMPTS]):
+        result = subprocess.run([sys.executable, "-m", "minigpt", "generate", "--model", str(graph), "--prompt",
+                                 decode_text(prompt), "--max-new-tokens", str(HELD_OUT_NEW), "--temperature", "0"],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == decode_text(prompt + texts["onnx-plain", number]) + "\n"
+        reported.append(float(re.search(r"\(([\d,]+) tokens/s", result.stderr).group(1).replace(",", "")))
+    warm = len(prompts) * HELD_OUT_NEW / float(np.median(seconds["onnx-ngram"]))
+    benchmark.extra_info["minigpt generate tokens/s (median reported)"] = float(np.median(reported))
+    print(f"\nheld-out: onnx + n-gram {np.median(ratios):.2f}x CT2 fp32 (rounds {min(ratios):.2f}-{max(ratios):.2f}); "
+          f"minigpt generate reports {np.median(reported):,.0f} tokens/s, {np.median(reported) / warm:.2f} of warm")

@@ -56,10 +56,8 @@ def test_a_constrained_text_matches_its_pattern_on_every_step_and_batch(make_eng
     tokenizer, limit = tiny_loaded.tokenizer, 24
     controls = dict(regex=pattern, temperature=temperature, seed=seed)
     plain = texts(make_engine("kv-cache"), tokenizer, limit, 3, **controls)
-    for text in plain:
-        assert len(text) <= limit
-        assert len(text) == limit or re.fullmatch(pattern, text), (pattern, text)  # ended early: it matches
-        assert re.fullmatch(pattern, text) or len(text) == limit  # did not match: the token limit cut it
+    for text in plain:  # a text that ended before the limit matches; one that does not match ran out of tokens
+        assert len(text) <= limit and (re.fullmatch(pattern, text) or len(text) == limit), (pattern, text)
     speculative = SpeculativeStep(tiny_loaded.ngram_draft(), 6)
     assert texts(make_engine("onnx"), tokenizer, limit, 3, speculative, **controls) == plain
     assert texts(make_engine("kv-cache"), tokenizer, limit, 1, SpeculativeStep(ContextDraft(), 6),
