@@ -62,3 +62,4 @@ def test_a_constrained_text_matches_its_pattern_on_every_step_and_batch(make_eng
     assert texts(make_engine("onnx"), tokenizer, limit, 3, speculative, **controls) == plain
     assert texts(make_engine("kv-cache"), tokenizer, limit, 1, SpeculativeStep(ContextDraft(), 6),
                  **controls) == plain[:1]
+    assert texts(make_engine("recompute"), tokenizer, limit, 1, **controls) == plain[:1]
