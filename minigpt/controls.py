@@ -30,7 +30,7 @@ from minigpt.errors import ConfigError
 from minigpt.fast_sampling import FastSampler
 from minigpt.patterns import Pattern, compile_pattern
 from minigpt.sampling import Sampler
-from minigpt.settings import Bounded, check_bounds, option
+from minigpt.settings import POSITIVE, Bounded, check_bounds, option
 
 BIAS = Bounded(float, -100, 100)  # OpenAI's range for a logit_bias value
 
@@ -45,7 +45,8 @@ class ControlledSampler(FastSampler):
                                      Bounded(float, -2, 2))
     frequency_penalty: float = option(0.0, "subtract this times its count in the output from each token's logit",
                                       Bounded(float, -2, 2))
-    vocab_size: int = 0  # the model's: a text's token counts are kept in arrays of this size
+    vocab_size: int = option(0, "the model's vocabulary: a text's token counts are kept in arrays of this size",
+                             POSITIVE)
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> a number added to its logit
     pattern: Pattern | None = None  # what the output must match (`minigpt.patterns`)
     _texts: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, init=False, repr=False,
@@ -68,7 +69,7 @@ class ControlledSampler(FastSampler):
             text = text.copy()
             for token in ahead:
                 text.add(token, self)
-        logits = logits.astype(np.float32)  # a copy: the engine's array is the verify's too
+        logits = logits.astype(np.float32)  # a copy: the caller's array stays the model's own
         if self.repetition_penalty != 1:
             repeated = logits[text.seen_ids]
             logits[text.seen_ids] = np.where(repeated < 0, repeated * self.repetition_penalty,
