@@ -189,6 +189,8 @@ def _parse_sampler(body: dict, tokenizer, patterns: dict | None) -> Sampler:
                 "frequency_penalty": _typed(body, "frequency_penalty", number, 0.0, "a number"),
                 "logit_bias": _parse_logit_bias(body, tokenizer.vocab_size)}
     temperature = sampling["temperature"]
+    # OpenAI's range, checked before anything turns the number into a float: an integer of 2**1024 or more, or
+    # Infinity, would otherwise reach the sampler.
     if temperature > MAX_TEMPERATURE or isinstance(temperature, float) and not math.isfinite(temperature):
         raise RequestError(f"temperature must be a number from 0 to {MAX_TEMPERATURE} (0 is greedy), as in "
                            f"OpenAI's API; got {json.dumps(temperature)[:40]}", "temperature")
