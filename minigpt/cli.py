@@ -129,6 +129,8 @@ def _generate(args: argparse.Namespace) -> None:
         for number, text in enumerate(join_samples(args.prompt, columns, args.num_samples), start=1):
             sys.stdout.write(f"--- sample {number} of {args.num_samples} ---\n{text}\n")
     elapsed = time.perf_counter() - start
+    # Steps taken, a token a sample each (a last yield may only finish a character a token left incomplete).
+    count = min(count, args.num_samples * args.max_new_tokens)
     speculated = f"; speculative: {step.report()}" if step is not None else ""
     print(f"minigpt: {count} new tokens in {elapsed:.2f} s ({count / max(elapsed, 1e-9):,.0f} tokens/s, "
           f"{type(engine).__name__}{speculated})", file=sys.stderr)
