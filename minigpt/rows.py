@@ -35,7 +35,6 @@ class Rows:
         self._sequences: list = []  # the driver's record of the sequence in each row
         self._lengths = np.zeros(capacity, dtype=np.int64)  # tokens in each row's cache
         self._tokens = np.zeros((capacity, self._block), dtype=np.int64)  # and which they are
-        self._row_numbers = np.arange(capacity)
         # At least the longest row's length, as a plain int: a decode step then checks for a full row without
         # a numpy call (numpy calls between two graph calls run on a cold cache).
         self._longest = 0

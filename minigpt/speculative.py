@@ -84,11 +84,12 @@ class VerifiedRows(Rows):
 
     def extend(self, ids: np.ndarray) -> np.ndarray:
         """Append (count, k) ids to every row, k <= room(); return the (count, k, V) logits."""
-        lengths = self._lengths[:self.count]
+        lengths, width = self._lengths[:self.count], ids.shape[1]
         logits = self.engine.extend(ids, lengths)
-        self._tokens[self._row_numbers[:self.count, None], lengths[:, None] + np.arange(ids.shape[1])] = ids
-        lengths += ids.shape[1]
-        self._longest += ids.shape[1]
+        for row, start in enumerate(lengths.tolist()):  # a slice a row: cheaper than one fancy-indexed write
+            self._tokens[row, start:start + width] = ids[row]
+        lengths += width
+        self._longest += width
         return logits
 
     def roll_back(self, lengths: list[int]) -> None:
@@ -99,7 +100,8 @@ class VerifiedRows(Rows):
     def histories(self, pending: np.ndarray) -> list[np.ndarray]:
         """Each row's tokens, then pending[row] (the one it writes next): views, valid until the next write."""
         lengths = self.lengths()
-        self._tokens[self._row_numbers[:self.count], lengths] = pending
+        for row, (length, token) in enumerate(zip(lengths, pending.tolist())):
+            self._tokens[row, length] = token
         return [self._tokens[row, :length + 1] for row, length in enumerate(lengths)]
 
 
@@ -195,7 +197,7 @@ def verify(logits: np.ndarray, guesses: list[list[int]], sequences: list[Continu
     plain decoding would use there; the draws of positions past a row's own pick go back to its stream."""
     rows, positions = logits.shape[:2]
     flat = [sequence for sequence in sequences for _ in range(positions)]
-    flat_draws = np.zeros(rows * positions) if draws is None else draws[:, :positions].reshape(-1)
+    flat_draws = None if draws is None else draws[:, :positions].reshape(-1)  # None: every row is greedy
     # Position j of a row is picked as if its first j guesses were already its text (penalties, a pattern).
     ahead = ([guess[:j] for guess in guesses for j in range(positions)]
              if any(sequence.sampler.reads_text for sequence in sequences) else None)
@@ -238,7 +240,9 @@ class Schedule:
 
     def record(self, width: int, seconds: float) -> None:
         """What a step verifying `width` guesses took (0: a plain step)."""
-        recent = self._recent.setdefault(width, deque(maxlen=RECENT_STEPS))
+        recent = self._recent.get(width)
+        if recent is None:  # made once a width, not (as setdefault's argument would be) every step
+            recent = self._recent[width] = deque(maxlen=RECENT_STEPS)
         recent.append(seconds)
         self.step_seconds[width] = min(recent)
 
