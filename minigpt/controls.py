@@ -30,7 +30,7 @@ from minigpt.errors import ConfigError
 from minigpt.fast_sampling import FastSampler
 from minigpt.patterns import Pattern, compile_pattern
 from minigpt.sampling import Sampler
-from minigpt.settings import POSITIVE, Bounded, check_bounds, option
+from minigpt.settings import POSITIVE, Bounded, option
 
 BIAS = Bounded(float, -100, 100)  # OpenAI's range for a logit_bias value
 
@@ -53,7 +53,7 @@ class ControlledSampler(FastSampler):
                                               compare=False)
 
     def __post_init__(self) -> None:
-        check_bounds(self)
+        super().__post_init__()
         for token, bias in self.logit_bias.items():
             if not (Bounded(int, 0, self.vocab_size - 1).holds(token) and BIAS.holds(bias)):
                 raise ConfigError(f"logit_bias maps token ids from 0 to {self.vocab_size - 1} (this model's "
@@ -62,14 +62,14 @@ class ControlledSampler(FastSampler):
         self._bias_values = np.array(list(self.logit_bias.values()), dtype=np.float32)
         self.reads_text = True
 
-    def adjust(self, logits: np.ndarray, sequence, ahead=()) -> np.ndarray:
-        """One row's (V,) logits after the controls, for `sequence`'s text followed by the tokens `ahead`."""
+    def adjust(self, logits: np.ndarray, sequence, ahead=()) -> None:
+        """Apply the controls to one row's (V,) logits, in place, for `sequence`'s text followed by the tokens
+        `ahead`."""
         text = self._text(sequence)
         if len(ahead):
             text = text.copy()
             for token in ahead:
                 text.add(token, self)
-        logits = logits.astype(np.float32)  # a copy: the caller's array stays the model's own
         if self.repetition_penalty != 1:
             repeated = logits[text.seen_ids]
             logits[text.seen_ids] = np.where(repeated < 0, repeated * self.repetition_penalty,
@@ -77,7 +77,6 @@ class ControlledSampler(FastSampler):
         logits += text.offset
         if self.pattern is not None:
             logits += self.pattern.mask(text.state)
-        return logits
 
     def finished(self, sequence) -> bool:
         """Whether the pattern allows nothing after the sequence's text: the text is complete."""

@@ -64,7 +64,7 @@ def pick(logits: np.ndarray, sequences: Sequence[Continuation], draws: np.ndarra
         logits = logits.copy()  # the engine's logits stay the model's own (logprobs report them)
         for i, sequence in enumerate(sequences):
             if sequence.sampler.reads_text:  # penalties, a pattern: `minigpt.controls`
-                logits[i] = sequence.sampler.adjust(logits[i], sequence, ahead[i] if ahead else ())
+                sequence.sampler.adjust(logits[i], sequence, ahead[i] if ahead else ())
     if alike:
         if first.greedy:
             return logits.argmax(axis=-1)

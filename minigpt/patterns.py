@@ -23,6 +23,7 @@ import threading
 import numpy as np
 
 from minigpt.errors import ConfigError
+from minigpt.subword import token_spellings
 
 MAX_PATTERN_LENGTH = 4096  # characters of a regex, choices or schema: compiling takes time the request waits for
 MAX_CACHED = 64  # compiled patterns a server keeps: clients tend to send the same few again and again
@@ -37,7 +38,8 @@ class Pattern:
 
         self.regex, self.end = regex, tokenizer.vocab_size  # the end of text, to outlines-core: no token of ours
         spellings: dict[bytes, list[int]] = {}
-        for token, spelling in enumerate(_token_bytes(tokenizer)):
+        for token, spelling in enumerate(token_spellings(tokenizer)):
+            spelling = spelling.encode() if isinstance(spelling, str) else spelling  # outlines-core reads bytes
             if spelling:
                 spellings.setdefault(spelling, []).append(token)
         try:
@@ -133,9 +135,3 @@ def _schema_regex(schema: str) -> str:
     except (TypeError, ValueError) as exc:  # outlines-core's errors are ValueErrors too
         raise ConfigError(f"json_schema is not a JSON schema outlines-core can follow ({str(exc)[:200]})",
                           "json_schema") from None
-
-
-def _token_bytes(tokenizer) -> list[bytes]:
-    if tokenizer.kind == "char":
-        return [char.encode() for char in tokenizer.chars]
-    return [tokenizer.token_bytes(token) for token in range(tokenizer.vocab_size)]

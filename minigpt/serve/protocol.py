@@ -242,7 +242,7 @@ def _parse_logit_bias(body: dict, vocab_size: int) -> dict[int, float]:
         if not 0 <= token < vocab_size:
             raise RequestError(f"logit_bias keys must be token ids from 0 to {vocab_size - 1} (this model's "
                                f"vocabulary), got {json.dumps(key)[:40]}", "logit_bias")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not BIAS.holds(value):
+        if not BIAS.holds(value):
             raise RequestError(f"logit_bias values must be numbers from -100 to 100, got {json.dumps(value)[:40]} "
                                f"for token {token}", "logit_bias")
         parsed[token] = float(value)
