@@ -73,6 +73,16 @@ class Server(Client):
 
 
 @contextlib.contextmanager
+def running(model, *flags, port, clean=False):
+    """A `Server` for a with-block (a module's fixture): once the block ends it must stop with exit code 0 and,
+    when `clean`, no traceback on stderr."""
+    server = Server(model, *flags, port=port)
+    yield server
+    code, err = server.stop()
+    assert code == 0 and not (clean and "Traceback" in err), err
+
+
+@contextlib.contextmanager
 def in_process(engine, port, wait_for):
     """The app around `engine` served by uvicorn on a thread of this process (so a test can break the engine or
     the sampler); yields a Client once /health answers."""

@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("uvicorn", reason="minigpt serve needs the serve extra")
 sync_api = pytest.importorskip("playwright.sync_api", reason="the page is tested with Playwright (the test extra)")
 
-from serving import Server, generate_cli  # noqa: E402
+from serving import Server, generate_cli, running  # noqa: E402
 
 pytestmark = pytest.mark.slow
 CHROMIUM_NAMES = ("chromium", "chromium-browser")
@@ -45,10 +45,8 @@ def browser():
 
 @pytest.fixture(scope="module")
 def checkpoint_server(tiny_checkpoint, free_port):
-    server = Server(tiny_checkpoint, port=free_port())
-    yield server
-    code, err = server.stop()
-    assert code == 0 and "Traceback" not in err, err
+    with running(tiny_checkpoint, port=free_port(), clean=True) as server:
+        yield server
 
 
 @pytest.fixture

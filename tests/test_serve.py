@@ -19,7 +19,7 @@ pytest.importorskip("uvicorn", reason="minigpt serve needs the serve extra")
 
 from minigpt.cli import main  # noqa: E402
 
-from serving import MODEL_ID, Server, generate_cli, in_process  # noqa: E402
+from serving import MODEL_ID, Server, generate_cli, in_process, running  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +29,8 @@ def onnx_model(tiny_onnx):
 
 @pytest.fixture(scope="module")
 def server(onnx_model, free_port):
-    server = Server(onnx_model, "--max-batch", "40", port=free_port())
-    yield server
-    code, err = server.stop()
-    assert code == 0, err
+    with running(onnx_model, "--max-batch", "40", port=free_port()) as server:
+        yield server
 
 
 def test_a_completion_is_the_text_minigpt_generate_prints(server, onnx_model):
@@ -407,11 +405,8 @@ def test_a_stopped_server_can_start_again_on_its_port_at_once(onnx_model, free_p
 @pytest.fixture(scope="module")
 def strict_server(onnx_model, free_port):
     """A server with a short read deadline and few connections, to be held to them."""
-    server = Server(onnx_model, "--read-timeout", 1, "--max-connections", 24, port=free_port())
-    yield server
-    code, err = server.stop()
-    assert code == 0, err
-    assert "Traceback" not in err, err
+    with running(onnx_model, "--read-timeout", 1, "--max-connections", 24, port=free_port(), clean=True) as server:
+        yield server
 
 
 def open_connections(port, count, first_bytes=b""):
@@ -512,11 +507,9 @@ GREEDY = {"model": MODEL_ID, "prompt": "the ", "max_tokens": 8, "temperature": 0
 
 @pytest.fixture(scope="module")
 def fuzzed_server(onnx_model, free_port):
-    server = Server(onnx_model, "--max-tokens", 64, "--max-batch", 12, port=free_port())
-    server.greedy_text = server.post(GREEDY)[1]["choices"][0]["text"]
-    yield server
-    code, err = server.stop()
-    assert code == 0 and "Traceback" not in err, err
+    with running(onnx_model, "--max-tokens", 64, "--max-batch", 12, port=free_port(), clean=True) as server:
+        server.greedy_text = server.post(GREEDY)[1]["choices"][0]["text"]
+        yield server
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -11,7 +11,7 @@ import pytest
 openai = pytest.importorskip("openai", reason="the server is tested with the openai client (the test extra)")
 pytest.importorskip("uvicorn", reason="minigpt serve needs the serve extra")
 
-from serving import MODEL_ID, Server, generate_cli  # noqa: E402
+from serving import MODEL_ID, generate_cli, running  # noqa: E402
 
 PROMPT = "the "
 # The same settings as flags and as request fields (token 3 is "a" in the tiny model's sorted characters).
@@ -29,10 +29,8 @@ CONTROLS = [
 
 @pytest.fixture(scope="module")
 def server(tiny_onnx, free_port):
-    running = Server(tiny_onnx, "--draft", "auto", port=free_port())
-    yield running
-    code, err = running.stop()
-    assert code == 0, err
+    with running(tiny_onnx, "--draft", "auto", port=free_port()) as server:
+        yield server
 
 
 def test_the_tiny_models_ids_are_what_the_table_says(tiny_loaded):

@@ -12,17 +12,15 @@ pytest.importorskip("uvicorn", reason="minigpt serve needs the serve extra")
 
 from tiny import LM_EVAL_TEXT, TINY_TEXT, eval_bits, run_lm_eval  # noqa: E402
 from minigpt.serve.protocol import lm_eval_model_args  # noqa: E402
-from serving import MODEL_ID, Server, generate_cli  # noqa: E402
+from serving import MODEL_ID, generate_cli, running  # noqa: E402
 
 TEXT = TINY_TEXT[:203]  # 13 windows of the tiny model's 16-character block, the last one short
 
 
 @pytest.fixture(scope="module")
 def server(tiny_onnx, free_port):
-    server = Server(tiny_onnx, port=free_port())
-    yield server
-    code, err = server.stop()
-    assert code == 0, err
+    with running(tiny_onnx, port=free_port()) as server:
+        yield server
 
 
 def complete(server, **fields):

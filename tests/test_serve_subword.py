@@ -11,7 +11,7 @@ pytest.importorskip("uvicorn", reason="minigpt serve needs the serve extra")
 
 from minigpt import load_checkpoint  # noqa: E402
 
-from serving import Server, generate_cli  # noqa: E402
+from serving import generate_cli, running  # noqa: E402
 
 PROMPT = "naïve 😀 the"
 MODEL_ID = "bpe"  # the file's name
@@ -24,10 +24,8 @@ def bpe_onnx(bpe_checkpoint):
 
 @pytest.fixture(scope="module")
 def server(bpe_onnx, free_port):
-    running = Server(bpe_onnx, "--draft", "auto", port=free_port())
-    yield running
-    code, err = running.stop()
-    assert code == 0, err
+    with running(bpe_onnx, "--draft", "auto", port=free_port()) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +71,8 @@ def test_logprobs_name_tokens_and_offsets_count_characters(server, tokenizer):
     for name, top in zip(scores["tokens"][1:], scores["top_logprobs"][1:]):
         assert len(top) == 3 and all(token_bytes(other) for other in top)
     streamed = []
-    for event in server.request("POST", "/v1/completions", {"model": MODEL_ID, "prompt": PROMPT, "max_tokens": 60,
-                                                            "temperature": 0, "logprobs": 3, "stream": True})[1].split("\n\n"):
+    body = {"model": MODEL_ID, "prompt": PROMPT, "max_tokens": 60, "temperature": 0, "logprobs": 3, "stream": True}
+    for event in server.request("POST", "/v1/completions", body)[1].split("\n\n"):
         if event.startswith("data: {"):
             streamed += [json.loads(event[6:])["choices"][0]]
     names = [name for chunk in streamed for name in chunk["logprobs"]["tokens"]]
