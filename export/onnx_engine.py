@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from minigpt.config import GPTConfig
-from minigpt.settings import MOST_DRAFT_TOKENS
+from minigpt.settings import DRAFT_TOKENS, MOST_DRAFT_TOKENS
 from minigpt.engine_checks import check_extend
 from minigpt.devices import check_threads, threads_for
 from minigpt.errors import CheckpointError, MiniGPTError
@@ -31,6 +31,9 @@ from minigpt.subword import TOKENIZER_META, tokenizer_from_metadata
 from minigpt.tokenizer import CharTokenizer
 
 KEPT_STEP_TOKENS = MOST_DRAFT_TOKENS + 1  # bindings for up to this many new tokens are kept (decoding, verifying)
+# A row alone verifies up to the default most guesses and its pending token: a batch of one binds every such width
+# when it starts, so that a process's first steps cost what its later ones do.
+BOUND_AT_START = DRAFT_TOKENS + 1
 # The most bindings kept, the least recently used dropped first: a server's admissions write prompts of every
 # length at every row, and each shape kept holds its own buffers.
 KEPT_STEPS = 128
@@ -65,13 +68,14 @@ def open_session(model: str | os.PathLike | bytes, threads: int):
 
 
 def _bind(binding, name: str, value, output: bool = False) -> None:
-    """Bind an array's memory (it must stay alive), or an OrtValue over it, as a graph input or output. An
-    OrtValue made once binds in about a tenth of the time a raw pointer takes (which pybind describes anew)."""
-    if not isinstance(value, np.ndarray):
-        (binding.bind_ortvalue_output if output else binding.bind_ortvalue_input)(name, value)
-        return
-    bind = binding.bind_output if output else binding.bind_input
-    bind(name, "cpu", 0, value.dtype, list(value.shape), value.ctypes.data)
+    """Bind an array, through an OrtValue over its memory (the array must stay alive), or an OrtValue, as a graph
+    input or output: an OrtValue binds in about a tenth of the time a raw pointer takes (which pybind describes
+    anew), and making one costs less than describing the pointer."""
+    if isinstance(value, np.ndarray):
+        from onnxruntime import OrtValue
+
+        value = OrtValue.ortvalue_from_numpy(value)
+    (binding.bind_ortvalue_output if output else binding.bind_ortvalue_input)(name, value)
 
 
 class OnnxEngine:
@@ -141,6 +145,9 @@ class OnnxEngine:
                                padded_head_dim(c.head_dim)), dtype=np.float32)
         self._steps: OrderedDict[tuple[int, int, int], _Step] = OrderedDict()
         self._cached_values: dict[tuple[int, int], list] = {}  # the cache's OrtValues, by run of rows
+        if batch_size == 1:
+            for new in range(1, BOUND_AT_START + 1):
+                self._step(0, 1, new)
 
     def extend(self, ids: np.ndarray, start_pos: np.ndarray, first_row: int = 0) -> np.ndarray:
         """Write (n, k) ids into rows first_row .. first_row+n-1 at positions start_pos[i] onwards; return the
@@ -172,9 +179,10 @@ class OnnxEngine:
         """The binding for `new` tokens in rows first_row .. first_row+rows-1; the small shapes decoding
         repeats (a few tokens) are made once and only have their inputs rewritten."""
         key = (first_row, rows, new)
-        if key in self._steps:
+        step = self._steps.get(key)
+        if step is not None:
             self._steps.move_to_end(key)
-            return self._steps[key]
+            return step
         positions = np.zeros((rows, new), dtype=np.int32)
         # A row's last new position is also GroupQueryAttention's seqlens_k (its total length after this
         # call, minus one): for one new token, or one row, the same memory serves both.

@@ -80,22 +80,8 @@ def make_step(choice: str, ngram, max_tokens: int = DRAFT_TOKENS, draft_engine=N
 
 
 class VerifiedRows(Rows):
-    """Rows that take a draft's guesses (`extend`) and give the wrong ones back (`roll_back`)."""
-
-    def extend(self, ids: np.ndarray) -> np.ndarray:
-        """Append (count, k) ids to every row, k <= room(); return the (count, k, V) logits."""
-        lengths, width = self._lengths[:self.count], ids.shape[1]
-        logits = self.engine.extend(ids, lengths)
-        for row, start in enumerate(lengths.tolist()):  # a slice a row: cheaper than one fancy-indexed write
-            self._tokens[row, start:start + width] = ids[row]
-        lengths += width
-        self._longest += width
-        return logits
-
-    def roll_back(self, lengths: list[int]) -> None:
-        """Keep only the first lengths[i] positions of each row i (the engine overwrites the rest later)."""
-        self._lengths[:self.count] = lengths
-        self._longest = max(lengths, default=0)
+    """Rows that take each row's pending token and a draft's guesses in one call (`extend`), then keep the
+    positions that were right (`keep`)."""
 
     def histories(self, pending: np.ndarray) -> list[np.ndarray]:
         """Each row's tokens, then pending[row] (the one it writes next): views, valid until the next write."""
@@ -103,6 +89,20 @@ class VerifiedRows(Rows):
         for row, (length, token) in enumerate(zip(lengths, pending.tolist())):
             self._tokens[row, length] = token
         return [self._tokens[row, :length + 1] for row, length in enumerate(lengths)]
+
+    def extend(self, ids: np.ndarray) -> np.ndarray:
+        """Write (count, k) ids after every row's tokens, k <= room(); return the (count, k, V) logits. Until
+        `keep` says how many of them stay, the rows keep their lengths."""
+        lengths, width = self._lengths[:self.count], ids.shape[1]
+        logits = self.engine.extend(ids, lengths)
+        for row, start in enumerate(lengths.tolist()):  # a slice a row: cheaper than one fancy-indexed write
+            self._tokens[row, start:start + width] = ids[row]
+        return logits
+
+    def keep(self, lengths: list[int]) -> None:
+        """Row i keeps its first lengths[i] positions (the engine overwrites the rest later)."""
+        self._lengths[:self.count] = lengths
+        self._longest = max(lengths, default=0)
 
 
 class SpeculativeStep:
@@ -154,18 +154,19 @@ class SpeculativeStep:
         is nothing to guess (or no room for it): a plain step then."""
         started = time.perf_counter()
         sequences = rows.sequences
-        stops = [self.draft.stops_itself(sequence.sampler) for sequence in sequences]
-        alone = rows.count == 1
+        samplers = [sequence.sampler for sequence in sequences]
+        stops = [self.draft.stops_itself(sampler) for sampler in samplers]
+        alone = len(sequences) == 1
         reach = self.max_tokens if alone and stops[0] else k
-        if rows.room() <= reach:  # too close to the end of the block: full rows restart first
-            reach = min(reach, rows.make_room() - 1)
+        room = rows.room()
+        if room <= reach:  # too close to the end of the block: a full row restarts first
+            reach = min(reach, (room or rows.make_room()) - 1)
             if reach < 1:  # a row is one token from the end: its next token restarts it, in a plain step
                 return None
-        lengths = rows.lengths()
         histories = rows.histories(pending)
         draws = read_draws(sequences, reach + 1)
         limits = [reach] if alone else [reach if stop else 0 for stop in stops]
-        guesses = self.draft.propose_rows(histories, limits, draws, [sequence.sampler for sequence in sequences])
+        guesses = self.draft.propose_rows(histories, limits, draws, samplers)
         width = max(map(len, guesses))
         if width == 0:  # nothing to verify: as good as a plain step, which is what guessing is judged against
             give_back_draws(sequences, draws)
@@ -174,7 +175,7 @@ class SpeculativeStep:
         logits = rows.extend(np.array([[first, *guess] + [0] * (width - len(guess))  # padding is not verified
                                        for first, guess in zip(pending.tolist(), guesses)], dtype=np.int64))
         accepted, emitted = verify(logits, guesses, sequences, draws)
-        rows.roll_back([length + 1 + kept for length, kept in zip(lengths, accepted)])
+        rows.keep([len(history) + kept for history, kept in zip(histories, accepted)])
         self.steps += 1
         self.tokens += 1 + sum(accepted) / len(accepted)
         schedule.settle(guesses, accepted, time.perf_counter() - started)  # timed with its picks, as plain steps
