@@ -58,8 +58,10 @@ def open_session(model: str | os.PathLike | bytes, threads: int):
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     try:
+        # The graph's residual adds and LayerNorms stay the standard operators (see `minigpt.export.onnx_graph`):
+        # onnxruntime would fuse the last one into its slower SkipLayerNormalization.
         return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
-                                    providers=["CPUExecutionProvider"])
+                                    providers=["CPUExecutionProvider"], disabled_optimizers=["SkipLayerNormFusion"])
     except Exception as exc:  # onnxruntime raises several types for a file that is not a graph
         name = _describe(model)
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__

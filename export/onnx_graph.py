@@ -5,16 +5,23 @@ order and emits, for each, the onnxruntime operator that does its job in one
 node. `verify_graph` in `onnx_export` then holds the result to PyTorch (logits
 and greedy tokens) before anything is written, so the two cannot drift apart.
 
-One block becomes nine nodes (block 0's first is EmbedLayerNormalization,
-which also does both embedding lookups):
+One block becomes eleven nodes:
 
-    SkipLayerNormalization   residual + previous output (+ its bias), then ln_attn
-    MatMul, Add              the QKV projection
-    GroupQueryAttention      writes this step's keys/values into the cache, attends
-    MatMul                   attention output projection
-    SkipLayerNormalization   residual + projection + bias, then ln_mlp
-    MatMul, FastGelu         fc, its bias and the tanh GELU in one node
-    MatMul                   MLP output projection (its bias joins the next SkipLayerNorm)
+    Sum, LayerNormalization   the residual stream + the last block's output + its bias, ln_attn
+    MatMul, Add               the QKV projection
+    GroupQueryAttention       writes this step's keys/values into the cache, attends
+    MatMul                    attention output projection
+    Sum, LayerNormalization   the residual stream + the projection + its bias, ln_mlp
+    MatMul, FastGelu          fc, its bias and the tanh GELU in one node
+    MatMul                    MLP output projection (its bias joins the next block's Sum)
+
+The embeddings are two Gathers whose Sum is block 0's residual stream; after
+the last block come ln_final, the same way, and the tied head.
+The residual sums and LayerNorms are standard operators, not the fused
+SkipLayerNormalization / EmbedLayerNormalization (com.microsoft): onnxruntime's
+CPU kernels for those work a row at a time, which made a whole call of 4 to
+40 tokens 4-15% slower, at the price of ~5% on a one-token call (its seven
+more nodes; bench/README.md, "The graph's operators").
 
 Why GroupQueryAttention (com.microsoft): given the same buffer as past and
 present (bound through IOBinding), it writes the new positions into that
@@ -58,7 +65,7 @@ LOGITS = "logits"
 MS_DOMAIN = "com.microsoft"
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which MiniGPT uses
 DEFAULT_OPSET = 17
-MIN_OPSET = 13  # Gather, MatMul and Add as this graph uses them
+MIN_OPSET = 17  # LayerNormalization
 
 
 def cache_names(prefix: str, num_layers: int) -> list[str]:
@@ -97,25 +104,20 @@ def build_graph(weights: dict[str, np.ndarray], config: GPTConfig, opset: int = 
     def node(op: str, inputs: list[str], outputs: list[str], domain: str = "", **attributes) -> None:
         nodes.append(helper.make_node(op, inputs, outputs, name=f"{op}_{len(nodes)}", domain=domain, **attributes))
 
-    def skip_layer_norm(x: str, skip: str, norm: str, bias: str | None, out: str, residual_out: str = "") -> None:
-        """out = LayerNorm(x + skip + bias); residual_out (if named) = x + skip + bias."""
-        inputs = [x, skip, weight(f"{norm}.weight", weights[f"{norm}.weight"]),
-                  weight(f"{norm}.bias", weights[f"{norm}.bias"])] + ([bias] if bias else [])
-        node("SkipLayerNormalization", inputs, [out, "", "", residual_out] if residual_out else [out],
-             domain=MS_DOMAIN, epsilon=LAYER_NORM_EPS)
+    def add_layer_norm(residual: str, branch: str, bias: str | None, norm: str, out: str, residual_out: str) -> None:
+        """residual_out = residual + branch + bias; out = LayerNorm(residual_out)."""
+        node("Sum", [residual, branch] + ([bias] if bias else []), [residual_out])
+        node("LayerNormalization", [residual_out, weight(f"{norm}.weight", weights[f"{norm}.weight"]),
+                                    weight(f"{norm}.bias", weights[f"{norm}.bias"])], [out],
+             axis=-1, epsilon=LAYER_NORM_EPS)
 
     tok = weights["tok_emb.weight"]
-    # Both embedding lookups, their sum (the residual stream) and block 0's ln_attn in one node.
-    node("EmbedLayerNormalization",
-         [INPUT_IDS, "", weight("tok_emb.weight", tok), weight("pos_emb.weight", weights["pos_emb.weight"]), "",
-          weight("blocks.0.ln_attn.weight", weights["blocks.0.ln_attn.weight"]),
-          weight("blocks.0.ln_attn.bias", weights["blocks.0.ln_attn.bias"]), "", POSITION_IDS],
-         ["blocks.0.attn_in", "mask_index", "blocks.0.residual_attn"], domain=MS_DOMAIN, epsilon=LAYER_NORM_EPS)
-    residual = branch = branch_bias = None
+    node("Gather", [weight("tok_emb.weight", tok), INPUT_IDS], ["token_embeddings"])
+    node("Gather", [weight("pos_emb.weight", weights["pos_emb.weight"]), POSITION_IDS], ["position_embeddings"])
+    residual, branch, branch_bias = "token_embeddings", "position_embeddings", None  # what block 0 adds up
     for i in range(layers):
         p = f"blocks.{i}"
-        if i > 0:
-            skip_layer_norm(residual, branch, f"{p}.ln_attn", branch_bias, f"{p}.attn_in", f"{p}.residual_attn")
+        add_layer_norm(residual, branch, branch_bias, f"{p}.ln_attn", f"{p}.attn_in", f"{p}.residual_attn")
         qkv_weight = _pad_heads(weights[f"{p}.attn.qkv.weight"], heads, head_dim, axis=0).T
         qkv_bias = _pad_heads(weights[f"{p}.attn.qkv.bias"], heads, head_dim, axis=0)
         node("MatMul", [f"{p}.attn_in", weight(f"{p}.attn.qkv.weight", qkv_weight)], [f"{p}.qkv_nobias"])
@@ -127,9 +129,8 @@ def build_graph(weights: dict[str, np.ndarray], config: GPTConfig, opset: int = 
              num_heads=heads, kv_num_heads=heads, scale=1.0 / math.sqrt(head_dim))
         proj_weight = _pad_heads(weights[f"{p}.attn.proj.weight"], heads, head_dim, axis=1).T
         node("MatMul", [f"{p}.attn_heads", weight(f"{p}.attn.proj.weight", proj_weight)], [f"{p}.attn_out"])
-        skip_layer_norm(f"{p}.residual_attn", f"{p}.attn_out", f"{p}.ln_mlp",
-                        weight(f"{p}.attn.proj.bias", weights[f"{p}.attn.proj.bias"]),
-                        f"{p}.mlp_in", f"{p}.residual_mlp")
+        add_layer_norm(f"{p}.residual_attn", f"{p}.attn_out", weight(f"{p}.attn.proj.bias",
+                       weights[f"{p}.attn.proj.bias"]), f"{p}.ln_mlp", f"{p}.mlp_in", f"{p}.residual_mlp")
         node("MatMul", [f"{p}.mlp_in", weight(f"{p}.mlp.fc.weight", weights[f"{p}.mlp.fc.weight"].T)], [f"{p}.fc"])
         node("FastGelu", [f"{p}.fc", weight(f"{p}.mlp.fc.bias", weights[f"{p}.mlp.fc.bias"])], [f"{p}.gelu"],
              domain=MS_DOMAIN)
@@ -137,7 +138,7 @@ def build_graph(weights: dict[str, np.ndarray], config: GPTConfig, opset: int = 
              [f"{p}.mlp_out"])
         residual, branch = f"{p}.residual_mlp", f"{p}.mlp_out"
         branch_bias = weight(f"{p}.mlp.proj.bias", weights[f"{p}.mlp.proj.bias"])
-    skip_layer_norm(residual, branch, "ln_final", branch_bias, "final")
+    add_layer_norm(residual, branch, branch_bias, "ln_final", "final", "residual_final")
     node("MatMul", ["final", weight("lm_head.weight", tok.T)], [LOGITS])  # tied: the embedding, transposed
 
     graph = helper.make_graph(nodes, "minigpt", *_graph_io(config), initializers)

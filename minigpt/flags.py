@@ -295,7 +295,7 @@ def _add_export(commands) -> None:
     _shared(export, "checkpoint",
             help=f"a checkpoint or an exported --hf directory (default {DEFAULT_CHECKPOINT})")
     _option(export, "out", default=None, help="what to write (default minigpt.onnx, or the folder minigpt-hf)")
-    _option(export, "opset", type=Bounded(int, 13), default=None,
+    _option(export, "opset", type=Bounded(int, 17), default=None,
             help="ONNX opset of the standard operators (default 17)")
     _option(export, "quantize", choices=("int8",), default=None, help="int8: dynamic quantisation of the weights")
     _option(export, "verify", action=argparse.BooleanOptionalAction, default=True,
