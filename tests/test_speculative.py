@@ -339,6 +339,18 @@ def test_a_trained_checkpoint_carries_its_table_into_the_onnx_export(tiny_loaded
     assert OnnxEngine(tiny_onnx).ngram_draft().table == ngram.table
 
 
+def test_generates_speed_line_counts_its_own_steps_not_the_warm_ups(tiny_onnx, capsys):
+    """generate warms up on the same prompt first, with a step of its own: the printed text's step takes its
+    yardstick's plain steps as a fresh step does, and reports only them."""
+    from minigpt.speculative import TIMED_PLAIN_STEPS
+
+    new = TIMED_PLAIN_STEPS + 1  # the prefill finds the first token, the yardstick's plain steps the rest
+    assert main(["generate", "--model", str(tiny_onnx), "--prompt", "the ", "--max-new-tokens", str(new),
+                 "--draft", "ngram", "--temperature", "0"]) == 0
+    err = capsys.readouterr().err
+    assert f"{new} new tokens" in err and f"({TIMED_PLAIN_STEPS} plain steps" in err, err
+
+
 def test_generate_prints_the_same_text_with_every_draft(tiny_checkpoint, tiny_onnx, tmp_path, capsys, cli_error):
     outputs = []
     for model in (["--checkpoint", str(tiny_checkpoint)], ["--model", str(tiny_onnx)]):
