@@ -19,6 +19,7 @@ from minigpt.flags import DEFAULT_CHECKPOINT, DEFAULT_METRICS, EXIT_USAGE, build
 
 WARM_UP_TOKENS = 8  # generate's warm-up: enough for a prefill, the yardstick's plain steps and a verify step
 
+
 def _train(args: argparse.Namespace) -> int:
     from minigpt.config import GPTConfig, TrainConfig
     from minigpt.train import TrainingInterrupted, plan_training, run_training, sample_after_training
@@ -121,12 +122,14 @@ def _generate(args: argparse.Namespace) -> None:
     # step that guesses as this one will), thrown away, so that the first runs of each graph shape and of the
     # loop's code are not what the rate below measures (the whole command measured no slower for it). Its own
     # step: this one's counts and schedule stay clean.
-    warm_step = None if step is None else type(step)(step.draft, step.max_tokens)
-    for _ in stream_characters(engine, tokenizer, args.prompt, min(WARM_UP_TOKENS, args.max_new_tokens),
-                               num_samples=args.num_samples, step=warm_step, sampler_type=FastSampler, **sampling):
+    def characters(count: int, step):
+        return stream_characters(engine, tokenizer, args.prompt, count, num_samples=args.num_samples, step=step,
+                                 sampler_type=FastSampler, **sampling)
+
+    for _ in characters(min(WARM_UP_TOKENS, args.max_new_tokens),
+                        None if step is None else type(step)(step.draft, step.max_tokens)):
         pass
-    steps = stream_characters(engine, tokenizer, args.prompt, args.max_new_tokens, num_samples=args.num_samples,
-                              step=step, sampler_type=FastSampler, **sampling)
+    steps = characters(args.max_new_tokens, step)
     start, count = time.perf_counter(), 0
     if args.num_samples == 1:  # one sample streams as it is produced
         sys.stdout.write(args.prompt)
