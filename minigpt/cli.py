@@ -120,14 +120,14 @@ def _generate(args: argparse.Namespace) -> None:
     sampling = {**_sampling(args, tokenizer), "cache": {}}  # a pattern is compiled once
     # A warm-up, as llama.cpp runs one: a few tokens through the same path (the prompt's prefill, the sampler, a
     # step that guesses as this one will), thrown away, so that the first runs of each graph shape and of the
-    # loop's code are not what the rate below measures (the whole command measured no slower for it). Its own
-    # step: this one's counts and schedule stay clean.
+    # loop's code are not what the rate below measures (the whole command measured no slower for it). Its step
+    # shares this one's schedules (the step costs it measures), not its counts.
     def characters(count: int, step):
         return stream_characters(engine, tokenizer, args.prompt, count, num_samples=args.num_samples, step=step,
                                  sampler_type=FastSampler, **sampling)
 
     for _ in characters(min(WARM_UP_TOKENS, args.max_new_tokens),
-                        None if step is None else type(step)(step.draft, step.max_tokens)):
+                        None if step is None else step.warm_up_step()):
         pass
     steps = characters(args.max_new_tokens, step)
     start, count = time.perf_counter(), 0

@@ -128,12 +128,12 @@ def _generate(rows: Rows, prompts: Sequence[Sequence[int]], max_new_tokens: int,
     while True:
         for sequence, new in zip(rows.sequences, emitted):
             sequence.tokens += new
-        found = [len(sequence.tokens) for sequence in sequences]
-        for position in range(given, min(max_new_tokens, *found)):  # handed out once every sequence found it
-            yield np.array([sequence.tokens[position] for sequence in sequences])
-        if (given := min(max_new_tokens, *found)) == max_new_tokens:
+        ready = min(max_new_tokens, *(len(sequence.tokens) for sequence in sequences))  # found by every sequence
+        if ready > given:  # handed out once: an array a step, a column of it a position
+            yield from np.array([sequence.tokens[given:ready] for sequence in sequences]).T
+        if (given := ready) == max_new_tokens:
             return
-        if max(found) >= max_new_tokens:  # a row with all its tokens leaves: running on, it would only slow the rest
+        if any(sequence.done for sequence in sequences):  # a row with all its tokens leaves: it would slow the rest
             pending = rows.remove([row for row, sequence in enumerate(rows.sequences) if sequence.done], pending)
         emitted, _ = step(rows, pending)
         pending = np.array([new[-1] for new in emitted])

@@ -23,6 +23,8 @@ against what the model itself picks, so a draft can make decoding faster or
 - `ContextDraft` (prompt lookup): find the last earlier place the row's own
   recent characters occurred, and propose what followed them there.
 
+A smaller model is the third (`minigpt.draft_model.ModelDraft`).
+
 Every draft answers for a batch of rows at once (`propose_rows`, the
 `minigpt.speculative.Draft` protocol); the two table drafts answer a row at a
 time (`RowByRow`), given the row's next k random draws and its sampler when
@@ -43,20 +45,21 @@ import numpy as np
 
 from minigpt.settings import MOST_DRAFT_TOKENS
 from minigpt.errors import CheckpointError
-from minigpt.rows import restart_length
-from minigpt.sampling import rows_alike
 
 # The table's sizes and thresholds; what each setting measured is in bench/README.md ("Speculative decoding").
 DEFAULT_ORDER = 4  # context characters a guess reads
 MAX_TABLE_CHARACTERS = 5_000_000  # of training text read into the table (its build's memory and time)
 CANDIDATES = 8  # next characters kept per context with their counts
+# Context characters a sampled guess reads: a longer context keeps only the model's greedy picks (its likeliest
+# characters would make the table three times the size and sampled guesses no better: bench/README.md).
+SAMPLED_ORDER = 4
 # A sampling row's guesses use each context's distribution for its sampler's settings, made when first met
 # (most contexts are never met in a run) and kept: for this many contexts, for a few settings at once.
 MADE_DISTRIBUTIONS, RECENT_SETTINGS = 1 << 16, 4
 # A greedy row's guesses go on while the chance that all are right (the product of how often the model picked
 # each in its context) is at least this: a long guess past an unsure one is mostly a wider engine call for
 # nothing. A sampling row's go on to k: with its draw known, a guess's probability says little of whether it
-# is right.
+# is right. The default: a table made at the end of training picks its own (`minigpt.draft_table`).
 CONFIDENT = 0.3
 NGRAM_KEYS, NGRAM_NEXT, NGRAM_META = "draft.ngram.keys", "draft.ngram.next", "draft_ngram"
 # Each context's candidates, most frequent first, and their counts: flat, `followers` of them per context.
@@ -102,11 +105,12 @@ class NGramDraft(RowByRow):
 
     def __init__(self, keys: np.ndarray, next_ids: np.ndarray, order: int, vocab_size: int,
                  followers: np.ndarray | None = None, candidates: np.ndarray | None = None,
-                 counts: np.ndarray | None = None, sure: np.ndarray | None = None):
+                 counts: np.ndarray | None = None, sure: np.ndarray | None = None, confident: float = CONFIDENT):
         """A table without candidates (one written before they were stored) has each context's one next
         character, counted once; one without `sure` takes each context's first candidate's share of its
-        counts as how sure its greedy guess is."""
-        self.order, self.vocab_size, self.base = order, vocab_size, _base(vocab_size)
+        counts as how sure its greedy guess is. Greedy guesses go on while all are at least `confident`
+        likely to be right."""
+        self.order, self.vocab_size, self.base, self.confident = order, vocab_size, _base(vocab_size), confident
         self.keys, self.next_ids = keys, next_ids
         if candidates is None:
             followers = counts = np.ones(len(keys), dtype=np.int32)
@@ -143,10 +147,12 @@ class NGramDraft(RowByRow):
             # the key of length L is the key of length L - 1 with one more base-(V+1) digit.
             key = key[1:] * base + ids[:len(ids) - length] + 1 if length > 1 else ids[:-1] + 1
             greedy.append(_followers_of(key, picks[length:], vocab_size))
-            if likely is not None:
+            if likely is not None and length <= SAMPLED_ORDER:
                 characters, chances = (array[length:len(ids)] for array in likely)
                 sampled.append(_followers_of(np.repeat(key, characters.shape[1]), characters.reshape(-1),
                                              vocab_size, chances.reshape(-1)))
+            elif likely is not None:
+                sampled.append(greedy[-1])
         if not greedy:
             empty = np.zeros(0, dtype=np.int32)
             return cls(np.zeros(0, dtype=np.int64), empty, order, vocab_size, empty, empty, empty)
@@ -158,6 +164,18 @@ class NGramDraft(RowByRow):
             assert (sampled_keys == keys).all()
         return cls(keys, next_ids, order, vocab_size, followers, candidates, counts, sure)
 
+    def shortened(self, order: int, confident: float) -> "NGramDraft":
+        """The same counts for contexts of up to `order` characters, greedy guesses going on while `confident`."""
+        kept = self.keys < self.base ** min(order, self.order)  # a key of L characters is below base ** L
+        candidates = np.repeat(kept, self.followers)
+        return NGramDraft(self.keys[kept], self.next_ids[kept], min(order, self.order), self.vocab_size,
+                          self.followers[kept], self.candidates[candidates], self.counts[candidates],
+                          self.sure[kept], confident)
+
+    def settings(self) -> dict:
+        """What a checkpoint stores beside the table's tensors."""
+        return {"order": self.order, "confident": self.confident}
+
     @staticmethod
     def stops_itself(sampler) -> bool:
         """Whether a row sampling with `sampler` gets guesses that stop where they become unlikely all to be
@@ -167,23 +185,25 @@ class NGramDraft(RowByRow):
     def propose(self, history: np.ndarray, k: int, draws=None, sampler=None) -> list[int]:
         """Up to k guesses at the characters after `history` (its last `order` characters matter); with the
         row's next k draws and its sampler, each guess is what that draw picks from the context's counts. The
-        guesses stop early once they are unlikely all to be right (see CONFIDENT)."""
-        context = np.asarray(history[-self.order:]).tolist()
+        guesses stop early once they are unlikely all to be right (see `confident`)."""
+        greedy = draws is None or sampler.greedy
+        reads = self.order if greedy else min(self.order, SAMPLED_ORDER)
+        context = np.asarray(history[-reads:]).tolist()
         key = 0
         for char in reversed(context):  # the newest character is the key's highest digit
             key = key * self.base + char + 1
-        if draws is None or sampler.greedy:  # a context's greedy guesses never change: made once, kept
+        if greedy:  # a context's greedy guesses never change: made once, kept
             if key not in self._chains:
                 if len(self._chains) >= MADE_DISTRIBUTIONS:  # a long-running server meets ever more contexts
                     self._chains.clear()
-                self._chains[key] = self._guesses(key, len(context), MOST_DRAFT_TOKENS, None)
+                self._chains[key] = self._guesses(key, len(context), MOST_DRAFT_TOKENS, None, reads)
             return self._chains[key][:k]
         pick = self._picker(sampler)
-        return self._guesses(key, len(context), k, lambda found, step: pick(found, draws[step]))
+        return self._guesses(key, len(context), k, lambda found, step: pick(found, draws[step]), reads)
 
-    def _guesses(self, key: int, length: int, k: int, pick) -> list[int]:
-        """Up to k guesses after the context packed in `key` (`length` characters): each context's most
-        frequent candidate, or pick(context index, guess number) -> a candidate."""
+    def _guesses(self, key: int, length: int, k: int, pick, reads: int) -> list[int]:
+        """Up to k guesses after the context packed in `key` (`length` characters, up to `reads`): each
+        context's most frequent candidate, or pick(context index, guess number) -> a candidate."""
         table, base, guesses, sure = self.table, self.base, [], 1.0
         top = base ** (length - 1) if length else 0  # the value of the key's highest digit
         for step in range(k):
@@ -197,12 +217,12 @@ class NGramDraft(RowByRow):
                 break
             if pick is None:  # greedy: on while the guesses are likely all right
                 found, sure = self._next[found], sure * self._sure[found]
-                if guesses and sure < CONFIDENT:
+                if guesses and sure < self.confident:
                     break
             else:  # sampled: with the row's draw known, a guess's probability says little of whether it is right
                 found = pick(found, step)
             guesses.append(found)
-            if length < self.order:  # a short history grows by a digit; a full one drops its oldest character
+            if length < reads:  # a short history grows by a digit; a full one drops its oldest character
                 top, length = top * base if length else 1, length + 1
                 key = (found + 1) * top + key
             else:
@@ -254,13 +274,15 @@ class NGramDraft(RowByRow):
 
     def metadata(self) -> str:
         fields = {_field(name): base64.b64encode(array.tobytes()).decode() for name, array in self.tensors().items()}
-        return json.dumps({"order": self.order, "vocab_size": self.vocab_size, **fields})
+        return json.dumps({**self.settings(), "vocab_size": self.vocab_size, **fields})
 
     @classmethod
-    def from_tensors(cls, tensors: dict, order: int, vocab_size: int) -> "NGramDraft":
+    def from_tensors(cls, tensors: dict, settings: dict, vocab_size: int) -> "NGramDraft":
+        """A table from its tensors and its `settings()` (a table stored before it chose `confident` has none)."""
         optional = [np.asarray(tensors[name]) if name in tensors else None
                     for name in (NGRAM_FOLLOWERS, NGRAM_CANDIDATES, NGRAM_COUNTS, NGRAM_SURE)]
-        return cls(np.asarray(tensors[NGRAM_KEYS]), np.asarray(tensors[NGRAM_NEXT]), order, vocab_size, *optional)
+        return cls(np.asarray(tensors[NGRAM_KEYS]), np.asarray(tensors[NGRAM_NEXT]), int(settings["order"]),
+                   vocab_size, *optional, float(settings.get("confident", CONFIDENT)))
 
     @classmethod
     def from_metadata(cls, text: str) -> "NGramDraft":
@@ -270,7 +292,7 @@ class NGramDraft(RowByRow):
             arrays = {name: np.frombuffer(base64.b64decode(fields[_field(name)]), dtype=dtypes.get(name, "<i4"))
                       for name in (NGRAM_KEYS, NGRAM_NEXT, NGRAM_FOLLOWERS, NGRAM_CANDIDATES, NGRAM_COUNTS,
                                    NGRAM_SURE) if _field(name) in fields}
-            return cls.from_tensors(arrays, int(fields["order"]), int(fields["vocab_size"]))
+            return cls.from_tensors(arrays, fields, int(fields["vocab_size"]))
         except (ValueError, KeyError, TypeError):
             raise CheckpointError("the model's n-gram draft table is damaged; export it again, or use "
                                   "--draft context") from None
@@ -332,61 +354,3 @@ class ContextDraft(RowByRow):
                 start = found[-1] + match
                 return tokens[start:start + k].tolist()
         return []
-
-
-class ModelDraft:
-    """A smaller model's guesses (gpt-fast's draft model), through any engine: it must share the model's
-    vocabulary. Greedy rows get its argmax; sampling rows what their sampler picks from its logits with the
-    row's own next draws, which is the model's own pick wherever the two models agree. Each row keeps its own
-    cache of what the draft has read, so a step only feeds it the tokens that are new since the last (the
-    accepted guesses and the model's own token)."""
-
-    name = "model"
-
-    def __init__(self, engine):
-        self.engine, self.block = engine, engine.block_size
-        self.keep = restart_length(self.block)
-        self.read: list[np.ndarray] = []  # per row: the tokens in the draft's cache
-        self.offsets: list[int] = []  # per row: where in the row's history the draft's window starts
-
-    @staticmethod
-    def stops_itself(sampler) -> bool:
-        return False
-
-    def propose_rows(self, histories: list[np.ndarray], limits: list[int], draws: np.ndarray | None = None,
-                     samplers: list | None = None) -> list[list[int]]:
-        """The same number of guesses for each row of the batch (the most of `limits`), the draft's rows decoded
-        together."""
-        k = min(max(limits), self.keep)
-        if len(histories) != len(self.read):
-            self.engine.start(len(histories))
-            self.read, self.offsets = [np.zeros(0, dtype=np.int64)] * len(histories), [0] * len(histories)
-        logits = np.stack([self._catch_up(row, np.asarray(history), k) for row, history in enumerate(histories)])
-        lengths = np.array([len(read) for read in self.read])
-        guesses = []
-        sampling = [(rows, sampler) for rows, sampler in (rows_alike(samplers) if draws is not None else ())
-                    if not sampler.greedy]
-        for step in range(k):
-            next_ids = np.argmax(logits, axis=-1)
-            for rows, sampler in sampling:
-                next_ids[rows] = sampler.pick(logits[rows], draws[rows, step])
-            guesses.append(next_ids)
-            if step + 1 < k:
-                logits = self.engine.extend(next_ids[:, None], lengths + step)[:, 0]
-        guessed = np.stack(guesses, axis=1)
-        self.read = [np.concatenate([read, row_guesses[:-1]]) for read, row_guesses in zip(self.read, guessed)]
-        return guessed.tolist()
-
-    def _catch_up(self, row: int, history: np.ndarray, k: int) -> np.ndarray:
-        """Feed row's cache what its history has that the cache lacks; return the next-token logits. Past the
-        draft's block the window restarts from its newest tokens (as `minigpt.rows` restarts a row)."""
-        offset = self.offsets[row]
-        if offset >= len(history) or len(history) - offset + k - 1 > self.block:
-            offset = max(0, len(history) - self.keep)
-        window, read = history[offset:], self.read[row] if offset == self.offsets[row] else history[:0]
-        same = min(len(read), len(window) - 1)
-        differs = np.flatnonzero(read[:same] != window[:same])
-        same = int(differs[0]) if len(differs) else same
-        logits = self.engine.extend(window[None, same:], np.array([same]), first_row=row)[0, -1]
-        self.read[row], self.offsets[row] = window, offset
-        return logits

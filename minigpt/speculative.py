@@ -33,7 +33,8 @@ import numpy as np
 
 from minigpt.settings import DRAFT_TOKENS
 from minigpt.decoding import Continuation, PlainStep, pick
-from minigpt.drafts import ContextDraft, ModelDraft
+from minigpt.draft_model import ModelDraft
+from minigpt.drafts import ContextDraft
 from minigpt.errors import MiniGPTError
 from minigpt.rows import Rows
 from minigpt.sampling import Sampler
@@ -111,8 +112,17 @@ class SpeculativeStep:
     def __init__(self, draft: Draft, max_tokens: int = DRAFT_TOKENS):
         self.draft, self.max_tokens = draft, max_tokens
         self.plain = PlainStep()
-        self.schedules: dict[int, Schedule] = {}  # by batch size (powers of two): step costs differ with it
+        # By batch size (powers of two) and whether a row samples: step costs differ with both. Kept from call
+        # to call, as a server keeps its step: what they measured holds for the engine, not for one prompt.
+        self.schedules: dict[tuple[int, bool], Schedule] = {}
         self.steps, self.tokens, self.plain_steps = 0, 0.0, 0  # verify steps, tokens a row emitted in them
+
+    def warm_up_step(self) -> SpeculativeStep:
+        """A step for a warm-up run: this one's draft and schedules (what it measures of step costs serves the
+        run after it), counts of its own (they stay out of that run's report)."""
+        step = type(self)(self.draft, self.max_tokens)
+        step.schedules = self.schedules
+        return step
 
     def rows(self, engine, capacity: int) -> VerifiedRows:
         return VerifiedRows(engine, capacity)
@@ -120,10 +130,10 @@ class SpeculativeStep:
     def __call__(self, rows: VerifiedRows, pending: np.ndarray) -> tuple[list[list[int]], np.ndarray]:
         if not self.pays(rows):
             return self.plain(rows, pending)
-        size = rows.count.bit_length()
-        schedule = self.schedules.get(size)
-        if schedule is None:  # made once a size, not (as setdefault's argument would be) every step
-            schedule = self.schedules[size] = Schedule(self.max_tokens)
+        kind = rows.count.bit_length(), any(sequence.stream is not None for sequence in rows.sequences)
+        schedule = self.schedules.get(kind)
+        if schedule is None:  # made once a kind, not (as setdefault's argument would be) every step
+            schedule = self.schedules[kind] = Schedule(self.max_tokens)
         if not schedule.plain_left:
             k, plain = schedule.choose_k()
             found = self._verify(rows, pending, k, schedule) if k else None
@@ -197,16 +207,21 @@ def verify(logits: np.ndarray, guesses: list[list[int]], sequences: list[Continu
     tokens it emits (the accepted guesses, then the model's own pick). Every position is picked with the draw
     plain decoding would use there; the draws of positions past a row's own pick go back to its stream."""
     rows, positions = logits.shape[:2]
-    flat = [sequence for sequence in sequences for _ in range(positions)]
-    flat_draws = None if draws is None else draws[:, :positions].reshape(-1)  # None: every row is greedy
-    # Position j of a row is picked as if its first j guesses were already its text (penalties, a pattern).
-    ahead = ([guess[:j] for guess in guesses for j in range(positions)]
-             if any(sequence.sampler.reads_text for sequence in sequences) else None)
-    picks = pick(logits.reshape(rows * positions, -1), flat, flat_draws, ahead).reshape(rows, positions).tolist()
+    reads_text = any(sequence.sampler.reads_text for sequence in sequences)
+    if draws is None and not reads_text:  # every row greedy on the model's own logits (pick's commonest case)
+        picks = logits.argmax(axis=-1).tolist()
+    else:
+        flat = [sequence for sequence in sequences for _ in range(positions)]
+        flat_draws = None if draws is None else draws[:, :positions].reshape(-1)  # None: every row is greedy
+        # Position j of a row is picked as if its first j guesses were already its text (penalties, a pattern).
+        ahead = [guess[:j] for guess in guesses for j in range(positions)] if reads_text else None
+        picks = pick(logits.reshape(rows * positions, -1), flat, flat_draws, ahead).reshape(rows, positions).tolist()
     accepted = []
     for row_picks, row_guesses in zip(picks, guesses):
         kept = 0
-        while kept < len(row_guesses) and row_picks[kept] == row_guesses[kept]:
+        for picked, guess in zip(row_picks, row_guesses):
+            if picked != guess:
+                break
             kept += 1
         accepted.append(kept)
     if draws is not None:
