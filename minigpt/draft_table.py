@@ -28,6 +28,7 @@ from minigpt.generation import KVCacheEngine
 from minigpt.model import MiniGPT
 from minigpt.sampling import Sampler
 from minigpt.settings import DRAFT_TOKENS
+from minigpt.speculative import agreeing
 
 
 class DraftTable:
@@ -120,8 +121,9 @@ def choose_settings(table: NGramDraft, model: MiniGPT, valid: np.ndarray) -> NGr
         continued = list(generate_rows(KVCacheEngine(model), prompts, min(CONTINUED, block - prompt),
                                        Sampler(temperature=0)))
     texts = [row + column.tolist() for row, column in zip(prompts, np.stack(continued, axis=1))]
-    choices = [table.shortened(order, confident) for order in ORDERS if order <= table.order
-               for confident in CONFIDENCES]
+    # A large vocabulary's table may hold shorter contexts than ORDERS names (`minigpt.drafts.max_order`).
+    orders = sorted({min(order, table.order) for order in ORDERS})
+    choices = [table.shortened(order, confident) for order in orders for confident in CONFIDENCES]
     return min(choices, key=lambda choice: speculation_cost(choice, texts, prompt))  # a tie: the shorter
 
 
@@ -134,8 +136,6 @@ def speculation_cost(draft: NGramDraft, texts: list[list[int]], start: int) -> f
         position = start  # of the pending token: the first the model said
         while position < len(text) - 1:
             guesses = draft.propose(np.asarray(text[:position + 1]), DRAFT_TOKENS)
-            said, kept = text[position + 1:], 0
-            while kept < min(len(guesses), len(said)) and guesses[kept] == said[kept]:
-                kept += 1
+            kept = agreeing(guesses, text[position + 1:])
             steps, written, position = steps + 1, written + 1 + len(guesses), position + kept + 1
     return steps + WRITTEN_TOKEN_COST * written

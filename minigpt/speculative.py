@@ -216,19 +216,22 @@ def verify(logits: np.ndarray, guesses: list[list[int]], sequences: list[Continu
         # Position j of a row is picked as if its first j guesses were already its text (penalties, a pattern).
         ahead = [guess[:j] for guess in guesses for j in range(positions)] if reads_text else None
         picks = pick(logits.reshape(rows * positions, -1), flat, flat_draws, ahead).reshape(rows, positions).tolist()
-    accepted = []
-    for row_picks, row_guesses in zip(picks, guesses):
-        kept = 0
-        for picked, guess in zip(row_picks, row_guesses):
-            if picked != guess:
-                break
-            kept += 1
-        accepted.append(kept)
+    accepted = [agreeing(row_guesses, row_picks) for row_guesses, row_picks in zip(guesses, picks)]
     if draws is not None:
         for sequence, kept in zip(sequences, accepted):
             if sequence.stream is not None:
                 give_back(sequence.stream, draws.shape[1] - kept - 1)
     return accepted, [row_picks[:kept + 1] for row_picks, kept in zip(picks, accepted)]
+
+
+def agreeing(guesses: list[int], picks: list[int]) -> int:
+    """How many of the first guesses equal the picks at their positions: the guesses a row keeps."""
+    kept = 0
+    for guess, picked in zip(guesses, picks):
+        if guess != picked:
+            break
+        kept += 1
+    return kept
 
 
 class Schedule:

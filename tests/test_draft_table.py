@@ -43,3 +43,14 @@ def test_a_trained_table_chose_its_settings_and_keeps_them_in_the_checkpoint_and
 def test_a_validation_split_too_short_to_prompt_from_leaves_the_table_as_it_is(tiny_loaded):
     table = tiny_loaded.ngram_draft()
     assert choose_settings(table, tiny_loaded.model, np.array([1, 2], dtype=np.int64)) is table
+
+
+def test_a_table_of_shorter_contexts_than_the_tried_lengths_still_chooses(tiny_loaded):
+    """A large vocabulary packs fewer characters of context into a key (`max_order`): the table chooses among
+    the lengths it holds."""
+    from minigpt.data import load_corpus
+
+    corpus = load_corpus(tiny_loaded.metadata["data"])
+    table = NGramDraft.build(corpus.split("train"), tiny_loaded.tokenizer.vocab_size, order=min(ORDERS) - 1)
+    chosen = choose_settings(table, tiny_loaded.model, corpus.split("valid"))
+    assert chosen.order == table.order and chosen.confident in CONFIDENCES
