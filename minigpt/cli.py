@@ -124,26 +124,27 @@ def _generate(args: argparse.Namespace) -> None:
     # shares this one's schedules (the step costs it measures), not its counts.
     def characters(count: int, step):
         return stream_characters(engine, tokenizer, args.prompt, count, num_samples=args.num_samples, step=step,
-                                 sampler_type=FastSampler, **sampling)
+                                 sampler_type=FastSampler, by_step=True, **sampling)
 
     for _ in characters(min(WARM_UP_TOKENS, args.max_new_tokens),
                         None if step is None else step.warm_up_step()):
         pass
     steps = characters(args.max_new_tokens, step)
     start, count = time.perf_counter(), 0
-    if args.num_samples == 1:  # one sample streams as it is produced
+    if args.num_samples == 1:  # one sample streams as it is produced, a write a step (each flush is a system call)
         sys.stdout.write(args.prompt)
-        for count, (piece,) in enumerate(steps, start=1):
-            sys.stdout.write(piece)
+        for found in steps:
+            count += len(found)
+            sys.stdout.write("".join(piece for piece, in found))
             sys.stdout.flush()
         sys.stdout.write("\n")
     else:  # a batch finishes together: print each sample whole
-        columns = list(steps)
+        columns = [position for found in steps for position in found]
         count = len(columns) * args.num_samples
         for number, text in enumerate(join_samples(args.prompt, columns, args.num_samples), start=1):
             sys.stdout.write(f"--- sample {number} of {args.num_samples} ---\n{text}\n")
     elapsed = time.perf_counter() - start
-    # Steps taken, a token a sample each (a last yield may only finish a character a token left incomplete).
+    # Positions found, a token a sample each (a last one may only finish a character a token left incomplete).
     count = min(count, args.num_samples * args.max_new_tokens)
     speculated = f"; speculative: {step.report()}" if step is not None else ""
     print(f"minigpt: {count} new tokens in {elapsed:.2f} s ({count / max(elapsed, 1e-9):,.0f} tokens/s, "

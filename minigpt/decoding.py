@@ -105,15 +105,17 @@ class PlainStep:
 
 
 def generate_rows(engine: Engine, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampler: Sampler,
-                  step: Step | None = None) -> Iterator[np.ndarray]:
+                  step: Step | None = None, by_step: bool = False) -> Iterator[np.ndarray]:
     """Yield the (rows,) ids of each new position for prompts of any lengths, one row each; any step (the
-    speculative one finds several tokens at once) gives the same ids."""
+    speculative one finds several tokens at once) gives the same ids. by_step: yield the positions each step
+    found together, as a (rows, n) array (whoever streams them then writes once a step)."""
     check_lengths(max_new_tokens, len(prompts))
     if any(len(prompt) == 0 for prompt in prompts):
         raise MiniGPTError("every prompt needs at least one token")
     step = step or PlainStep()
     rows = step.rows(engine, len(prompts))  # first: a batch that cannot fit is refused before anything is made
-    return _generate(rows, prompts, max_new_tokens, sampler, step)
+    found = _generate(rows, prompts, max_new_tokens, sampler, step)
+    return found if by_step else (position for block in found for position in block.T)
 
 
 def _generate(rows: Rows, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampler: Sampler,
@@ -129,8 +131,8 @@ def _generate(rows: Rows, prompts: Sequence[Sequence[int]], max_new_tokens: int,
         for sequence, new in zip(rows.sequences, emitted):
             sequence.tokens += new
         ready = min(max_new_tokens, *(len(sequence.tokens) for sequence in sequences))  # found by every sequence
-        if ready > given:  # handed out once: an array a step, a column of it a position
-            yield from np.array([sequence.tokens[given:ready] for sequence in sequences]).T
+        if ready > given:  # handed out once, a step's positions together
+            yield np.array([sequence.tokens[given:ready] for sequence in sequences])
         if (given := ready) == max_new_tokens:
             return
         if any(sequence.done for sequence in sequences):  # a row with all its tokens leaves: it would slow the rest

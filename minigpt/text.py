@@ -27,32 +27,39 @@ def prompt_ids(tokenizer: CharTokenizer, prompt: str) -> list[int]:
 
 def stream_characters(engine: Engine, tokenizer: CharTokenizer, prompt: str, max_new_tokens: int, *,
                       num_samples: int = 1, step: Step | None = None, sampler_type: type[Sampler] = Sampler,
-                      **sampling) -> Iterator[list[str]]:
-    """Yield, at each step, the text each of `num_samples` samples' next token completes: its character, or ""
-    while a subword's character is still arriving, or once a sample's pattern is complete (bad arguments raise
-    here, before the first step). `sampling`: temperature, top_k, top_p, min_p, seed and the controls of
-    `minigpt.controls.make_sampler`."""
+                      by_step: bool = False, **sampling) -> Iterator[list]:
+    """Yield, at each position, the text each of `num_samples` samples' next token completes: its character,
+    or "" while a subword's character is still arriving, or once a sample's pattern is complete (bad arguments
+    raise here, before the first step). by_step: yield a list of those a step (a speculative step finds several
+    positions at once), so that a stream is written once a step. `sampling`: temperature, top_k, top_p, min_p,
+    seed and the controls of `minigpt.controls.make_sampler`."""
     from minigpt.controls import make_sampler
 
     sampler = make_sampler(tokenizer, sampler_type, **sampling)
     ids = prompt_ids(tokenizer, prompt)
     check_lengths(max_new_tokens, num_samples)
-    steps = generate_rows(engine, [ids] * num_samples, max_new_tokens, sampler, step)
-    return _texts(steps, [tokenizer.pieces() for _ in range(num_samples)], getattr(sampler, "pattern", None))
+    steps = generate_rows(engine, [ids] * num_samples, max_new_tokens, sampler, step, by_step=True)
+    texts = _texts(steps, [tokenizer.pieces() for _ in range(num_samples)], getattr(sampler, "pattern", None))
+    return texts if by_step else (position for found in texts for position in found)
 
 
-def _texts(steps: Iterator[np.ndarray], pieces: list, pattern) -> Iterator[list[str]]:
+def _texts(steps: Iterator[np.ndarray], pieces: list, pattern) -> Iterator[list[list[str]]]:
+    """For each step's (samples, n) ids, the text of each of its n positions for each sample."""
     states = [None if pattern is None else pattern.start] * len(pieces)
     whole = [False] * len(pieces)  # a sample whose pattern allows nothing more: what its row picks is not its text
-    for next_ids in steps:
-        yield ["" if done else piece(token) for piece, token, done in zip(pieces, next_ids.tolist(), whole)]
-        if pattern is not None:
-            states = [pattern.next(state, token) for state, token in zip(states, next_ids.tolist())]
-            whole = [done or pattern.complete(state) for done, state in zip(whole, states)]
-            if all(whole):
-                return
+    for block in steps:
+        found = []
+        for next_ids in block.T.tolist():
+            found.append(["" if done else piece(token) for piece, token, done in zip(pieces, next_ids, whole)])
+            if pattern is not None:
+                states = [pattern.next(state, token) for state, token in zip(states, next_ids)]
+                whole = [done or pattern.complete(state) for done, state in zip(whole, states)]
+                if all(whole):
+                    yield found
+                    return
+        yield found
     if any(rest := [piece(None) for piece in pieces]):  # a character cut off by the last token
-        yield rest
+        yield [rest]
 
 
 def join_samples(prompt: str, steps: Iterator[list[str]], num_samples: int) -> list[str]:

@@ -1,6 +1,7 @@
 """Speculative decoding changes nothing but the speed: k-token extends equal k decode steps on every engine,
 and speculative text equals plain text for every engine and draft, greedy and sampled, across restarts."""
 
+import functools
 import random
 
 import numpy as np
@@ -27,6 +28,23 @@ class WrongDraft(RowByRow):
 
     def propose(self, history, k, draws=None, sampler=None):
         return [(history[-1] + 7 + i) % 20 for i in range(k)]
+
+
+class RightFor(WrongDraft):
+    """Every guess right for a row whose text so far begins `right` (a prompt, then plain decoding's tokens), and
+    wrong for any other; guesses that stop themselves, as the table's greedy ones (what a batch verifies)."""
+
+    def __init__(self, right):
+        self.right = right
+
+    def stops_itself(self, sampler):
+        return True
+
+    def propose(self, history, k, draws=None, sampler=None):
+        length = len(history)
+        if list(history) == self.right[:length]:
+            return self.right[length:length + k]
+        return super().propose(history, k, draws, sampler)
 
 
 def prompts(lengths, seed=0):
@@ -213,18 +231,7 @@ def test_a_row_that_has_all_its_tokens_leaves_the_batch(make_engine, engine_name
     nobody asked for. The text is plain decoding's."""
     rows, new = prompts([1, 2, 2]), BLOCK - 3  # no row needs more than the block: no restart is needed
     plain = tokens(make_engine(engine_name), rows, Sampler(temperature=0), new_tokens=new)
-    right = rows[0] + plain[0]
-
-    class RightForTheFirstRow(WrongDraft):
-        def stops_itself(self, sampler):  # as the table's greedy guesses: what a batch verifies
-            return True
-
-        def propose(self, history, k, draws=None, sampler=None):
-            length = len(history)
-            if list(history) == right[:length]:
-                return right[length:length + k]
-            return super().propose(history, k, draws, sampler)
-
+    first_row_right = functools.partial(RightFor, rows[0] + plain[0])
     engine = make_engine(engine_name)
     calls = []
     extend = engine.extend
@@ -234,14 +241,34 @@ def test_a_row_that_has_all_its_tokens_leaves_the_batch(make_engine, engine_name
         return extend(ids, start_pos, first_row)
 
     engine.extend = recorded
-    assert tokens(engine, rows, Sampler(temperature=0), Speculator(RightForTheFirstRow(), 4), new) == plain
+    assert tokens(engine, rows, Sampler(temperature=0), Speculator(first_row_right(), 4), new) == plain
     prefills = [count for count, starts in calls if 0 in starts]
     assert prefills == [1, 2]  # the prompts (by length) and never a restart
     assert calls[-1][0] < len(rows)  # the last steps ran without the row that was done
     calls.clear()  # one new token each: the prefill's, and no step after it
-    assert tokens(engine, rows, Sampler(temperature=0), Speculator(RightForTheFirstRow(), 4), 1) == \
+    assert tokens(engine, rows, Sampler(temperature=0), Speculator(first_row_right(), 4), 1) == \
         [row[:1] for row in plain]
     assert all(0 in starts for _, starts in calls)
+
+
+def test_a_stream_by_step_hands_out_each_steps_positions_together(make_engine):
+    """by_step yields what a step found as one piece (a (rows, n) array of ids, a list of n positions' texts), so
+    that a stream is written once a step; together they are the stream a position at a time."""
+    from minigpt.text import stream_characters
+
+    engine, greedy = make_engine("onnx"), Sampler(temperature=0)
+    prompt, new = "the ", BLOCK - 5
+    ids = engine.tokenizer.encode(prompt)
+    plain = tokens(engine, [ids], greedy, new_tokens=new)
+    draft = RightFor(ids + plain[0])
+    blocks = list(generate_rows(engine, [ids], new, greedy, Speculator(draft, 4), by_step=True))
+    assert np.concatenate(blocks, axis=1).tolist() == plain
+    assert max(block.shape[1] for block in blocks) == 5  # four right guesses and the model's own pick
+    texts = list(stream_characters(engine, engine.tokenizer, prompt, new, step=Speculator(draft, 4), by_step=True,
+                                   temperature=0))
+    assert [len(found) for found in texts] == [block.shape[1] for block in blocks]
+    assert [position for found in texts for position in found] == \
+        list(stream_characters(engine, engine.tokenizer, prompt, new, temperature=0))
 
 
 def test_a_draft_with_nothing_to_guess_decodes_plainly(make_engine):
