@@ -34,8 +34,9 @@ class FreeEngine:
     def start(self, batch_size: int) -> None:
         pass
 
-    def extend(self, ids, start_pos, first_row=0):
-        return self.logits[:len(ids)] if ids.shape[1] == 1 else np.zeros((len(ids), ids.shape[1], 65), np.float32)
+    def extend(self, ids, start_pos, first_row=0, last_only=False):
+        width = 1 if last_only else ids.shape[1]
+        return self.logits[:len(ids)] if width == 1 else np.zeros((len(ids), width, 65), np.float32)
 
     def move_row(self, source, target, length) -> None:
         pass
@@ -51,9 +52,9 @@ class TimedEngine:
     def start(self, batch_size: int) -> None:
         self.engine.start(batch_size)
 
-    def extend(self, ids, start_pos, first_row=0):
+    def extend(self, ids, start_pos, first_row=0, last_only=False):
         started = time.perf_counter()
-        logits = self.engine.extend(ids, start_pos, first_row)
+        logits = self.engine.extend(ids, start_pos, first_row, last_only)
         self.seconds += time.perf_counter() - started
         return logits
 

@@ -24,8 +24,8 @@ from minigpt.settings import DRAFT_TOKENS, MOST_DRAFT_TOKENS
 from minigpt.engine_checks import check_extend
 from minigpt.devices import check_threads, threads_for
 from minigpt.errors import CheckpointError, MiniGPTError
-from minigpt.export.onnx_graph import (INPUT_IDS, LOGITS, POSITION_IDS, QUERY_LENGTHS, SEQLENS_K, TOTAL_LENGTH,
-                                       cache_names, padded_head_dim)
+from minigpt.export.onnx_graph import (INPUT_IDS, LOGIT_POSITIONS, LOGITS, POSITION_IDS, QUERY_LENGTHS, SEQLENS_K,
+                                       TOTAL_LENGTH, cache_names, padded_head_dim)
 from minigpt.paths import check_onnx_model_path
 from minigpt.subword import TOKENIZER_META, tokenizer_from_metadata
 from minigpt.tokenizer import CharTokenizer
@@ -108,6 +108,7 @@ class OnnxEngine:
         # A graph exported before `query_seqlens` appends several tokens after a past to one row per call:
         # verifying guesses for a batch would cost a call per row, which speculative decoding knows not to pay.
         self.verifies_rows_together = QUERY_LENGTHS in inputs
+        self._keeps_positions = LOGIT_POSITIONS in inputs  # an older graph returns every position's logits
         try:
             self.config = GPTConfig.from_json(metadata["config"])
         except MiniGPTError as exc:
@@ -151,15 +152,19 @@ class OnnxEngine:
             for new in range(1, BOUND_AT_START + 1):
                 self._step(0, 1, new)
 
-    def extend(self, ids: np.ndarray, start_pos: np.ndarray, first_row: int = 0) -> np.ndarray:
+    def extend(self, ids: np.ndarray, start_pos: np.ndarray, first_row: int = 0,
+               last_only: bool = False) -> np.ndarray:
         """Write (n, k) ids into rows first_row .. first_row+n-1 at positions start_pos[i] onwards; return the
-        (n, k, V) logits of the new positions, a view of a buffer the next call of this shape overwrites."""
+        (n, k, V) logits of the new positions (last_only: (n, 1, V), the last one's), a view of a buffer the
+        next call of this shape overwrites."""
         end = check_extend(ids, start_pos, first_row, self.cache.shape[2], self.block_size)
         rows, new = ids.shape
         if new > 1 and rows > 1 and end > new and not self.verifies_rows_together:  # an older graph
-            return np.concatenate([self.extend(ids[i:i + 1], start_pos[i:i + 1], first_row + i).copy()
+            return np.concatenate([self.extend(ids[i:i + 1], start_pos[i:i + 1], first_row + i, last_only).copy()
                                    for i in range(rows)])
-        step = self._step(first_row, rows, new)
+        if last_only and not self._keeps_positions:
+            return self.extend(ids, start_pos, first_row)[:, -1:]
+        step = self._step(first_row, rows, new, 1 if last_only else new)
         step.ids[:] = ids
         # GroupQueryAttention reads each row's old length from seqlens_k (its total after this run, minus
         # one) less query_seqlens (its new tokens: all of them) and appends the new keys after it: a prefill,
@@ -177,10 +182,12 @@ class OnnxEngine:
         self.session.run_with_iobinding(step.binding)
         return step.logits
 
-    def _step(self, first_row: int, rows: int, new: int) -> "_Step":
-        """The binding for `new` tokens in rows first_row .. first_row+rows-1; the small shapes decoding
-        repeats (a few tokens) are made once and only have their inputs rewritten."""
-        key = (first_row, rows, new)
+    def _step(self, first_row: int, rows: int, new: int, kept: int | None = None) -> "_Step":
+        """The binding for `new` tokens in rows first_row .. first_row+rows-1, returning the logits of the last
+        `kept` of them (all by default); the small shapes decoding repeats (a few tokens) are made once and
+        only have their inputs rewritten."""
+        kept = new if kept is None else kept
+        key = (first_row, rows, new, kept)
         step = self._steps.get(key)
         if step is not None:
             self._steps.move_to_end(key)
@@ -190,12 +197,15 @@ class OnnxEngine:
         # call, minus one): for one new token, or one row, the same memory serves both.
         seqlens = positions[:, -1] if new == 1 or rows == 1 else np.zeros(rows, dtype=np.int32)
         step = _Step(self.session.io_binding(), np.zeros((rows, new), dtype=np.int32), positions, seqlens,
-                     np.zeros((), dtype=np.int32), np.zeros((rows, new, self.config.vocab_size), dtype=np.float32))
+                     np.zeros((), dtype=np.int32), np.zeros((rows, kept, self.config.vocab_size), dtype=np.float32))
         inputs = [(INPUT_IDS, step.ids), (POSITION_IDS, step.positions), (SEQLENS_K, step.seqlens),
                   (TOTAL_LENGTH, step.total)]
         if self.verifies_rows_together:
             step.query_lengths = np.full(rows, new, dtype=np.int32)
             inputs.append((QUERY_LENGTHS, step.query_lengths))
+        if self._keeps_positions:
+            step.kept_positions = np.arange(new - kept, new, dtype=np.int64)
+            inputs.append((LOGIT_POSITIONS, step.kept_positions))
         for name, array in inputs:
             _bind(step.binding, name, array)
         for name, value, output in self._cache_values(first_row, rows):
@@ -235,3 +245,4 @@ class _Step:
     total: np.ndarray
     logits: np.ndarray
     query_lengths: np.ndarray | None = None
+    kept_positions: np.ndarray | None = None

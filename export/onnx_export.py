@@ -182,7 +182,9 @@ def max_logit_difference(model: MiniGPT, engine: OnnxEngine) -> float:
         torch_engine.start(batch)
         engine.start(batch)
         at_zero = np.zeros(batch, dtype=np.int64)
-        pairs = [(torch_engine.extend(ids[:, :length], at_zero), engine.extend(ids[:, :length], at_zero).copy())]
+        prefilled = torch_engine.extend(ids[:, :length], at_zero)
+        pairs = [(prefilled, engine.extend(ids[:, :length], at_zero).copy()),  # every position's logits, and the last's
+                 (prefilled[:, -1:], engine.extend(ids[:, :length], at_zero, last_only=True).copy())]
         for t in range(length, length + steps):
             step = ids[:, t:t + 1]
             pairs.append((torch_engine.extend(step, at_zero + t), engine.extend(step, at_zero + t).copy()))

@@ -16,7 +16,11 @@ One block becomes eleven nodes:
     MatMul                    MLP output projection (its bias joins the next block's Sum)
 
 The embeddings are two Gathers whose Sum is block 0's residual stream; after
-the last block come ln_final, the same way, and the tied head.
+the last block come ln_final, the same way, and the tied head. Only the
+positions in `logit_positions` go on past the last block's attention (two
+Gathers): the other positions' keys and values are in the cache by then,
+and their logits are what a prefill throws away (it needs the last
+position's; nanoGPT's `generate` keeps only that one too).
 The residual sums and LayerNorms are standard operators, not the fused
 SkipLayerNormalization / EmbedLayerNormalization (com.microsoft): onnxruntime's
 CPU kernels for those work a row at a time, which made a whole call of 4 to
@@ -37,9 +41,10 @@ graph at all.
 Graph inputs: `input_ids` (batch, seq) int32, `position_ids` (batch, seq)
 int32, `seqlens_k` (batch,) int32 (each row's total length after this run,
 minus one), `total_sequence_length` () int32, `query_seqlens` (batch,) int32
-(each row's new tokens: all of seq), and `past.{i}.key/value`
+(each row's new tokens: all of seq), `logit_positions` (kept,) int64 (which
+of the seq positions to return logits for), and `past.{i}.key/value`
 (batch, heads, max_positions, head_dim_padded). Outputs: `logits`
-(batch, seq, vocab) and `present.{i}.key/value`, the same buffers.
+(batch, kept, vocab) and `present.{i}.key/value`, the same buffers.
 
 GroupQueryAttention wants a head size that is a multiple of 8: other head
 sizes are padded with zero weights (zeros add nothing to q·k, and the padded
@@ -61,6 +66,7 @@ SEQLENS_K = "seqlens_k"
 TOTAL_LENGTH = "total_sequence_length"
 QUERY_LENGTHS = "query_seqlens"
 QUERY_LENGTHS_INPUT = 16  # GroupQueryAttention's input index for it (onnxruntime 1.32's schema)
+LOGIT_POSITIONS = "logit_positions"
 LOGITS = "logits"
 MS_DOMAIN = "com.microsoft"
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which MiniGPT uses
@@ -127,9 +133,15 @@ def build_graph(weights: dict[str, np.ndarray], config: GPTConfig, opset: int = 
         node("GroupQueryAttention", attention_inputs,
              [f"{p}.attn_heads", f"present.{i}.key", f"present.{i}.value"], domain=MS_DOMAIN,
              num_heads=heads, kv_num_heads=heads, scale=1.0 / math.sqrt(head_dim))
+        if i == layers - 1:  # the cache is written: only the positions whose logits are asked for go on
+            for name in (f"{p}.attn_heads", f"{p}.residual_attn"):
+                node("Gather", [name, LOGIT_POSITIONS], [f"{name}.kept"], axis=1)
+            attention_out, residual_out = f"{p}.attn_heads.kept", f"{p}.residual_attn.kept"
+        else:
+            attention_out, residual_out = f"{p}.attn_heads", f"{p}.residual_attn"
         proj_weight = _pad_heads(weights[f"{p}.attn.proj.weight"], heads, head_dim, axis=1).T
-        node("MatMul", [f"{p}.attn_heads", weight(f"{p}.attn.proj.weight", proj_weight)], [f"{p}.attn_out"])
-        add_layer_norm(f"{p}.residual_attn", f"{p}.attn_out", weight(f"{p}.attn.proj.bias",
+        node("MatMul", [attention_out, weight(f"{p}.attn.proj.weight", proj_weight)], [f"{p}.attn_out"])
+        add_layer_norm(residual_out, f"{p}.attn_out", weight(f"{p}.attn.proj.bias",
                        weights[f"{p}.attn.proj.bias"]), f"{p}.ln_mlp", f"{p}.mlp_in", f"{p}.residual_mlp")
         node("MatMul", [f"{p}.mlp_in", weight(f"{p}.mlp.fc.weight", weights[f"{p}.mlp.fc.weight"].T)], [f"{p}.fc"])
         node("FastGelu", [f"{p}.fc", weight(f"{p}.mlp.fc.bias", weights[f"{p}.mlp.fc.bias"])], [f"{p}.gelu"],
@@ -156,10 +168,11 @@ def _graph_io(config: GPTConfig) -> tuple[list, list]:
               helper.make_tensor_value_info(POSITION_IDS, TensorProto.INT32, [batch, seq]),
               helper.make_tensor_value_info(SEQLENS_K, TensorProto.INT32, [batch]),
               helper.make_tensor_value_info(TOTAL_LENGTH, TensorProto.INT32, []),
-              helper.make_tensor_value_info(QUERY_LENGTHS, TensorProto.INT32, [batch])]
+              helper.make_tensor_value_info(QUERY_LENGTHS, TensorProto.INT32, [batch]),
+              helper.make_tensor_value_info(LOGIT_POSITIONS, TensorProto.INT64, ["kept"])]
     inputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, cache_shape)
                for name in cache_names("past", config.num_layers)]
-    outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, [batch, seq, config.vocab_size])]
+    outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, [batch, "kept", config.vocab_size])]
     outputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, cache_shape)
                 for name in cache_names("present", config.num_layers)]
     return inputs, outputs

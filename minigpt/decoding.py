@@ -28,9 +28,11 @@ class Engine(Protocol):
 
     def start(self, batch_size: int) -> None: ...
 
-    def extend(self, ids: np.ndarray, start_pos: np.ndarray, first_row: int = 0) -> np.ndarray:
-        """Write (n, k) ids into rows first_row .. first_row+n-1, row i at positions start_pos[i] onwards
-        (a shorter start rolls a row back); return the (n, k, V) logits, valid until the next call."""
+    def extend(self, ids: np.ndarray, start_pos: np.ndarray, first_row: int = 0,
+               last_only: bool = False) -> np.ndarray:
+        """Write (n, k) ids into rows first_row .. first_row+n-1, row i at positions start_pos[i] onwards (a
+        shorter start rolls a row back); return the (n, k, V) logits, valid until the next call (last_only:
+        (n, 1, V), each row's last position's, all a prefill needs)."""
 
     def move_row(self, source: int, target: int, length: int) -> None:
         """Make row `target` hold the first `length` positions of row `source`."""
@@ -106,9 +108,8 @@ class PlainStep:
 
 def generate_rows(engine: Engine, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampler: Sampler,
                   step: Step | None = None, by_step: bool = False) -> Iterator[np.ndarray]:
-    """Yield the (rows,) ids of each new position for prompts of any lengths, one row each; any step (the
-    speculative one finds several tokens at once) gives the same ids. by_step: yield the positions each step
-    found together, as a (rows, n) array (whoever streams them then writes once a step)."""
+    """Yield the (rows,) ids of each new position (by_step: a step's positions together, (rows, n)) for prompts
+    of any lengths, one row each; any step (the speculative one finds several tokens at once) gives the same ids."""
     check_lengths(max_new_tokens, len(prompts))
     if any(len(prompt) == 0 for prompt in prompts):
         raise MiniGPTError("every prompt needs at least one token")

@@ -64,6 +64,6 @@ class ModelDraft:
         same = min(len(read), len(window) - 1)
         differs = np.flatnonzero(read[:same] != window[:same])
         same = int(differs[0]) if len(differs) else same
-        logits = self.engine.extend(window[None, same:], np.array([same]), first_row=row)[0, -1]
+        logits = self.engine.extend(window[None, same:], np.array([same]), first_row=row, last_only=True)[0, -1]
         self.read[row], self.offsets[row] = window, offset
         return logits

@@ -43,12 +43,14 @@ class KVCacheEngine(TorchEngine):
             self.cache = self.model.make_cache(batch_size)
 
     @torch.inference_mode()
-    def extend(self, ids: np.ndarray, start_pos: np.ndarray, first_row: int = 0) -> np.ndarray:
+    def extend(self, ids: np.ndarray, start_pos: np.ndarray, first_row: int = 0,
+               last_only: bool = False) -> np.ndarray:
         rows = self.cache.kv.shape[2]
         check_extend(ids, start_pos, first_row, rows, self.block_size)
         # Rows first_row .. as a cache of their own: a view, so the keys and values written land in ours.
         cache = self.cache if len(ids) == rows else KVCache(self.cache.kv.narrow(2, first_row, len(ids)))
-        logits, _ = self.model(torch.as_tensor(ids, device=self.device), start_pos=start_pos, cache=cache)
+        logits, _ = self.model(torch.as_tensor(ids, device=self.device), start_pos=start_pos, cache=cache,
+                               last_only=last_only)
         return logits.float().cpu().numpy()
 
     def move_row(self, source: int, target: int, length: int) -> None:
@@ -62,7 +64,8 @@ class RecomputeEngine(TorchEngine):
         self.contexts = [np.zeros(0, dtype=np.int64)] * batch_size  # each row's tokens: its only "cache"
 
     @torch.inference_mode()
-    def extend(self, ids: np.ndarray, start_pos: np.ndarray, first_row: int = 0) -> np.ndarray:
+    def extend(self, ids: np.ndarray, start_pos: np.ndarray, first_row: int = 0,
+               last_only: bool = False) -> np.ndarray:
         check_extend(ids, start_pos, first_row, len(self.contexts), self.block_size)
         rows, new = ids.shape
         for i, row in enumerate(range(first_row, first_row + rows)):
@@ -72,7 +75,7 @@ class RecomputeEngine(TorchEngine):
             batch = np.stack(self.contexts[first_row + first:first_row + first + count])
             logits, _ = self.model(torch.as_tensor(batch, device=self.device))
             out[first:first + count] = logits[:, batch.shape[1] - new:].float().cpu().numpy()
-        return out
+        return out[:, -1:] if last_only else out
 
     def move_row(self, source: int, target: int, length: int) -> None:
         self.contexts[target] = self.contexts[source][:length]

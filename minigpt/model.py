@@ -115,10 +115,11 @@ class MiniGPT(nn.Module):
         return KVCache.empty(self.config, batch_size, weight.dtype, weight.device)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-                start_pos: np.ndarray | None = None, cache: KVCache | None = None):
+                start_pos: np.ndarray | None = None, cache: KVCache | None = None, last_only: bool = False):
         """(B, T) ids -> (logits (B, T, V), the mean next-token cross-entropy in nats with targets, else None).
         Row b's ids sit at positions start_pos[b] onwards (0 without it); with a cache (`make_cache`) they
-        attend to the keys and values it holds at the row's earlier positions, and theirs are written there."""
+        attend to the keys and values it holds at the row's earlier positions, and theirs are written there.
+        last_only: the logits of the last position alone, (B, 1, V): a prefill needs no more."""
         where = Positions(idx.shape[1], start_pos, idx.device)
         if where.end > self.config.block_size:
             raise ValueError(f"positions up to {where.end} exceed block_size {self.config.block_size}")
@@ -128,7 +129,7 @@ class MiniGPT(nn.Module):
         layers = cache.layers if cache is not None else [None] * len(self.blocks)
         for block, layer_cache in zip(self.blocks, layers):
             x = block(x, where, layer_cache)
-        logits = self.lm_head(self.ln_final(x))
+        logits = self.lm_head(self.ln_final(x[:, -1:] if last_only else x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))

@@ -23,7 +23,7 @@ def restart_length(block_size: int) -> int:
 
 def prefill(engine, ids: np.ndarray, first_row: int = 0) -> np.ndarray:
     """Start rows first_row .. first_row+n-1 afresh from (n, T) ids; return their (n, V) next-token logits."""
-    return engine.extend(ids, np.zeros(len(ids), dtype=np.int64), first_row)[:, -1]
+    return engine.extend(ids, np.zeros(len(ids), dtype=np.int64), first_row, last_only=True)[:, -1]
 
 
 class Rows:

@@ -201,6 +201,51 @@ def test_a_graph_from_before_query_lengths_extends_a_batch_one_row_at_a_time(tmp
     np.testing.assert_allclose(logits["current"], logits["older"], atol=1e-5, rtol=1e-5)
 
 
+def without_logit_positions(folder, current):
+    """The graph as minigpt exported it before it kept only the positions whose logits are asked for."""
+    import onnx
+
+    from minigpt.export.onnx_graph import LOGIT_POSITIONS
+
+    model = onnx.load(current)
+    kept = [graph_input for graph_input in model.graph.input if graph_input.name != LOGIT_POSITIONS]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    gathers = {node.output[0]: node.input[0] for node in model.graph.node if LOGIT_POSITIONS in node.input}
+    nodes = [node for node in model.graph.node if node.output[0] not in gathers]
+    for node in nodes:
+        node.input[:] = [gathers.get(name, name) for name in node.input]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    path = folder / "before-logit-positions.onnx"
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("engine_name", ["recompute", "kv-cache", "onnx", "onnx-before"])
+def test_a_prefill_returns_its_last_positions_logits_alone(make_engine, exported, tmp_path, engine_name):
+    """last_only (what a prefill asks for): each row's last position's logits, as every position's call gives
+    them, on every engine, and on a graph exported before it could skip the others."""
+    def make():
+        if engine_name == "onnx-before":
+            engine = OnnxEngine(without_logit_positions(tmp_path, exported["fp32"]))
+            assert "logit_positions" not in {graph_input.name for graph_input in engine.session.get_inputs()}
+            return engine
+        return make_engine(engine_name)
+
+    ids, at_zero = np.random.default_rng(5).integers(0, 20, size=(2, 9)), np.zeros(2, dtype=np.int64)
+    every, last = make(), make()
+    every.start(2)
+    last.start(2)
+    everything = every.extend(ids, at_zero).copy()
+    alone = last.extend(ids, at_zero, last_only=True).copy()
+    assert alone.shape == (2, 1, everything.shape[-1])
+    np.testing.assert_allclose(alone, everything[:, -1:], atol=1e-5, rtol=1e-5)
+    # and both caches hold every position: the next step's logits agree
+    step = ids[:, -1:]
+    np.testing.assert_allclose(last.extend(step, at_zero + 9), every.extend(step, at_zero + 9), atol=1e-5, rtol=1e-5)
+
+
 def test_kept_bindings_are_bounded_and_evicting_them_changes_no_logits(exported, monkeypatch):
     """A server writes prompts of every length at every row: the engine keeps at most KEPT_STEPS shapes' bindings
     (the least recently used dropped), and a step made again after it was dropped computes the same numbers."""

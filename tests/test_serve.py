@@ -354,11 +354,11 @@ def test_an_engine_that_fails_ends_its_requests_with_500_and_later_ones_with_503
     class Breaking(OnnxEngine):
         steps = 0
 
-        def extend(self, ids, start_pos, first_row=0):
+        def extend(self, ids, start_pos, first_row=0, last_only=False):
             Breaking.steps += 1
             if Breaking.steps == 4:  # the prefill, then the third decode step
                 raise RuntimeError("a broken engine")
-            return super().extend(ids, start_pos, first_row)
+            return super().extend(ids, start_pos, first_row, last_only)
 
     with in_process(Breaking(onnx_model), free_port(), wait_for) as probe:
         status, body, _ = probe.post({"model": MODEL_ID, "prompt": "a", "max_tokens": 10})

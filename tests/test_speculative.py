@@ -236,9 +236,9 @@ def test_a_row_that_has_all_its_tokens_leaves_the_batch(make_engine, engine_name
     calls = []
     extend = engine.extend
 
-    def recorded(ids, start_pos, first_row=0):
+    def recorded(ids, start_pos, first_row=0, last_only=False):
         calls.append((len(ids), np.asarray(start_pos).tolist()))
-        return extend(ids, start_pos, first_row)
+        return extend(ids, start_pos, first_row, last_only)
 
     engine.extend = recorded
     assert tokens(engine, rows, Sampler(temperature=0), Speculator(first_row_right(), 4), new) == plain
