@@ -111,6 +111,8 @@ def generate_rows(engine: Engine, prompts: Sequence[Sequence[int]], max_new_toke
     """Yield the (rows,) ids of each new position (by_step: a step's positions together, (rows, n)) for prompts
     of any lengths, one row each; any step (the speculative one finds several tokens at once) gives the same ids."""
     check_lengths(max_new_tokens, len(prompts))
+    if any(np.ndim(prompt) != 1 for prompt in prompts):  # one prompt's ids alone would be a batch of numbers
+        raise MiniGPTError("prompts is a list of prompts, each a list of token ids: give one prompt as [ids]")
     if any(len(prompt) == 0 for prompt in prompts):
         raise MiniGPTError("every prompt needs at least one token")
     step = step or PlainStep()

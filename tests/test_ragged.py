@@ -89,6 +89,12 @@ def test_an_empty_prompt_in_a_batch_is_a_clear_error(tiny_loaded):
         list(generate_rows(KVCacheEngine(tiny_loaded.model), [[1, 2], []], 3, Sampler(temperature=0)))
 
 
+@pytest.mark.parametrize("prompts", [[1, 2, 3], np.array([1, 2, 3]), [[[1, 2]]]])
+def test_prompts_that_are_not_a_list_of_id_lists_are_a_clear_error(tiny_loaded, prompts):
+    with pytest.raises(MiniGPTError, match=r"give one prompt as \[ids\]"):
+        generate_rows(KVCacheEngine(tiny_loaded.model), prompts, 3, Sampler(temperature=0))
+
+
 def test_cli_threads_flag(tiny_checkpoint, tiny_onnx, capsys):
     outputs = []
     for flags in (["--checkpoint", str(tiny_checkpoint), "--threads", "1"], ["--model", str(tiny_onnx)],
