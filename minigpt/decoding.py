@@ -111,12 +111,12 @@ def generate_rows(engine: Engine, prompts: Sequence[Sequence[int]], max_new_toke
     """Yield the (rows,) ids of each new position (by_step: a step's positions together, (rows, n)) for prompts
     of any lengths, one row each; any step (the speculative one finds several tokens at once) gives the same ids."""
     check_lengths(max_new_tokens, len(prompts))
+    step = step or PlainStep()
+    rows = step.rows(engine, len(prompts))  # first: a batch that cannot fit is refused before anything is made
     if any(np.ndim(prompt) != 1 for prompt in prompts):  # one prompt's ids alone would be a batch of numbers
         raise MiniGPTError("prompts is a list of prompts, each a list of token ids: give one prompt as [ids]")
     if any(len(prompt) == 0 for prompt in prompts):
         raise MiniGPTError("every prompt needs at least one token")
-    step = step or PlainStep()
-    rows = step.rows(engine, len(prompts))  # first: a batch that cannot fit is refused before anything is made
     found = _generate(rows, prompts, max_new_tokens, sampler, step)
     return found if by_step else (position for block in found for position in block.T)
 
